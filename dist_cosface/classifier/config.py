@@ -1,0 +1,27 @@
+"""Config of the sharded margin classifier (``classifier.*`` in YAML)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Union
+
+
+@dataclass
+class ClassifierConfig:
+    num_classes: int = 1000
+    margin_type: Literal["softmax", "nsl", "cosface", "arcface"] = "cosface"
+    scale: Union[float, Literal["auto"]] = 64.0
+    margin: float = 0.35
+    sample_rate: float = 1.0  # Partial FC: fraction of classes sampled per step (<1 samples)
+    chunk_size: Union[int, None] = None  # classes per chunk; None picks automatically
+    materialize: bool = False  # fast path: keep the full local logits when they fit
+
+    def validate(self) -> None:
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.scale != "auto" and self.scale <= 0:
+            raise ValueError(f"scale must be positive or 'auto', got {self.scale}")

@@ -1,0 +1,118 @@
+"""The one place that builds process groups.
+
+``init_distributed`` reads the torchrun/deepspeed environment (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, ...) and returns a :class:`DistContext` that the rest of the code receives
+explicitly. Every collective in the project takes its group from this context; nothing reads
+the default group implicitly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistConfig:
+    """Process-group settings (``dist.*`` in YAML)."""
+
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with CUDA, else gloo
+    timeout_s: int = 600  # a rank that stops answering fails the job after this long
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def validate(self) -> None:
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Who this process is and which group it talks to."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    node_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    group: dist.ProcessGroup | None = None  # None: single process, no torch.distributed
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.group is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from exc
+
+
+def _pick_device(cfg: DistConfig, local_rank: int) -> torch.device:
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if want_cuda:
+        if not torch.cuda.is_available():
+            raise ValueError("dist.device='cuda' but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(cfg: DistConfig | None = None) -> DistContext:
+    """Initialize (or adopt) the default process group from the launcher's environment.
+
+    With no WORLD_SIZE in the environment (plain ``python``), returns a single-process context
+    and leaves torch.distributed uninitialized.
+    """
+    cfg = cfg or DistConfig()
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world_size)
+    node_rank = _env_int("GROUP_RANK", rank // max(local_world, 1))
+    device = _pick_device(cfg, local_rank)
+    if world_size == 1 and not dist.is_initialized():
+        return DistContext(device=device)
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    return DistContext(
+        rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+        local_world_size=local_world, node_rank=node_rank, device=device,
+        group=dist.group.WORLD,
+    )
+
+
+def context_from_group(group: dist.ProcessGroup | None, device: torch.device) -> DistContext:
+    """A context over an existing group (tests and library users who built their own)."""
+    if group is None:
+        return DistContext(device=device)
+    return DistContext(
+        rank=dist.get_rank(group), world_size=dist.get_world_size(group),
+        local_rank=_env_int("LOCAL_RANK", 0),
+        local_world_size=_env_int("LOCAL_WORLD_SIZE", dist.get_world_size(group)),
+        device=device, group=group,
+    )
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.is_distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,63 @@
+"""Configs of the training engine: optimizer, schedule, loop and checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1  # for the global batch as configured
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    schedule: Literal["cosine", "poly", "constant"] = "poly"
+    poly_power: float = 2.0
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    grad_clip: Union[float, None] = 5.0  # global L2 norm; None disables
+    grad_accum_steps: int = 1
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if len(self.betas) != 2:
+            raise ValueError(f"betas must have two values, got {self.betas}")
+
+
+@dataclass
+class TrainConfig:
+    engine: Literal["ddp", "deepspeed"] = "ddp"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: int = 0  # deepspeed only
+    total_steps: int = 1000
+    log_every: int = 10
+    seed: int = 0
+    output_dir: str = "runs/default"
+
+    def validate(self) -> None:
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500  # 0 disables periodic checkpoints (the final one is still written)
+    keep_last: int = 3
+    resume: Union[Literal["auto", "none"], str] = "auto"  # or a checkpoint folder
+
+    def validate(self) -> None:
+        if self.every_steps < 0:
+            raise ValueError(f"every_steps must be >= 0, got {self.every_steps}")
+        if self.keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {self.keep_last}")
