@@ -1,0 +1,130 @@
+"""The ``dist-cosface`` command line.
+
+Subcommands import their implementation lazily so ``dist-cosface --help`` stays fast and
+optional dependencies (DALI, DeepSpeed, onnx) are only needed by the commands that use them.
+
+    dist-cosface train CONFIG.yaml [dotted.key=value ...]   (alone, or under torchrun/deepspeed)
+    dist-cosface eval RUN_OR_CHECKPOINT --target FILE ...
+    dist-cosface export RUN_OR_CHECKPOINT OUT.onnx
+    dist-cosface shards SRC OUT_DIR [options]               (image folder or .rec -> shards)
+    dist-cosface reshard CHECKPOINT --world-size N --out DIR
+    dist-cosface config CONFIG.yaml [dotted.key=value ...]  (print the resolved config)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML file; it only overrides the built-in defaults")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="dotted overrides applied after the YAML, e.g. optim.lr=0.2 train.total_steps=100",
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dist_cosface.config import load_config
+    from dist_cosface.distributed import init_distributed, shutdown
+    from dist_cosface.engine import train
+
+    cfg = load_config(args.config, args.overrides)
+    ctx = init_distributed(cfg.dist)
+    try:
+        train(cfg, ctx)
+    finally:
+        shutdown(ctx)
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from dist_cosface.config import load_config
+    from dist_cosface.configtools import to_mapping
+
+    cfg = load_config(args.config, args.overrides)
+    sys.stdout.write(yaml.safe_dump(to_mapping(cfg), sort_keys=False))
+    return 0
+
+
+def _cmd_shards(args: argparse.Namespace) -> int:
+    from dist_cosface.data.cli import run_shards
+
+    return run_shards(args)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from dist_cosface.engine.checkpoint import load_backbone
+    from dist_cosface.eval.cli import run_eval_command
+
+    return run_eval_command(args, load_backbone)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dist_cosface.engine.checkpoint import load_backbone
+    from dist_cosface.eval.cli import run_export_command
+
+    return run_export_command(args, load_backbone)
+
+
+def _cmd_reshard(args: argparse.Namespace) -> int:
+    from dist_cosface.engine.reshard import run_reshard_command
+
+    return run_reshard_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dist-cosface",
+        description="Distributed CosFace (LMCL) face-recognition training.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train (alone or as the program torchrun starts)")
+    _add_config_arguments(train)
+    train.set_defaults(func=_cmd_train)
+
+    show = sub.add_parser("config", help="print the resolved config and exit")
+    _add_config_arguments(show)
+    show.set_defaults(func=_cmd_config)
+
+    _add_lazy(sub, "shards", "convert an image folder or a .rec file into WebDataset shards",
+              "dist_cosface.data.cli", "add_shards_arguments", _cmd_shards)
+    _add_lazy(sub, "eval", "verification accuracy of a trained backbone",
+              "dist_cosface.eval.cli", "add_eval_arguments", _cmd_eval)
+    _add_lazy(sub, "export", "export a trained backbone to ONNX",
+              "dist_cosface.eval.cli", "add_export_arguments", _cmd_export)
+    _add_lazy(sub, "reshard", "merge/split classifier shards of a checkpoint",
+              "dist_cosface.engine.reshard", "add_reshard_arguments", _cmd_reshard)
+    return parser
+
+
+def _add_lazy(sub, name, help_text, module, adder, func) -> None:
+    """Register a subcommand whose arguments are declared by its own module."""
+    import importlib
+
+    parser = sub.add_parser(name, help=help_text)
+    getattr(importlib.import_module(module), adder)(parser)
+    parser.set_defaults(func=func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from dist_cosface.configtools import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        parser.exit(2, f"dist-cosface {args.command}: config error: {exc}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

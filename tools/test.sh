@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The project's test command: installs what the tests need, then runs lint and the whole suite.
+#   bash tools/test.sh [pytest args ...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+bash tools/install.sh test
+# Prometheus' Debian package starts a system service on install; the tests start their own.
+"$PY" -m ruff check dist_cosface tests tools
+"$PY" -m pytest -q "$@"
