@@ -10,9 +10,11 @@ from typing import Literal, Union
 class ClassifierConfig:
     num_classes: int = 1000
     margin_type: Literal["softmax", "nsl", "cosface", "arcface"] = "cosface"
-    scale: Union[float, Literal["auto"]] = 64.0
+    scale: Union[float, Literal["auto"]] = 64.0  # "auto": CosFace lower bound at scale_p_w
     margin: float = 0.35
+    scale_p_w: float = 0.9  # expected minimum target posterior used by scale="auto"
     sample_rate: float = 1.0  # Partial FC: fraction of classes sampled per step (<1 samples)
+    sample_seed: int = 0  # Partial FC negatives depend only on (seed, step, micro-step, rank)
     chunk_size: Union[int, None] = None  # classes per chunk; None picks automatically
     materialize: bool = False  # fast path: keep the full local logits when they fit
 
@@ -25,3 +27,7 @@ class ClassifierConfig:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.scale != "auto" and self.scale <= 0:
             raise ValueError(f"scale must be positive or 'auto', got {self.scale}")
+        if not 0.0 < self.scale_p_w < 1.0:
+            raise ValueError(f"scale_p_w must be in (0, 1), got {self.scale_p_w}")
+        if self.margin < 0:
+            raise ValueError(f"margin must be >= 0, got {self.margin}")

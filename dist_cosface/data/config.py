@@ -9,15 +9,20 @@ from typing import Literal
 @dataclass
 class DataConfig:
     backend: Literal["dali", "webdataset", "synthetic"] = "synthetic"
-    path: str = ""  # shard folder holding manifest.json (dali/webdataset), or URL pattern
+    # dali/webdataset: shard folder holding manifest.json, the manifest's path, or a URL /
+    # ``pipe:`` command that prints the manifest (webdataset only; shards are fetched the same way)
+    path: str = ""
     batch_size: int = 128  # per rank
     image_size: int = 112
-    num_workers: int = 2
+    num_workers: int = 2  # webdataset: DataLoader workers; dali: decoding threads
     seed: int = 0
     shuffle_buffer: int = 2048
     random_flip: bool = True
     output_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     on_bad_sample: Literal["skip", "stop"] = "skip"
+    # dali: where images are decoded; auto = "mixed" (nvJPEG) on a CUDA device, else "cpu"
+    dali_device: Literal["auto", "cpu", "mixed"] = "auto"
+    dali_prefetch: int = 2
     # synthetic backend: learnable generated identities, no files needed
     synthetic_num_classes: int = 64
     synthetic_samples_per_class: int = 32
@@ -30,5 +35,19 @@ class DataConfig:
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.dali_prefetch < 1:
+            raise ValueError(f"dali_prefetch must be >= 1, got {self.dali_prefetch}")
+        if self.synthetic_num_classes < 2:
+            raise ValueError(
+                f"synthetic_num_classes must be >= 2, got {self.synthetic_num_classes}"
+            )
+        if self.synthetic_samples_per_class < 1:
+            raise ValueError(
+                f"synthetic_samples_per_class must be >= 1, got {self.synthetic_samples_per_class}"
+            )
+        if self.synthetic_noise < 0:
+            raise ValueError(f"synthetic_noise must be >= 0, got {self.synthetic_noise}")
         if self.backend != "synthetic" and not self.path:
             raise ValueError(f"data.path is required for backend {self.backend!r}")

@@ -1,0 +1,24 @@
+"""Training engine: the loop, optimizers and schedules, checkpoints, DeepSpeed glue.
+
+Import-light: heavy or optional parts (DeepSpeed, the classifier, data, models) are imported
+inside the functions that use them.
+"""
+
+from __future__ import annotations
+
+
+def train(cfg, ctx, **kwargs) -> dict:
+    """See :func:`dist_cosface.engine.loop.train`."""
+    from dist_cosface.engine.loop import train as _train
+
+    return _train(cfg, ctx, **kwargs)
+
+
+def load_backbone(checkpoint_or_run_dir):
+    """See :func:`dist_cosface.engine.export.load_backbone`."""
+    from dist_cosface.engine.export import load_backbone as _load
+
+    return _load(checkpoint_or_run_dir)
+
+
+__all__ = ["load_backbone", "train"]

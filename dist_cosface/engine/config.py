@@ -29,6 +29,10 @@ class OptimConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if len(self.betas) != 2:
             raise ValueError(f"betas must have two values, got {self.betas}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be positive or null, got {self.grad_clip}")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"min_lr must be in [0, lr], got {self.min_lr}")
 
 
 @dataclass
@@ -40,6 +44,8 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     output_dir: str = "runs/default"
+    # fp16: consecutive overflow-skipped steps tolerated before the run stops with an error
+    max_skipped_steps: int = 20
 
     def validate(self) -> None:
         if self.total_steps < 1:
@@ -48,6 +54,12 @@ class TrainConfig:
             raise ValueError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage}")
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        if self.max_skipped_steps < 1:
+            raise ValueError(f"max_skipped_steps must be >= 1, got {self.max_skipped_steps}")
+        if self.engine == "deepspeed" and self.precision == "fp16":
+            # DeepSpeed's fp16 loss scale would also scale the classifier's gradients, which
+            # live outside its optimizer; use bf16 there, or fp16 with the ddp engine.
+            raise ValueError("train.precision='fp16' is not supported with engine='deepspeed'")
 
 
 @dataclass

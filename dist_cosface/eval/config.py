@@ -7,16 +7,21 @@ from dataclasses import dataclass, field
 
 @dataclass
 class EvalConfig:
-    targets: list[str] = field(default_factory=list)  # .bin files or pairs.txt folders
+    targets: list[str] = field(default_factory=list)  # .bin files, pairs files or folders
     every_steps: int = 0  # 0: only at the end
-    flip: bool = True
+    flip: bool = True  # embedding of image + embedding of its mirror image
     batch_size: int = 64
     fars: list[float] = field(default_factory=lambda: [1e-3, 1e-2])
+    n_folds: int = 10
     roc_png: bool = True
 
     def validate(self) -> None:
         if self.every_steps < 0:
             raise ValueError(f"every_steps must be >= 0, got {self.every_steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.n_folds < 2:
+            raise ValueError(f"n_folds must be >= 2, got {self.n_folds}")
         for far in self.fars:
             if not 0.0 < far < 1.0:
                 raise ValueError(f"fars entries must be in (0, 1), got {far}")

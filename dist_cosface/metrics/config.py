@@ -35,6 +35,4 @@ class MetricsConfig:
         if self.pushgateway is not None and not self.pushgateway.startswith(
             ("http://", "https://")
         ):
-            raise ValueError(
-                f"pushgateway must be an http(s):// URL, got {self.pushgateway!r}"
-            )
+            raise ValueError(f"pushgateway must be an http(s):// URL, got {self.pushgateway!r}")

@@ -69,10 +69,21 @@ class RunMetrics:
     port: int | None = None  # bound /metrics port, None when not serving
 
     def on_step(
-        self, *, step: int, samples: int, step_seconds: float, data_wait_seconds: float,
+        self,
+        *,
+        step: int,
+        samples: int,
+        step_seconds: float,
+        data_wait_seconds: float,
         comm_seconds: float | None = None,
     ) -> None:
-        """After every optimizer step: global step, samples this rank consumed, timings."""
+        """After every optimizer step (python numbers only).
+
+        ``samples``: samples this rank consumed in the step; ``step_seconds``: wall time of
+        the whole iteration, the wait for its batch included; ``data_wait_seconds``: the part
+        of it spent waiting for the batch (the dashboards and the DataStarvation alert divide
+        the two); ``comm_seconds``: time in the classifier's collectives, if measured.
+        """
 
     def on_log(self, *, step: int, loss: float, lr: float, grad_norm: float | None) -> None:
         """At log steps, with values the engine has already copied to the host."""
@@ -141,45 +152,54 @@ class PrometheusMetrics(RunMetrics):
         from prometheus_client import Counter, Gauge, Histogram, Info
 
         reg, labels = self.registry, _CONST_LABELS
-        values = {"node": self.node, "rank": str(self.rank)}
+        self._values = {"node": self.node, "rank": str(self.rank)}
 
-        def make(kind, name, doc, **kw):
-            return kind(f"{PREFIX}_{name}", doc, labels, registry=reg, **kw).labels(**values)
+        def make(kind, name, doc, extra=(), **kw):
+            return kind(f"{PREFIX}_{name}", doc, (*labels, *extra), registry=reg, **kw)
 
+        # Series of the per-step path exist from the start (rate() needs the initial 0).
+        # Log-time gauges appear on first use so a run never shows a fake loss/norm of 0.
         self._samples = make(Counter, "samples", "Training samples consumed by this rank")
         self._step_time = make(
-            Histogram, "step_duration_seconds", "Wall time of one optimizer step",
+            Histogram,
+            "step_duration_seconds",
+            "Wall time of one optimizer step",
             buckets=STEP_BUCKETS,
         )
         self._data_wait = make(
             Counter, "data_wait_seconds", "Time the step loop spent waiting for the next batch"
         )
-        self._comm = make(
-            Counter, "classifier_comm_seconds",
+        self._step = make(Gauge, "step", "Last completed optimizer step")
+        self._last_step_ts = make(
+            Gauge, "last_step_timestamp_seconds", "Unix time of the last completed step"
+        )
+        for name in ("_samples", "_step_time", "_data_wait", "_step", "_last_step_ts"):
+            setattr(self, name, getattr(self, name).labels(**self._values))
+        self._comm_family = make(
+            Counter,
+            "classifier_comm_seconds",
             "Time in the sharded classifier's collectives (when the engine measures it)",
         )
+        self._comm = None
         self._loss = make(Gauge, "loss", "Training loss at the last log step")
         self._lr = make(Gauge, "learning_rate", "Learning rate at the last log step")
         self._grad_norm = make(Gauge, "grad_norm", "Global gradient norm at the last log step")
         self._gpu_mem = make(Gauge, "gpu_memory_bytes", "CUDA memory allocated by tensors")
         self._gpu_peak = make(Gauge, "gpu_memory_peak_bytes", "Peak CUDA memory allocated")
         self._ckpt = make(
-            Histogram, "checkpoint_duration_seconds", "Wall time of a checkpoint save",
+            Histogram,
+            "checkpoint_duration_seconds",
+            "Wall time of a checkpoint save",
             buckets=CHECKPOINT_BUCKETS,
         )
         self._skipped = make(
             Counter, "skipped_samples", "Samples the loader skipped (undecodable/corrupt)"
+        ).labels(**self._values)
+        self._eval = make(
+            Gauge, "eval_accuracy", "Verification accuracy by target", extra=("target",)
         )
-        self._step = make(Gauge, "step", "Last completed optimizer step")
-        self._last_step_ts = make(
-            Gauge, "last_step_timestamp_seconds", "Unix time of the last completed step"
-        )
-        self._eval = Gauge(
-            f"{PREFIX}_eval_accuracy", "Verification accuracy by target", (*labels, "target"),
-            registry=reg,
-        )
-        run = Info(f"{PREFIX}_run", "Static facts about the run", labels, registry=reg)
-        run.labels(**values).info(info)
+        run = make(Info, "run", "Static facts about the run")
+        run.labels(**self._values).info(info)
 
     def _serve(self, host: str, port: int) -> None:
         from prometheus_client import start_http_server
@@ -210,8 +230,11 @@ class PrometheusMetrics(RunMetrics):
 
         try:
             push_to_gateway(
-                self.cfg.pushgateway, job=self.cfg.job, registry=self.registry,
-                grouping_key={"node": self.node, "rank": str(self.rank)}, timeout=5,
+                self.cfg.pushgateway,
+                job=self.cfg.job,
+                registry=self.registry,
+                grouping_key={"node": self.node, "rank": str(self.rank)},
+                timeout=5,
             )
         except OSError as exc:
             log.warning("metrics push to %s failed: %s", self.cfg.pushgateway, exc)
@@ -220,37 +243,46 @@ class PrometheusMetrics(RunMetrics):
 
     # --- hooks ----------------------------------------------------------------------------
     def on_step(
-        self, *, step: int, samples: int, step_seconds: float, data_wait_seconds: float,
+        self,
+        *,
+        step: int,
+        samples: int,
+        step_seconds: float,
+        data_wait_seconds: float,
         comm_seconds: float | None = None,
     ) -> None:
         self._samples.inc(samples)
         self._step_time.observe(step_seconds)
         self._data_wait.inc(data_wait_seconds)
         if comm_seconds is not None:
+            if self._comm is None:
+                self._comm = self._comm_family.labels(**self._values)
             self._comm.inc(comm_seconds)
         self._step.set(step)
         self._last_step_ts.set(time.time())
 
     def on_log(self, *, step: int, loss: float, lr: float, grad_norm: float | None) -> None:
         # A NaN/inf loss is exported as is: the NonFiniteLoss alert looks for exactly that.
-        self._loss.set(loss)
-        self._lr.set(lr)
+        self._loss.labels(**self._values).set(loss)
+        self._lr.labels(**self._values).set(lr)
         if grad_norm is not None:
-            self._grad_norm.set(grad_norm)
+            self._grad_norm.labels(**self._values).set(grad_norm)
         if self._cuda_device is not None:
             import torch
 
             # Allocator bookkeeping on the host: no device synchronisation.
-            self._gpu_mem.set(torch.cuda.memory_allocated(self._cuda_device))
-            self._gpu_peak.set(torch.cuda.max_memory_allocated(self._cuda_device))
+            mem = torch.cuda.memory_allocated(self._cuda_device)
+            peak = torch.cuda.max_memory_allocated(self._cuda_device)
+            self._gpu_mem.labels(**self._values).set(mem)
+            self._gpu_peak.labels(**self._values).set(peak)
 
     def on_checkpoint(self, seconds: float) -> None:
-        self._ckpt.observe(seconds)
+        self._ckpt.labels(**self._values).observe(seconds)
 
     def on_eval(self, target: str, accuracy: float) -> None:
         if not isinstance(target, str) or not target:
             raise ValueError(f"eval target must be a non-empty string, got {target!r}")
-        self._eval.labels(node=self.node, rank=str(self.rank), target=target).set(accuracy)
+        self._eval.labels(**self._values, target=target).set(accuracy)
 
     def on_bad_samples(self, total: int) -> None:
         # The loader reports a running total; a counter only goes up, so add the increase.

@@ -1,0 +1,295 @@
+"""``ShardedClassifier``: the class-sharded margin softmax head (CosFace / ArcFace / NSL).
+
+Classes are split in contiguous ranges over the process group (the first
+``num_classes % world`` ranks own one extra class). Each step all-gathers the local
+embeddings and labels, computes logits against the local weight rows only, and forms the
+exact global softmax cross-entropy with two all-reduces (see ``loss.ShardedMarginLoss``).
+
+Gradient convention
+-------------------
+The loss is the mean over the GLOBAL batch. The gradient that reaches ``local_embeddings``
+is ``world_size * d(loss)/d(local_embeddings)``: the data-parallel wrapper AVERAGES backbone
+gradients over ranks, and that average then equals one process's gradient on the
+concatenated global batch (also for uneven local batches, since the loss is the global
+mean). The weight shard's gradient is exactly ``d(loss)/d(weight_shard)``; it must never be
+averaged over ranks (the parameter is marked sharded).
+
+Per-step collectives with a group: forward 3 all-gathers (batch metadata, embeddings,
+labels) and 2 all-reduces; backward 1 reduce-scatter.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from dist_cosface.classifier.comm import Comm, GatherBatch, gather_labels
+from dist_cosface.classifier.config import ClassifierConfig
+from dist_cosface.classifier.loss import LossPlan, ShardedMarginLoss
+from dist_cosface.classifier.margins import MARGIN_TYPES, MarginSpec, scale_lower_bound
+from dist_cosface.classifier.sampling import columns_of_targets, sample_rows, sampling_seed
+from dist_cosface.sharding import mark_sharded
+
+_INIT_BLOCK = 65536  # rows per init RNG block: the full matrix does not depend on world size
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def class_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
+    """``(class_start, num_local_classes)`` of ``rank``; the first ``C % world`` get one more."""
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return start, base + (1 if rank < extra else 0)
+
+
+def _resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    if group is None and dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    if group is not None and dist.get_rank(group) < 0:
+        raise ValueError(
+            f"this process (global rank {dist.get_rank()}) is not a member of the "
+            f"classifier's process_group (ranks {dist.get_process_group_ranks(group)})"
+        )
+    return group
+
+
+class ShardedClassifier(nn.Module):
+    """Margin softmax head whose ``[num_classes, D]`` weight is split by rows over a group."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        *,
+        margin_type: Literal["softmax", "nsl", "cosface", "arcface"] = "cosface",
+        scale: float | Literal["auto"] = 64.0,
+        margin: float = 0.35,
+        sample_rate: float = 1.0,
+        process_group: dist.ProcessGroup | None = None,
+        chunk_size: int | None = None,
+        materialize: bool = False,
+        scale_p_w: float = 0.9,
+        sample_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_args(num_classes, embedding_size, margin_type, margin, sample_rate, chunk_size)
+        if scale == "auto":
+            scale = scale_lower_bound(num_classes, scale_p_w)
+        elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
+            raise ValueError(f"scale must be a positive number or 'auto', got {scale!r}")
+        self.comm = Comm(_resolve_group(process_group))
+        if num_classes < self.comm.world_size:
+            raise ValueError(
+                f"num_classes={num_classes} is smaller than the group size {self.comm.world_size}"
+            )
+        self.num_classes, self.embedding_size = num_classes, embedding_size
+        self.spec = MarginSpec(margin_type, float(scale), float(margin))
+        self.sample_rate, self.sample_seed = sample_rate, sample_seed
+        self.chunk_size, self.materialize = chunk_size, materialize
+        self.class_start, self.num_local_classes = class_range(
+            num_classes, self.comm.world_size, self.comm.rank
+        )
+        shard = torch.empty(self.num_local_classes, embedding_size)
+        self.weight = mark_sharded(nn.Parameter(shard))
+        # rows that received gradient since the optimizer's last step (row-sparse updates)
+        self.register_buffer(
+            "touched", torch.zeros(self.num_local_classes, dtype=torch.bool), persistent=False
+        )
+        self.time_collectives = False
+        self.last_sampled_rows: torch.Tensor | None = None
+        self.step, self._micro_step = 0, 0
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(
+        cls, cfg: ClassifierConfig, embedding_size: int, process_group: dist.ProcessGroup | None
+    ) -> ShardedClassifier:
+        return cls(
+            cfg.num_classes,
+            embedding_size,
+            margin_type=cfg.margin_type,
+            scale=cfg.scale,
+            margin=cfg.margin,
+            sample_rate=cfg.sample_rate,
+            process_group=process_group,
+            chunk_size=cfg.chunk_size,
+            materialize=cfg.materialize,
+            scale_p_w=cfg.scale_p_w,
+            sample_seed=cfg.sample_seed,
+        )
+
+    @property
+    def scale(self) -> float:
+        return self.spec.scale
+
+    @property
+    def last_comm_seconds(self) -> float:
+        """Seconds in the head's collectives during the last forward (+ its backward).
+
+        Only measured while ``time_collectives`` is True (it adds device syncs).
+        """
+        return self.comm.seconds
+
+    def set_step(self, step: int) -> None:
+        """Key Partial FC sampling to the optimizer step (call before each step's forwards).
+
+        The i-th forward after ``set_step(t)`` samples with ``(sample_seed, t, i, rank)``, so a
+        run resumed at step t repeats the original negatives exactly.
+        """
+        self.step, self._micro_step = int(step), 0
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """N(0, 0.01) rows; the full matrix depends only on ``seed``, not on the world size.
+
+        ``seed=None`` draws one from torch's default generator (same on every rank when the
+        ranks were seeded alike).
+        """
+        if seed is None:
+            seed = int(torch.randint(2**62, (), dtype=torch.int64))
+        end = self.class_start + self.num_local_classes
+        parts = []
+        for block in range(self.class_start // _INIT_BLOCK, (end - 1) // _INIT_BLOCK + 1):
+            gen = torch.Generator().manual_seed(hash((seed, block)) & (2**63 - 1))
+            rows = torch.randn(_INIT_BLOCK, self.embedding_size, generator=gen) * 0.01
+            lo = max(self.class_start - block * _INIT_BLOCK, 0)
+            hi = min(end - block * _INIT_BLOCK, _INIT_BLOCK)
+            parts.append(rows[lo:hi])
+        with torch.no_grad():
+            self.weight.copy_(torch.cat(parts))
+
+    def clear_touched(self) -> None:
+        self.touched.zero_()
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        comm = self.comm
+        comm.timed, comm.seconds = self.time_collectives, 0.0
+        sizes = self._exchange_metadata(local_embeddings, local_labels)
+        embeddings = GatherBatch.apply(local_embeddings, sizes, comm)
+        labels = gather_labels(local_labels, sizes, comm)
+        plan = LossPlan(
+            self.spec, self.chunk_size, self.materialize, _compute_dtype(local_embeddings)
+        )
+        x = embeddings.to(plan.stat_dtype)
+        if self.spec.normalized:
+            x = F.normalize(x, dim=1)
+        local_labels_all = labels - self.class_start
+        rows = self._pick_rows(local_labels_all)
+        target_col = columns_of_targets(local_labels_all, rows, self.num_local_classes)
+        self._mark_touched(rows)
+        return ShardedMarginLoss.apply(
+            x.to(plan.compute_dtype), self.weight, rows, target_col, plan, comm
+        )
+
+    def _pick_rows(self, local_labels_all: torch.Tensor) -> torch.Tensor | None:
+        if self.sample_rate >= 1.0 or not self.training:
+            self.last_sampled_rows = None
+            return None
+        seed = sampling_seed(self.sample_seed, self.step, self._micro_step, self.class_start)
+        self._micro_step += 1
+        rows = sample_rows(local_labels_all, self.num_local_classes, self.sample_rate, seed)
+        self.last_sampled_rows = rows
+        return rows
+
+    def _mark_touched(self, rows: torch.Tensor | None) -> None:
+        if not (torch.is_grad_enabled() and self.weight.requires_grad):
+            return
+        if rows is None:
+            self.touched.fill_(True)
+        else:
+            self.touched[rows] = True
+
+    def _exchange_metadata(self, embeddings: object, labels: object) -> list[int]:
+        """Gather (batch size, error code, #bad labels) from every rank; raise on all ranks.
+
+        Checking after the exchange makes every rank raise together instead of leaving the
+        healthy ranks blocked in the next collective.
+        """
+        code, message, batch, bad = _local_check(
+            embeddings, labels, self.embedding_size, self.num_classes
+        )
+        device = self.weight.device
+        meta = torch.stack(
+            [
+                torch.tensor(batch, device=device),
+                torch.tensor(code, device=device),
+                bad.to(device=device, dtype=torch.long),
+            ]
+        )
+        rows = self.comm.all_gather(meta[None]).tolist()
+        if not any(r[1] or r[2] for r in rows):
+            return [r[0] for r in rows]
+        rank = self.comm.rank
+        if code:
+            raise (TypeError if code == 1 else ValueError)(f"rank {rank}: {message}")
+        if rows[rank][2]:
+            wrong = labels[(labels < 0) | (labels >= self.num_classes)].unique()[:8].tolist()
+            raise ValueError(f"rank {rank}: labels must be in [0, {self.num_classes}), got {wrong}")
+        bad_ranks = [r for r, row in enumerate(rows) if row[1] or row[2]]
+        raise ValueError(f"rank(s) {bad_ranks} passed invalid embeddings/labels to the head")
+
+
+def _local_check(
+    emb: object, labels: object, width: int, num_classes: int
+) -> tuple[int, str, int, torch.Tensor]:
+    """(code 0 ok / 1 TypeError / 2 ValueError, message, batch size, #out-of-range labels)."""
+    zero = torch.zeros((), dtype=torch.long)
+    if not isinstance(emb, torch.Tensor) or not emb.is_floating_point():
+        return 1, f"embeddings must be a floating tensor, got {_describe(emb)}", 0, zero
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
+        return 1, f"labels must be an int64 tensor, got {_describe(labels)}", 0, zero
+    if emb.dim() != 2 or emb.shape[1] != width:
+        return 2, f"embeddings must have shape [B, {width}], got {list(emb.shape)}", 0, zero
+    if labels.shape != emb.shape[:1]:
+        return (
+            2,
+            (
+                f"labels must have shape [{emb.shape[0]}] to match the embeddings, "
+                f"got {list(labels.shape)}"
+            ),
+            0,
+            zero,
+        )
+    bad = ((labels < 0) | (labels >= num_classes)).sum()
+    return 0, "", emb.shape[0], bad
+
+
+def _describe(obj: object) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"a {obj.dtype} tensor of shape {list(obj.shape)}"
+    return type(obj).__name__
+
+
+def _compute_dtype(embeddings: torch.Tensor) -> torch.dtype:
+    device_type = embeddings.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    if embeddings.dtype in _HALF or embeddings.dtype == torch.float64:
+        return embeddings.dtype
+    return torch.float32
+
+
+def _check_args(
+    num_classes: int,
+    embedding_size: int,
+    margin_type: str,
+    margin: float,
+    sample_rate: float,
+    chunk_size: int | None,
+) -> None:
+    for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if margin_type not in MARGIN_TYPES:
+        raise ValueError(f"margin_type must be one of {list(MARGIN_TYPES)}, got {margin_type!r}")
+    if not 0.0 <= margin < math.pi:
+        raise ValueError(f"margin must be in [0, pi), got {margin!r}")
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")

@@ -1,0 +1,86 @@
+"""What every training loader shares: epoch length, epoch/position state and counters.
+
+A backend yields an endless, deterministic stream of batches for ``(epoch, start_batch)``;
+this class takes exactly ``len(self)`` of them, so every rank runs the same number of steps
+even when a rank's part is smaller or samples were skipped (a rank that ran dry while others
+wait in a collective would hang the job).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class TrainLoader:
+    """Iterable of ``(images [B, 3, S, S], labels [B] int64)`` with exact-resume state."""
+
+    def __init__(self, num_batches: int, num_classes: int):
+        if num_batches < 1:
+            raise ValueError("the data gives this rank no full batch; lower data.batch_size")
+        self.num_batches = num_batches
+        self.num_classes = num_classes
+        self.epoch = 0
+        self.position = 0  # batches of ``epoch`` already handed out
+        self.stats: dict[str, int] = {"skipped_samples": 0}
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch``; keeps a restored in-epoch position when the epoch matches."""
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_consumed": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        position = int(state["batches_consumed"])
+        if not 0 <= position <= self.num_batches:
+            raise ValueError(
+                f"loader state batches_consumed={position} outside [0, {self.num_batches}]"
+            )
+        self.epoch, self.position = int(state["epoch"]), position
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.position >= self.num_batches:  # finished epoch not followed by set_epoch
+            self.epoch, self.position = self.epoch + 1, 0
+        stream = self._batches(self.epoch, self.position)
+        try:
+            while self.position < self.num_batches:
+                batch = next(stream)
+                self.position += 1
+                yield batch
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+
+    def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless stream of the epoch's batches starting at batch ``start``."""
+        raise NotImplementedError
+
+
+def repair_batch(
+    images: torch.Tensor, labels: torch.Tensor, bad: torch.Tensor, where: str
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Overwrite bad samples with copies of good ones from the same batch.
+
+    Keeps the batch shape and the batch boundaries fixed, so a resumed run sees exactly the
+    same batches without decoding the skipped ones. Returns the number of replaced samples.
+    """
+    num_bad = int(bad.sum())
+    if num_bad == 0:
+        return images, labels, 0
+    good = torch.nonzero(~bad).flatten()
+    if good.numel() == 0:
+        raise ValueError(f"{where}: every sample of a batch was bad")
+    bad_idx = torch.nonzero(bad).flatten()
+    source = good[torch.arange(num_bad) % good.numel()]
+    images[bad_idx.to(images.device)] = images[source.to(images.device)]
+    labels[bad_idx.to(labels.device)] = labels[source.to(labels.device)]
+    return images, labels, num_bad

@@ -1,0 +1,68 @@
+"""``dist-cosface shards SRC OUT_DIR``: image folder or ``.rec`` pack -> WebDataset shards."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dist_cosface.data.convert import ConvertOptions, convert
+
+
+def add_shards_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="identity-folder tree (SRC/<identity>/<image>) or a .rec file")
+    parser.add_argument("out_dir", help="output folder for shards, indexes and manifest.json")
+    parser.add_argument("--shard-size", type=int, default=10_000, help="samples per shard")
+    parser.add_argument(
+        "--max-shard-bytes", type=int, default=0, help="also cut shards at this many bytes"
+    )
+    parser.add_argument(
+        "--image-format",
+        choices=["keep", "jpeg"],
+        default="keep",
+        help="keep the source's encoded bytes, or re-encode every image as JPEG",
+    )
+    parser.add_argument("--jpeg-quality", type=int, default=95)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
+    parser.add_argument("--workers", type=int, default=1, help="parallel writer processes")
+    parser.add_argument(
+        "--on-bad",
+        choices=["skip", "stop"],
+        default="skip",
+        help="skip and count bad inputs, or stop at the first one",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="delete OUT_DIR first instead of resuming"
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=0,
+        help=".rec only: labels must be below this (default: largest label + 1)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+
+
+def options_from_args(args: argparse.Namespace) -> ConvertOptions:
+    return ConvertOptions(
+        shard_size=args.shard_size,
+        max_shard_bytes=args.max_shard_bytes,
+        image_format=args.image_format,
+        jpeg_quality=args.jpeg_quality,
+        seed=args.seed,
+        workers=args.workers,
+        on_bad=args.on_bad,
+        overwrite=args.overwrite,
+        num_classes=args.num_classes,
+        progress=False if args.no_progress else None,
+    )
+
+
+def run_shards(args: argparse.Namespace) -> int:
+    """Run the conversion; prints the summary. Returns 0, or 2 on bad input (message printed)."""
+    try:
+        result = convert(args.src, args.out_dir, options_from_args(args))
+    except ValueError as exc:
+        print(f"dist-cosface shards: error: {exc}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    return 0

@@ -1,0 +1,360 @@
+"""Converters: image folder or insightface RecordIO -> shuffled WebDataset shards.
+
+The source is scanned once into a list of samples (class ids: identity folder names sorted,
+or the RecordIO labels as they are), shuffled globally with ``seed`` (face datasets are stored
+sorted by identity), cut into shards and written by parallel worker processes. Each shard is
+written under a temporary name with its DALI index and renamed when complete; a
+``<shard>.done.json`` marker published last lets a rerun skip finished shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from dist_cosface.data import recordio
+from dist_cosface.data.shards import (
+    LABELS_NAME,
+    MANIFEST_NAME,
+    Manifest,
+    ShardInfo,
+    ShardWriter,
+    atomic_write_text,
+    shard_stem,
+)
+
+PLAN_NAME = "_plan.json"
+_PIL_EXT = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp"}
+_PNM_EXT = {"1": "pbm", "L": "pgm", "RGB": "ppm"}
+_FOLDER_EXTS = {".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pnm", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class ConvertOptions:
+    shard_size: int = 10_000  # samples per shard
+    max_shard_bytes: int = 0  # also cut when a shard's source bytes would exceed this (0: off)
+    image_format: Literal["keep", "jpeg"] = "keep"  # keep the encoded bytes or re-encode
+    jpeg_quality: int = 95
+    seed: int = 0
+    workers: int = 1
+    on_bad: Literal["skip", "stop"] = "skip"
+    overwrite: bool = False  # start clean instead of resuming
+    num_classes: int = 0  # RecordIO only: labels must be < this (0: max label + 1)
+    progress: bool | None = None  # None: only when stderr is a terminal
+
+    def validate(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        if self.max_shard_bytes < 0:
+            raise ValueError(f"max_shard_bytes must be >= 0, got {self.max_shard_bytes}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.image_format not in ("keep", "jpeg") or self.on_bad not in ("skip", "stop"):
+            raise ValueError(f"bad image_format/on_bad: {self.image_format}/{self.on_bad}")
+
+
+@dataclass
+class Problems:
+    """Bad inputs met on the way: counted per kind, with the first few named in the summary."""
+
+    on_bad: str = "skip"
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+
+    def report(self, kind: str, where: str, detail: str = "", stop: bool = True) -> None:
+        message = f"{where}: {kind}" + (f" ({detail})" if detail else "")
+        if stop and self.on_bad == "stop":
+            raise ValueError(message)
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if len(self.examples) < 20:
+            self.examples.append(message)
+
+    def merge(self, other: Problems) -> None:
+        for kind, n in other.counts.items():
+            self.counts[kind] = self.counts.get(kind, 0) + n
+        self.examples.extend(other.examples[: max(0, 20 - len(self.examples))])
+
+
+@dataclass
+class SourceSample:
+    ref: str  # file path (folder) or record id (RecordIO)
+    label: int
+    size: int  # encoded bytes in the source, for byte-limited shards
+
+
+@dataclass
+class ShardJob:
+    index: int
+    out_dir: str
+    kind: str  # "folder" or "recordio"
+    rec_path: str
+    rec_offsets: dict[int, int]
+    samples: list[tuple[int, SourceSample]]  # (global position, sample)
+    options: ConvertOptions
+
+
+@dataclass
+class ConvertResult:
+    manifest: Manifest
+    written: int
+    reused: int
+    problems: Problems
+
+    def summary(self) -> str:
+        m = self.manifest
+        lines = [
+            f"{m.num_samples} samples, {m.num_classes} classes, {len(m.shards)} shards "
+            f"({self.written} written, {self.reused} reused)",
+        ]
+        if self.problems.counts:
+            lines.append(
+                "skipped: " + ", ".join(f"{k}={v}" for k, v in self.problems.counts.items())
+            )
+            lines.extend("  " + e for e in self.problems.examples)
+        return "\n".join(lines)
+
+
+def scan_folder(src: Path, problems: Problems) -> tuple[list[SourceSample], dict[str, int]]:
+    """``src/<identity>/<image>`` -> samples; class ids follow sorted identity names."""
+    per_identity: dict[str, list[Path]] = {}
+    for entry in sorted(src.iterdir()):
+        if not entry.is_dir():  # README, LICENSE, ...: not part of the identity tree
+            problems.report("ignored top-level file", str(entry), stop=False)
+            continue
+        images = []
+        for path in sorted(entry.rglob("*")):
+            if path.is_dir():
+                continue
+            if path.suffix.lower() in _FOLDER_EXTS:
+                images.append(path)
+            else:
+                problems.report("non-image file", str(path))
+        if images:
+            per_identity[entry.name] = images
+        else:
+            problems.report("empty identity folder", str(entry))
+    if not per_identity:
+        raise ValueError(f"{src}: no identity folders with images")
+    label_map = {name: i for i, name in enumerate(sorted(per_identity))}
+    samples = [
+        SourceSample(str(p), label_map[name], p.stat().st_size)
+        for name, paths in per_identity.items()
+        for p in paths
+    ]
+    return samples, label_map
+
+
+def scan_recordio(
+    rec: Path, num_classes: int, problems: Problems
+) -> tuple[list[SourceSample], dict[str, int], dict[int, int]]:
+    idx = rec.with_suffix(".idx")
+    if not idx.is_file():
+        raise ValueError(f"{rec}: index file {idx} not found")
+    offsets = recordio.read_idx(idx)
+    ids = recordio.image_record_ids(rec, offsets)
+    ends = sorted(offsets.values()) + [rec.stat().st_size]
+    next_offset = {o: ends[i + 1] for i, o in enumerate(ends[:-1])}
+    samples = []
+    with open(rec, "rb") as f:
+        for rid in ids:
+            where = f"{rec} record {rid}"
+            try:
+                payload = recordio.read_payload(f, offsets[rid], where)
+                label = recordio.unpack_image(payload, where).label
+            except ValueError as exc:
+                problems.report("unreadable record", where, str(exc))
+                continue
+            if label != int(label) or label < 0 or (num_classes and label >= num_classes):
+                problems.report("label out of range", where, f"label {label}")
+                continue
+            size = next_offset[offsets[rid]] - offsets[rid]
+            samples.append(SourceSample(str(rid), int(label), size))
+    if not samples:
+        raise ValueError(f"{rec}: no usable image records")
+    labels = sorted({s.label for s in samples})
+    return samples, {str(v): v for v in labels}, offsets
+
+
+def plan_shards(samples: list[SourceSample], opts: ConvertOptions) -> list[list[int]]:
+    """Global shuffle, then cut by sample count and (optionally) source bytes."""
+    import numpy as np
+
+    order = np.random.default_rng(opts.seed).permutation(len(samples)).tolist()
+    shards: list[list[int]] = [[]]
+    size = 0
+    for pos in order:
+        too_big = opts.max_shard_bytes and size + samples[pos].size > opts.max_shard_bytes
+        if shards[-1] and (len(shards[-1]) >= opts.shard_size or too_big):
+            shards.append([])
+            size = 0
+        shards[-1].append(pos)
+        size += samples[pos].size
+    return shards
+
+
+def _encode(data: bytes, opts: ConvertOptions) -> tuple[bytes, str]:
+    """Decode fully (catches corrupt/truncated files), then keep or re-encode the bytes."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        if opts.image_format == "jpeg":
+            out = io.BytesIO()
+            img.convert("L" if img.mode in ("1", "L", "I;16", "I") else "RGB").save(
+                out, "JPEG", quality=opts.jpeg_quality
+            )
+            return out.getvalue(), "jpg"
+        ext = _PIL_EXT.get(img.format) or (img.format == "PPM" and _PNM_EXT.get(img.mode))
+        if not ext:
+            raise ValueError(
+                f"format {img.format}/{img.mode} not supported; use --image-format jpeg"
+            )
+        return data, ext
+
+
+def write_shard(job: ShardJob) -> tuple[int, ShardInfo, Problems, list[str]]:
+    """Worker: write one complete shard; returns its info, problems and image extensions."""
+    problems = Problems(job.options.on_bad)
+    tar_path = Path(job.out_dir) / f"{shard_stem(job.index)}.tar"
+    writer = ShardWriter(tar_path)
+    exts: set[str] = set()
+    rec = open(job.rec_path, "rb") if job.kind == "recordio" else None
+    try:
+        for position, sample in job.samples:
+            if rec is None:
+                where, data = sample.ref, Path(sample.ref).read_bytes()
+            else:
+                where = f"{job.rec_path} record {sample.ref}"
+                payload = recordio.read_payload(rec, job.rec_offsets[int(sample.ref)], where)
+                data = recordio.unpack_image(payload, where).image
+            try:
+                encoded, ext = _encode(data, job.options)
+            except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad images
+                problems.report("corrupt image", where, f"{type(exc).__name__}: {exc}")
+                continue
+            exts.add(ext)
+            writer.write(f"{position:09d}", {ext: encoded, "cls": str(sample.label).encode()})
+        if writer.num_samples == 0:
+            raise ValueError(f"{tar_path}: every sample of this shard was bad")
+        size = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if rec is not None:
+            rec.close()
+    info = ShardInfo(tar_path.name, writer.num_samples, size)
+    done = {"shard": asdict(info), "problems": asdict(problems), "exts": sorted(exts)}
+    atomic_write_text(tar_path.with_suffix(".done.json"), json.dumps(done))
+    return job.index, info, problems, sorted(exts)
+
+
+def _load_done(path: Path) -> tuple[ShardInfo, Problems, list[str]]:
+    done = json.loads(path.read_text())
+    return ShardInfo(**done["shard"]), Problems(**done["problems"]), done["exts"]
+
+
+def _prepare_out_dir(out_dir: Path, plan: dict, overwrite: bool) -> None:
+    plan_path = out_dir / PLAN_NAME
+    if overwrite and out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if plan_path.exists():
+        old = json.loads(plan_path.read_text())
+        if old != plan:
+            changed = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+            raise ValueError(
+                f"{out_dir}: holds shards of a different conversion (differs in {changed}); "
+                "pass --overwrite to start clean or choose another output folder"
+            )
+    elif any(out_dir.iterdir()):
+        raise ValueError(f"{out_dir}: not empty and not a conversion output; use --overwrite")
+    atomic_write_text(plan_path, json.dumps(plan, indent=1))
+    for stale in out_dir.glob("*.tmp"):
+        stale.unlink()
+
+
+def convert(src: str | Path, out_dir: str | Path, opts: ConvertOptions) -> ConvertResult:
+    """Convert an image folder or a ``.rec`` file into shards under ``out_dir``."""
+    opts.validate()
+    src, out_dir = Path(src), Path(out_dir)
+    problems = Problems(opts.on_bad)
+    rec_offsets: dict[int, int] = {}
+    if src.is_dir():
+        kind = "folder"
+        samples, label_map = scan_folder(src, problems)
+    elif src.is_file() and src.suffix == ".rec":
+        kind = "recordio"
+        samples, label_map, rec_offsets = scan_recordio(src, opts.num_classes, problems)
+    else:
+        raise ValueError(f"{src}: not an image folder or a .rec file")
+    num_classes = opts.num_classes or (max(label_map.values()) + 1)
+    groups = plan_shards(samples, opts)
+    plan_opts = {
+        k: v for k, v in asdict(opts).items() if k not in ("workers", "progress", "overwrite")
+    }
+    plan = {
+        "source": str(src.resolve()),
+        "options": plan_opts,
+        "num_samples": len(samples),
+        "num_shards": len(groups),
+    }
+    _prepare_out_dir(out_dir, plan, opts.overwrite)
+
+    results: dict[int, tuple[ShardInfo, Problems, list[str]]] = {}
+    jobs = []
+    for i, group in enumerate(groups):
+        done_path = out_dir / f"{shard_stem(i)}.done.json"
+        if done_path.exists() and (out_dir / f"{shard_stem(i)}.idx").exists():
+            results[i] = _load_done(done_path)
+        else:
+            members = [(pos, samples[pos]) for pos in group]
+            jobs.append(ShardJob(i, str(out_dir), kind, str(src), rec_offsets, members, opts))
+    reused = len(results)
+    _run_jobs(jobs, opts, results)
+
+    exts: set[str] = set()
+    for i in sorted(results):
+        problems.merge(results[i][1])
+        exts.update(results[i][2])
+    shards = [results[i][0] for i in sorted(results)]
+    manifest = Manifest(
+        num_classes=num_classes,
+        num_samples=sum(s.num_samples for s in shards),
+        shards=shards,
+        image_ext=";".join(sorted(exts)),
+        source=str(src),
+        skipped=dict(problems.counts),
+    )
+    atomic_write_text(out_dir / LABELS_NAME, json.dumps(label_map, indent=0))
+    atomic_write_text(out_dir / MANIFEST_NAME, manifest.to_json())
+    return ConvertResult(manifest, len(jobs), reused, problems)
+
+
+def _run_jobs(jobs: list[ShardJob], opts: ConvertOptions, results: dict) -> None:
+    from tqdm import tqdm
+
+    show = sys.stderr.isatty() if opts.progress is None else opts.progress
+    bar = tqdm(total=sum(len(j.samples) for j in jobs), unit="img", disable=not show)
+    planned = {j.index: len(j.samples) for j in jobs}
+    try:
+        if opts.workers == 1 or len(jobs) <= 1:
+            outputs = map(write_shard, jobs)
+            for index, info, probs, exts in outputs:
+                results[index] = (info, probs, exts)
+                bar.update(planned[index])
+            return
+        with multiprocessing.get_context().Pool(min(opts.workers, len(jobs))) as pool:
+            for index, info, probs, exts in pool.imap_unordered(write_shard, jobs):
+                results[index] = (info, probs, exts)
+                bar.update(planned[index])
+    finally:
+        bar.close()

@@ -1,0 +1,155 @@
+"""DALI backend: ``fn.readers.webdataset`` with the shards' index files, decoded on the GPU
+(``mixed``: nvJPEG, hardware JPEG decoder where present) or on the CPU.
+
+The reader splits the concatenated samples into ``world_size`` contiguous parts and rank ``r``
+reads part ``(r + epoch) % world_size`` (the shards were shuffled globally when written, so each
+part is a random subset, and the rotation gives each rank different data each epoch). The
+pipeline is rebuilt per epoch with a seed from ``(seed, epoch, rank)``, which makes the epoch's
+order reproducible; resuming at batch ``k`` runs and drops the first ``k`` batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from dist_cosface.data.base import DTYPES, TrainLoader, repair_batch
+from dist_cosface.data.config import DataConfig
+from dist_cosface.data.dataset import IMAGE_EXT_SET, ShardSet, open_shards
+from dist_cosface.data.synthetic import _mix
+from dist_cosface.distributed import DistContext
+
+
+def dali_device(cfg: DataConfig, ctx: DistContext) -> str:
+    device = cfg.dali_device
+    if device == "auto":
+        device = "mixed" if ctx.device.type == "cuda" else "cpu"
+    if device == "mixed" and ctx.device.type != "cuda":
+        raise ValueError(f"data.dali_device='mixed' needs a CUDA device, the rank has {ctx.device}")
+    return device
+
+
+class DaliLoader(TrainLoader):
+    def __init__(self, cfg: DataConfig, ctx: DistContext, shards: ShardSet | None = None):
+        shards = shards or open_shards(cfg.path, cfg.on_bad_sample)
+        if shards.index_paths and not all(shards.index_paths):
+            raise ValueError(f"data.path={cfg.path!r}: the dali backend reads local shards only")
+        per_rank = shards.num_samples // ctx.world_size
+        super().__init__(per_rank // cfg.batch_size, shards.manifest.num_classes)
+        self.cfg, self.shards, self.rank, self.world_size = cfg, shards, ctx.rank, ctx.world_size
+        self.decode_device = dali_device(cfg, ctx)
+        self.out_device = ctx.device if self.decode_device == "mixed" else torch.device("cpu")
+        if self.decode_device == "mixed" and self.out_device.index is None:
+            self.out_device = torch.device("cuda", torch.cuda.current_device())
+        self.stats["skipped_samples"] = shards.skipped_samples
+        self.stats["bad_shards"] = len(shards.problems)
+
+    def _device_index(self) -> int:
+        index = self.out_device.index
+        return torch.cuda.current_device() if index is None else index
+
+    def _build(self, epoch: int):
+        from nvidia.dali import fn, pipeline_def, types
+
+        cfg = self.cfg
+        gpu = self.decode_device == "mixed"
+
+        @pipeline_def(
+            batch_size=cfg.batch_size,
+            num_threads=max(1, cfg.num_workers),
+            device_id=self._device_index() if gpu else None,
+            seed=_mix(cfg.seed, epoch, self.rank) % (1 << 31),
+            prefetch_queue_depth=cfg.dali_prefetch,
+        )
+        def pipeline():
+            encoded, cls = fn.readers.webdataset(
+                paths=self.shards.urls,
+                index_paths=self.shards.index_paths,
+                ext=[IMAGE_EXT_SET, "cls"],
+                case_sensitive_extensions=False,
+                shard_id=(self.rank + epoch) % self.world_size,
+                num_shards=self.world_size,
+                random_shuffle=True,
+                initial_fill=cfg.shuffle_buffer,
+                missing_component_behavior="skip",
+                name="reader",
+            )
+            # hw_decoder_load: share of JPEGs sent to the A100/H100-class hardware decoder
+            extra = {"hw_decoder_load": 0.65} if gpu else {}
+            images = fn.decoders.image(
+                encoded, device=self.decode_device, output_type=types.RGB, **extra
+            )
+            images = fn.resize(images, resize_x=cfg.image_size, resize_y=cfg.image_size)
+            mirror = fn.random.coin_flip(probability=0.5) if cfg.random_flip else 0
+            images = fn.crop_mirror_normalize(
+                images,
+                dtype=types.FLOAT16 if cfg.output_dtype == "float16" else types.FLOAT,
+                output_layout="CHW",
+                mean=[127.5] * 3,
+                std=[127.5] * 3,
+                mirror=mirror,
+            )
+            return images, cls
+
+        pipe = pipeline()
+        pipe.build()
+        return pipe
+
+    def _labels(self, cls) -> tuple[torch.Tensor, torch.Tensor]:
+        import numpy as np
+
+        labels = torch.zeros(len(cls), dtype=torch.int64)
+        bad = torch.zeros(len(cls), dtype=torch.bool)
+        for i in range(len(cls)):
+            try:
+                label = int(np.asarray(cls[i]).tobytes().decode().strip())
+            except (ValueError, UnicodeDecodeError):
+                label = -1
+            if not 0 <= label < self.num_classes:
+                if self.cfg.on_bad_sample == "stop":
+                    raise ValueError(
+                        f"{cls[i].source_info()}: label {np.asarray(cls[i]).tobytes()[:20]!r} "
+                        f"outside [0, {self.num_classes})"
+                    )
+                bad[i] = True
+            labels[i] = label
+        return labels, bad
+
+    def _to_torch(self, images) -> torch.Tensor:
+        if self.decode_device == "cpu":
+            import numpy as np
+
+            return torch.from_numpy(np.array(images.as_tensor()))
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        dense = images.as_tensor()
+        dtype = torch.float16 if self.cfg.output_dtype == "float16" else torch.float32
+        out = torch.empty(dense.shape(), dtype=dtype, device=self.out_device)
+        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.out_device))
+        return out
+
+    def _run(self, pipe):
+        # DALI cannot skip an undecodable image; the converters decode every image first,
+        # so this only meets shards changed or damaged after conversion
+        try:
+            return pipe.run()
+        except RuntimeError as exc:
+            shards = ", ".join(self.shards.urls[:4]) + (" ..." if len(self.shards.urls) > 4 else "")
+            raise ValueError(f"DALI failed reading/decoding a batch from {shards}: {exc}") from exc
+
+    def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        pipe = self._build(epoch)
+        dtype = DTYPES[self.cfg.output_dtype]
+        try:
+            for _ in range(start):  # exact resume: same seed, so drop the consumed batches
+                self._run(pipe)
+            while True:
+                images, cls = self._run(pipe)
+                labels, bad = self._labels(cls)
+                out = self._to_torch(images).to(dtype)
+                out, labels, replaced = repair_batch(out, labels, bad, "dali batch")
+                self.stats["skipped_samples"] += replaced
+                yield out, labels.to(self.out_device, non_blocking=True)
+        finally:
+            del pipe

@@ -1,0 +1,233 @@
+"""Atomic, sharded training checkpoints and resume (also onto a different number of ranks).
+
+Layout of ``<output_dir>/checkpoints/step_<N>/``::
+
+    meta.json               step, epoch, world size, class layout, model config; written LAST,
+                            so its presence marks the checkpoint complete
+    backbone.pt             backbone state_dict (rank 0; replicated across ranks)
+    backbone_optim.pt       backbone optimizer state (rank 0; ddp engine)
+    deepspeed/              DeepSpeed engine checkpoint (deepspeed engine)
+    classifier_rank<r>.pt   weight shard + row-aligned optimizer state + its class range
+    trainer_rank<r>.pt      RNG states and the data loader position of rank r
+
+Everything is written into ``step_<N>.tmp-write`` first; after a barrier rank 0 adds
+meta.json and renames the folder, so a job killed mid-write never leaves a folder that looks
+complete. Every file loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dist_cosface.distributed import DistContext
+from dist_cosface.engine.rows import gather_rows
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _barrier(ctx: DistContext) -> None:
+    if ctx.is_distributed:
+        dist.barrier(group=ctx.group)
+
+
+def _load(path: Path) -> dict:
+    if not path.is_file():
+        raise ValueError(f"checkpoint file missing: {path}")
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root`` (a checkpoints folder), oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / "meta.json").is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def find_latest_checkpoint(path: str | Path) -> Path | None:
+    """Latest complete checkpoint in a run folder, a checkpoints folder, or the folder itself."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = complete_checkpoints(root)
+        if found:
+            return found[-1]
+    return None
+
+
+def read_meta(ckpt: Path) -> dict:
+    meta_path = Path(ckpt) / "meta.json"
+    if not meta_path.is_file():
+        raise ValueError(f"{ckpt} is not a complete checkpoint (no meta.json)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: unsupported format_version {meta.get('format_version')}")
+    return meta
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _class_layout(head, ctx: DistContext) -> list[list[int]]:
+    mine = torch.tensor(
+        [head.class_start, head.num_local_classes], dtype=torch.int64, device=ctx.device
+    )
+    if not ctx.is_distributed:
+        return [mine.tolist()]
+    gathered = [torch.zeros_like(mine) for _ in range(ctx.world_size)]
+    dist.all_gather(gathered, mine, group=ctx.group)
+    return [t.tolist() for t in gathered]
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    ctx: DistContext,
+    *,
+    backbone: torch.nn.Module,
+    backbone_optim: torch.optim.Optimizer | None,
+    head,
+    head_optim: torch.optim.Optimizer,
+    loader_state: dict,
+    meta: dict,
+    keep_last: int,
+    ds_engine=None,
+) -> Path:
+    """Write ``root/step_<step>`` collectively (every rank calls this) and prune old ones."""
+    final = root / f"step_{step}"
+    tmp = root / f"step_{step}.tmp-write"
+    layout = _class_layout(head, ctx)
+    if ctx.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left over by a killed run
+        tmp.mkdir()
+    _barrier(ctx)
+    torch.save(
+        {
+            "weight": head.weight.detach().cpu(),
+            "optim": head_optim.state_dict(),
+            "class_start": head.class_start,
+            "num_local": head.num_local_classes,
+            "num_classes": head.num_classes if hasattr(head, "num_classes") else None,
+            "world_size": ctx.world_size,
+        },
+        tmp / f"classifier_rank{ctx.rank}.pt",
+    )
+    torch.save({"rng": rng_state(), "loader": loader_state}, tmp / f"trainer_rank{ctx.rank}.pt")
+    if ds_engine is not None:
+        ds_engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
+    if ctx.is_main:
+        torch.save(backbone.state_dict(), tmp / "backbone.pt")
+        if backbone_optim is not None:
+            torch.save(backbone_optim.state_dict(), tmp / "backbone_optim.pt")
+    _barrier(ctx)
+    if ctx.is_main:
+        full_meta = dict(
+            meta,
+            format_version=FORMAT_VERSION,
+            step=step,
+            world_size=ctx.world_size,
+            class_layout=layout,
+            complete=True,
+        )
+        (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in complete_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(ctx)
+    return final
+
+
+def load_classifier_rows(ckpt: Path, meta: dict, start: int, count: int) -> dict:
+    """Weight rows and row-aligned optimizer state for classes ``[start, start + count)``."""
+    shards = [
+        (s, n, (lambda r=r: _load(ckpt / f"classifier_rank{r}.pt")))
+        for r, (s, n) in enumerate(meta["class_layout"])
+    ]
+    return gather_rows(shards, start, count)
+
+
+def load_checkpoint(
+    ckpt: Path,
+    ctx: DistContext,
+    *,
+    backbone: torch.nn.Module,
+    backbone_optim: torch.optim.Optimizer | None,
+    head,
+    head_optim: torch.optim.Optimizer,
+    ds_engine=None,
+) -> dict:
+    """Restore model/optimizer state in place; returns meta plus this rank's trainer state.
+
+    On a different world size the classifier rows are re-sharded; RNG and data position are
+    per-rank and cannot carry over, so ``trainer`` is None and the caller restarts the epoch.
+    """
+    ckpt = Path(ckpt)
+    meta = read_meta(ckpt)
+    total = sum(n for _, n in meta["class_layout"])
+    num_classes = getattr(head, "num_classes", total)
+    if total != num_classes:
+        raise ValueError(f"{ckpt}: checkpoint has {total} classes, the run has {num_classes}")
+    if ds_engine is not None:
+        ds_engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state")
+    else:
+        backbone.load_state_dict(_load(ckpt / "backbone.pt"))
+        if backbone_optim is not None and (ckpt / "backbone_optim.pt").is_file():
+            backbone_optim.load_state_dict(_load(ckpt / "backbone_optim.pt"))
+    rows = load_classifier_rows(ckpt, meta, head.class_start, head.num_local_classes)
+    with torch.no_grad():
+        head.weight.copy_(rows["weight"])
+    head_optim.load_state_dict(rows["optim"])
+    trainer = None
+    if meta["world_size"] == ctx.world_size:
+        trainer = torch.load(
+            ckpt / f"trainer_rank{ctx.rank}.pt", map_location="cpu", weights_only=True
+        )
+    else:
+        log.warning(
+            "resuming %s saved by %d ranks on %d ranks: classifier re-sharded; data "
+            "position and RNG restart at epoch %s",
+            ckpt,
+            meta["world_size"],
+            ctx.world_size,
+            meta.get("epoch"),
+        )
+    return {"meta": meta, "trainer": trainer}

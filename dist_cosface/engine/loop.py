@@ -1,0 +1,328 @@
+"""The training loop: ``train(cfg, ctx) -> summary``.
+
+One optimizer step = ``optim.grad_accum_steps`` micro-batches. Per step the loop issues, in
+addition to the model's own collectives, ONE all-reduce of a 2-element tensor that carries
+the global gradient norm (each classifier shard counted once) and the "SIGTERM received"
+flag, and reads it on the host: that single synchronisation gives every rank the same
+decision about clipping, fp16 overflow skips, non-finite stops and preemption.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dist_cosface.config import dump_config
+from dist_cosface.configtools import to_mapping
+from dist_cosface.distributed import DistContext
+from dist_cosface.engine.amp import autocast
+from dist_cosface.engine.checkpoint import (
+    find_latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+from dist_cosface.engine.optim import clip_grads_, global_grad_norm_and_flags, lr_at, set_lr
+from dist_cosface.engine.progress import ProgressLog
+from dist_cosface.engine.setup import Parts, build_parts, check_config
+from dist_cosface.engine.signals import StopRequest
+
+log = logging.getLogger(__name__)
+
+
+class EpochStream:
+    """Endless (images, labels) stream over epochs that knows its current epoch."""
+
+    def __init__(self, loader, epoch: int, position: dict | None) -> None:
+        self.loader, self.epoch = loader, epoch
+        loader.set_epoch(epoch)
+        if position is not None:
+            loader.load_state_dict(position)
+        self._it = iter(loader)
+
+    def next(self):
+        for _ in range(2):
+            try:
+                return next(self._it)
+            except StopIteration:
+                # the loader's own epoch is authoritative (it moves on after a finished epoch)
+                self.epoch = getattr(self.loader, "epoch", self.epoch) + 1
+                self.loader.set_epoch(self.epoch)
+                self._it = iter(self.loader)
+        raise ValueError("the data loader yields no batches (len(loader) == 0?)")
+
+
+def _resolve_resume(cfg, out: Path) -> Path | None:
+    resume = cfg.checkpoint.resume
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return find_latest_checkpoint(out / "checkpoints")
+    found = find_latest_checkpoint(resume)
+    if found is None:
+        raise ValueError(f"checkpoint.resume={resume!r}: no complete checkpoint there")
+    return found
+
+
+def _restore(cfg, ctx: DistContext, parts: Parts, out: Path) -> dict:
+    ckpt = _resolve_resume(cfg, out)
+    if ckpt is None:
+        return {"step": 0, "epoch": 0, "position": None, "from": None}
+    state = load_checkpoint(
+        ckpt,
+        ctx,
+        backbone=parts.backbone,
+        backbone_optim=parts.backbone_optim,
+        head=parts.head,
+        head_optim=parts.head_optim,
+        ds_engine=parts.ds_engine,
+    )
+    meta, trainer = state["meta"], state["trainer"]
+    parts.scaler.load_state_dict(meta["scaler"])
+    position = None
+    if trainer is not None:
+        set_rng_state(trainer["rng"])
+        position = trainer["loader"]
+    if ctx.is_main:
+        print(f"resumed from {ckpt} at step {meta['step']}", flush=True)
+    return {"step": meta["step"], "epoch": meta["epoch"], "position": position, "from": ckpt}
+
+
+def _checkpoint(cfg, ctx, parts: Parts, out: Path, step: int, epoch: int, metrics) -> Path:
+    t0 = time.perf_counter()
+    meta = {
+        "epoch": epoch,
+        "scaler": parts.scaler.state_dict(),
+        "engine": cfg.train.engine,
+        "model": to_mapping(cfg.model),
+        "image_size": cfg.data.image_size,
+        "num_classes": cfg.classifier.num_classes,
+    }
+    path = save_checkpoint(
+        out / "checkpoints",
+        step,
+        ctx,
+        backbone=parts.backbone,
+        backbone_optim=parts.backbone_optim,
+        head=parts.head,
+        head_optim=parts.head_optim,
+        loader_state=parts.loader.state_dict(),
+        meta=meta,
+        keep_last=cfg.checkpoint.keep_last,
+        ds_engine=parts.ds_engine,
+    )
+    metrics.on_checkpoint(time.perf_counter() - t0)
+    return path
+
+
+def _evaluate(cfg, ctx, parts: Parts, out: Path, metrics) -> dict:
+    results = {}
+    if ctx.is_main:
+        from dist_cosface.eval import run_evaluation
+
+        parts.backbone.eval()
+        with torch.no_grad():
+            results = run_evaluation(parts.backbone, cfg.eval, ctx.device, cfg.data.image_size, out)
+        parts.backbone.train()
+        for target, res in results.items():
+            metrics.on_eval(target, float(res["accuracy"]))
+            print(f"eval {target}: accuracy {res['accuracy']:.4f}", flush=True)
+    if ctx.is_distributed:
+        dist.barrier(group=ctx.group)  # other ranks wait for rank 0's evaluation
+    return results
+
+
+def _forward_backward(cfg, ctx, parts: Parts, stream: EpochStream) -> tuple[torch.Tensor, float]:
+    """Run the micro-batches of one optimizer step; returns (mean loss, data wait seconds)."""
+    accum = cfg.optim.grad_accum_steps
+    loss_sum = torch.zeros((), device=ctx.device)
+    wait = 0.0
+    use_no_sync = parts.ds_engine is None and ctx.is_distributed
+    for micro in range(accum):
+        t0 = time.perf_counter()
+        images, labels = stream.next()
+        wait += time.perf_counter() - t0
+        images = images.to(ctx.device, non_blocking=True)
+        labels = labels.to(ctx.device, non_blocking=True)
+        last = micro == accum - 1
+        # DDP all-reduces backbone gradients only on the last micro-batch of the step
+        sync = parts.model.no_sync() if use_no_sync and not last else contextlib.nullcontext()
+        with sync:
+            if parts.ds_engine is not None:
+                images = images.to(next(parts.backbone.parameters()).dtype)
+            with autocast(cfg.train.precision, ctx.device):
+                loss = parts.head(parts.model(images), labels)
+            if parts.ds_engine is not None:
+                parts.ds_engine.backward(loss)  # divides by the accumulation steps itself
+                if not last:
+                    parts.ds_engine.step()  # DeepSpeed counts micro-steps; no update yet
+            else:
+                parts.scaler.scale_loss(loss / accum).backward()
+        loss_sum += loss.detach().float()
+    return loss_sum / accum, wait
+
+
+def _optimizer_step(cfg, ctx, parts: Parts, stop: StopRequest) -> tuple[float, bool, bool]:
+    """Clip and step; returns (grad norm, skipped for fp16 overflow, stop requested)."""
+    ds = parts.ds_engine is not None
+    params = list(parts.head.parameters()) if ds else parts.params()
+    parts.scaler.unscale_(params)
+    norm, (stop_votes,) = global_grad_norm_and_flags(params, ctx, [float(stop.requested)])
+    if not math.isfinite(norm):
+        for optimizer in parts.optimizers():
+            optimizer.zero_grad(set_to_none=True)
+        parts.scaler.update(found_inf=True)
+        return norm, True, stop_votes > 0
+    if cfg.optim.grad_clip is not None:
+        clip_grads_(params, norm, cfg.optim.grad_clip)  # ds: DeepSpeed clips the backbone
+    parts.head_optim.step()
+    parts.head_optim.zero_grad(set_to_none=True)
+    if ds:
+        parts.ds_engine.step()
+        backbone_norm = _ds_norm(parts.ds_engine)
+        norm = math.sqrt(norm**2 + backbone_norm**2) if backbone_norm is not None else norm
+    else:
+        parts.backbone_optim.step()
+        parts.backbone_optim.zero_grad(set_to_none=True)
+    parts.scaler.update(found_inf=False)
+    return norm, False, stop_votes > 0
+
+
+def _ds_norm(engine) -> float | None:
+    from dist_cosface.engine.ds import engine_grad_norm
+
+    return engine_grad_norm(engine)
+
+
+def train(cfg, ctx: DistContext, *, backbone=None, loader=None) -> dict:
+    """Train per ``cfg``; every rank calls this. ``backbone``/``loader`` override the builders.
+
+    Returns a summary: ``step``, ``loss``, ``samples_per_s``, ``preempted``, ``resumed_from``,
+    ``checkpoint``, ``eval``. An exception is logged with the rank and re-raised, so the
+    launcher sees a non-zero exit and stops the other ranks.
+    """
+    try:
+        return _train(cfg, ctx, backbone, loader)
+    except Exception:
+        log.exception("rank %d: training failed", ctx.rank)
+        raise
+
+
+def _train(cfg, ctx: DistContext, backbone, loader) -> dict:
+    from dist_cosface.metrics import build_metrics
+
+    check_config(cfg)
+    out = Path(cfg.train.output_dir)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+    parts = build_parts(cfg, ctx, backbone, loader)
+    resumed = _restore(cfg, ctx, parts, out)
+    step, total = resumed["step"], cfg.train.total_steps
+    stream = EpochStream(parts.loader, resumed["epoch"], resumed["position"])
+    global_batch = cfg.data.batch_size * ctx.world_size * cfg.optim.grad_accum_steps
+    metrics = build_metrics(cfg.metrics, ctx, _run_info(cfg, ctx, parts))
+    progress = ProgressLog(out / "metrics.jsonl", ctx.is_main, total, step)
+    summary = {
+        "step": step,
+        "loss": None,
+        "samples_per_s": None,
+        "preempted": False,
+        "resumed_from": str(resumed["from"]) if resumed["from"] else None,
+        "checkpoint": None,
+        "eval": {},
+    }
+    last_saved, skipped = step if resumed["from"] else -1, 0
+    parts.backbone.train()
+    parts.head.train()
+    try:
+        with StopRequest() as stop:
+            while step < total:
+                t0 = time.perf_counter()
+                lr = lr_at(cfg.optim, step, total)
+                set_lr(parts.optimizers(), lr)
+                if hasattr(parts.head, "set_step"):
+                    parts.head.set_step(step)  # deterministic Partial FC sampling on resume
+                loss, wait = _forward_backward(cfg, ctx, parts, stream)
+                norm, was_skipped, stop_now = _optimizer_step(cfg, ctx, parts, stop)
+                if was_skipped:
+                    skipped = _on_skip(cfg, step, skipped, loss, parts)
+                else:
+                    skipped = 0
+                    step += 1
+                    seconds = time.perf_counter() - t0
+                    metrics.on_step(
+                        step=step,
+                        samples=global_batch,
+                        step_seconds=seconds,
+                        data_wait_seconds=wait,
+                        comm_seconds=getattr(parts.head, "last_comm_seconds", None),
+                    )
+                    progress.add(seconds, global_batch)
+                    if step % cfg.train.log_every == 0 or step == total:
+                        summary.update(_log(progress, metrics, parts, step, loss, lr, norm))
+                    every = cfg.checkpoint.every_steps
+                    if (every and step % every == 0) or step == total or stop_now:
+                        summary["checkpoint"] = str(
+                            _checkpoint(cfg, ctx, parts, out, step, stream.epoch, metrics)
+                        )
+                        last_saved = step
+                    ev = cfg.eval.every_steps
+                    if cfg.eval.targets and ev and step % ev == 0 and step < total:
+                        summary["eval"] = _evaluate(cfg, ctx, parts, out, metrics)
+                if stop_now:
+                    if last_saved != step:
+                        summary["checkpoint"] = str(
+                            _checkpoint(cfg, ctx, parts, out, step, stream.epoch, metrics)
+                        )
+                    summary["preempted"] = True
+                    if ctx.is_main:
+                        print(f"SIGTERM: stopped at step {step}, checkpoint written", flush=True)
+                    break
+        if cfg.eval.targets and not summary["preempted"]:
+            summary["eval"] = _evaluate(cfg, ctx, parts, out, metrics)
+    finally:
+        metrics.close()
+    summary["step"] = step
+    return summary
+
+
+def _on_skip(cfg, step: int, skipped: int, loss: torch.Tensor, parts: Parts) -> int:
+    skipped += 1
+    if not parts.scaler.enabled or skipped >= cfg.train.max_skipped_steps:
+        raise FloatingPointError(
+            f"non-finite loss or gradient at step {step} (loss {loss.item():.4g}"
+            + (f", {skipped} consecutive fp16 overflow skips" if parts.scaler.enabled else "")
+            + ")"
+        )
+    log.warning("step %d: fp16 overflow, step skipped, loss scale now %g", step, parts.scaler.scale)
+    return skipped
+
+
+def _log(progress: ProgressLog, metrics, parts: Parts, step, loss, lr, norm) -> dict:
+    loss_value = float(loss.item())
+    grad_norm = norm if math.isfinite(norm) else None
+    metrics.on_log(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm)
+    stats = getattr(parts.loader, "stats", None) or {}
+    if "skipped_samples" in stats:
+        metrics.on_bad_samples(int(stats["skipped_samples"]))
+    rate = progress.log(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm)
+    return {"loss": loss_value, "samples_per_s": rate}
+
+
+def _run_info(cfg, ctx: DistContext, parts: Parts) -> dict:
+    return {
+        "world_size": ctx.world_size,
+        "num_classes": cfg.classifier.num_classes,
+        "classes_per_rank": parts.head.num_local_classes,
+        "model": cfg.model.name,
+        "engine": cfg.train.engine,
+        "precision": cfg.train.precision,
+        "global_batch": cfg.data.batch_size * ctx.world_size * cfg.optim.grad_accum_steps,
+    }

@@ -1,0 +1,83 @@
+"""``eval`` and ``export`` sub-commands; the caller supplies how to load a trained backbone.
+
+``load_backbone(checkpoint_or_run_dir) -> (backbone, image_size)`` comes from the engine so
+that this package does not depend on the checkpoint format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dist_cosface.configtools import from_mapping
+from dist_cosface.eval.config import EvalConfig
+
+LoadBackbone = Callable[[str], tuple[nn.Module, int]]
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint folder or run directory")
+    parser.add_argument(
+        "--target",
+        action="append",
+        required=True,
+        help=".bin file, pairs file, or folder with pairs.txt (repeatable)",
+    )
+    parser.add_argument("--out-dir", default="eval_out", help="eval.json and ROC PNGs go here")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--far", type=float, action="append", help="repeatable; default 1e-3 1e-2")
+    parser.add_argument("--no-flip", action="store_true", help="skip the flip-test embedding")
+    parser.add_argument("--no-roc", action="store_true", help="do not write ROC PNGs")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_eval_command(args: argparse.Namespace, load_backbone: LoadBackbone) -> int:
+    from dist_cosface.eval.evaluate import run_evaluation
+
+    settings = {
+        "targets": args.target,
+        "batch_size": args.batch_size,
+        "flip": not args.no_flip,
+        "roc_png": not args.no_roc,
+    }
+    if args.far:
+        settings["fars"] = args.far
+    cfg = from_mapping(EvalConfig, settings, "eval")
+    backbone, image_size = load_backbone(args.checkpoint)
+    backbone = backbone.to(args.device)
+    results = run_evaluation(backbone, cfg, args.device, image_size, args.out_dir)
+    for name, r in results.items():
+        tars = ", ".join(f"TAR@FAR={far:g}: {tar:.4f}" for far, tar in r["tar_at_far"].items())
+        print(
+            f"{name}: accuracy {r['accuracy']:.4f} +- {r['accuracy_std']:.4f}, {tars}, "
+            f"AUC {r['roc_auc']:.4f} ({r['num_pairs']} pairs)"
+        )
+    print(f"results: {Path(args.out_dir) / 'eval.json'}")
+    return 0
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint folder or run directory")
+    parser.add_argument("--out", required=True, help="path of the .onnx file to write")
+    parser.add_argument("--opset", type=int, default=18)
+    parser.add_argument("--atol", type=float, default=1e-4, help="parity tolerance vs PyTorch")
+    parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
+
+
+def run_export_command(args: argparse.Namespace, load_backbone: LoadBackbone) -> int:
+    """Export, then check parity with onnxruntime; returns 1 if the check fails."""
+    from dist_cosface.eval.export import check_onnx, export_onnx
+
+    backbone, image_size = load_backbone(args.checkpoint)
+    path = export_onnx(backbone, args.out, image_size, opset=args.opset)
+    print(f"wrote {path} (input images [N, 3, {image_size}, {image_size}])")
+    if args.no_check:
+        return 0
+    report = check_onnx(backbone, path, image_size, atol=args.atol)
+    print(json.dumps(report))
+    return 0 if report["passed"] else 1

@@ -1,0 +1,132 @@
+"""Embed verification pairs with a backbone and score them (rank 0 only; no collectives)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dist_cosface.eval.config import EvalConfig
+from dist_cosface.eval.metrics import roc_auc, roc_curve, verification_metrics
+from dist_cosface.eval.targets import load_target, load_targets
+from dist_cosface.eval.verification_set import VerificationSet, decode_image
+
+
+def preprocess(images: list, image_size: int) -> torch.Tensor:
+    """RGB PIL images -> ``[B, 3, S, S]`` float in [-1, 1], as the training loaders produce."""
+    from PIL import Image
+
+    arrays = []
+    for image in images:
+        if image.size != (image_size, image_size):
+            image = image.resize((image_size, image_size), Image.BILINEAR)
+        arrays.append(np.asarray(image, dtype=np.uint8))
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+    return batch.div_(127.5).sub_(1.0)
+
+
+@torch.no_grad()
+def embed_set(
+    backbone: nn.Module,
+    vset: VerificationSet,
+    image_size: int,
+    device: torch.device | str,
+    batch_size: int = 64,
+    flip: bool = True,
+) -> torch.Tensor:
+    """L2-normalised float32 embeddings ``[2 * num_pairs, D]`` on the CPU.
+
+    With ``flip``, each embedding is the sum of the image's and its mirror image's embedding.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    chunks = []
+    try:
+        for start in range(0, len(vset.images), batch_size):
+            indices = range(start, min(start + batch_size, len(vset.images)))
+            pil = [decode_image(vset.read_image_bytes(i), f"{vset.source}[{i}]") for i in indices]
+            x = preprocess(pil, image_size).to(device)
+            emb = backbone(x).float()
+            if flip:
+                emb = emb + backbone(torch.flip(x, dims=[3])).float()
+            chunks.append(emb.cpu())
+    finally:
+        backbone.train(was_training)
+    return torch.nn.functional.normalize(torch.cat(chunks), dim=1)
+
+
+def pair_scores(embeddings: torch.Tensor) -> np.ndarray:
+    """Cosine similarity of rows 2i and 2i+1 of L2-normalised embeddings."""
+    e = embeddings.double()
+    return (e[0::2] * e[1::2]).sum(dim=1).numpy()
+
+
+def save_roc_png(scores: np.ndarray, issame: np.ndarray, path: str | Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # never needs a display
+    import matplotlib.pyplot as plt
+
+    fpr, tpr = roc_curve(scores, issame)
+    # A log axis cannot show FAR = 0: draw it at half the smallest non-zero FAR, 1/(2 N_neg).
+    floor = 0.5 / int((~np.asarray(issame, dtype=bool)).sum())
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(np.maximum(fpr, floor), tpr, marker=".", label=f"AUC {roc_auc(scores, issame):.4f}")
+    ax.set_xscale("log")
+    ax.set(xlabel="false accept rate", ylabel="true accept rate", title=title)
+    ax.set(xlim=(floor, 1.0), ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+    ax.grid(True, which="both", alpha=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def evaluate(
+    backbone: nn.Module,
+    target: str | Path | VerificationSet,
+    cfg: EvalConfig,
+    device: torch.device | str,
+    image_size: int,
+    roc_path: str | Path | None = None,
+) -> dict:
+    """Verification metrics of ``backbone`` on one set (optionally writing a ROC PNG).
+
+    Keys: accuracy, accuracy_std, best_threshold, fold_accuracies, tar_at_far {far: tar},
+    roc_auc, num_pairs.
+    """
+    vset = target if isinstance(target, VerificationSet) else load_target(target)
+    if vset.num_pairs < cfg.n_folds:
+        raise ValueError(f"{vset.source}: {vset.num_pairs} pairs < eval.n_folds={cfg.n_folds}")
+    embeddings = embed_set(backbone, vset, image_size, device, cfg.batch_size, cfg.flip)
+    scores = pair_scores(embeddings)
+    issame = np.asarray(vset.issame, dtype=bool)
+    result = verification_metrics(scores, issame, cfg.fars, cfg.n_folds)
+    if roc_path is not None:
+        result["roc_png"] = str(save_roc_png(scores, issame, roc_path, vset.name))
+    return result
+
+
+def run_evaluation(
+    backbone: nn.Module,
+    cfg: EvalConfig,
+    device: torch.device | str,
+    image_size: int,
+    out_dir: str | Path,
+    sets: dict[str, VerificationSet] | None = None,
+) -> dict[str, dict]:
+    """Evaluate on every target; writes ``roc_<name>.png`` and ``eval.json`` in ``out_dir``."""
+    sets = load_targets(cfg) if sets is None else sets
+    out_dir = Path(out_dir)
+    results = {}
+    for name, vset in sets.items():
+        roc_path = out_dir / f"roc_{name}.png" if cfg.roc_png else None
+        results[name] = evaluate(backbone, vset, cfg, device, image_size, roc_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
+    return results

@@ -1,0 +1,52 @@
+"""A verification set: pairs of face images labelled same / different identity."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+@dataclass
+class VerificationSet:
+    """``images[2i]`` and ``images[2i + 1]`` form pair ``i``; items are encoded bytes or paths."""
+
+    name: str
+    images: list[bytes | Path]
+    issame: list[bool]
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.images) != 2 * len(self.issame):
+            raise ValueError(
+                f"{self.source or self.name}: {len(self.images)} images for "
+                f"{len(self.issame)} pairs (expected exactly two images per pair)"
+            )
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.issame)
+
+    def read_image_bytes(self, index: int) -> bytes:
+        item = self.images[index]
+        if isinstance(item, Path):
+            try:
+                return item.read_bytes()
+            except OSError as exc:
+                raise ValueError(f"{self.source}: cannot read image {item}: {exc}") from exc
+        return item
+
+
+def decode_image(data: bytes, source: str = "") -> Image.Image:
+    """Decode encoded bytes to an RGB PIL image (error names ``source``)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{source}: cannot decode image: {exc}") from exc

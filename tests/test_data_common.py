@@ -1,0 +1,94 @@
+"""Helpers shared by the data tests (real face folders, small hand-made shards)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dist_cosface.data.shards import (
+    LABELS_NAME,
+    MANIFEST_NAME,
+    Manifest,
+    ShardInfo,
+    ShardWriter,
+    shard_stem,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+ORL = REPO / "../shared/data/orl"
+YALEB = REPO / "../shared/data/yaleb"
+
+
+def need(folder: Path) -> Path:
+    if not folder.is_dir():
+        pytest.skip(f"{folder} absent: the shared face data is expected beside the repo clone")
+    return folder
+
+
+def jpeg_bytes(seed: int, size: int = 16) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def write_dataset(
+    out: Path, samples: list[dict[str, bytes]], shard_size: int, num_classes: int
+) -> Manifest:
+    """Shards straight from component dicts (bad samples included on purpose by tests)."""
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for start in range(0, len(samples), shard_size):
+        writer = ShardWriter(out / f"{shard_stem(len(shards))}.tar")
+        for i, comps in enumerate(samples[start : start + shard_size]):
+            writer.write(f"{start + i:06d}", comps)
+        shards.append(ShardInfo(writer.tar_path.name, writer.num_samples, writer.close()))
+    manifest = Manifest(num_classes, len(samples), shards)
+    (out / MANIFEST_NAME).write_text(manifest.to_json())
+    (out / LABELS_NAME).write_text(json.dumps({}))
+    return manifest
+
+
+def unique_label_dataset(out: Path, n: int, shard_size: int) -> Manifest:
+    """Sample i has label i, so labels identify samples (disjointness/completeness checks)."""
+    samples = [{"jpg": jpeg_bytes(i), "cls": str(i).encode()} for i in range(n)]
+    return write_dataset(out, samples, shard_size, n)
+
+
+def reference_faces(folder: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of a face folder as the loaders should produce it (PIL, [-1, 1])."""
+    from dist_cosface.data.wds_loader import decode_image
+
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    images, labels = [], []
+    for label, name in enumerate(names):
+        for path in sorted((folder / name).iterdir()):
+            images.append(decode_image(path.read_bytes(), size).float() / 127.5 - 1)
+            labels.append(label)
+    return torch.stack(images), torch.tensor(labels)
+
+
+def assert_faces_match(images, labels, refs, ref_labels, tol: float) -> None:
+    """Each decoded image's nearest reference has its label and is within ``tol``."""
+    diff = torch.cdist(images.float().flatten(1), refs.flatten(1), p=1) / refs[0].numel()
+    best = diff.argmin(dim=1)
+    assert torch.equal(ref_labels[best], labels), "a decoded image does not match its label"
+    assert float(diff.min(dim=1).values.max()) < tol
+
+
+def test_unique_label_dataset_index_matches_dali_tool(tmp_path):
+    """Our single-pass index equals what DALI's own wds2idx writes for the same tar."""
+    wds2idx = pytest.importorskip("wds2idx")
+    unique_label_dataset(tmp_path, 5, 5)
+    tar = tmp_path / "shard-000000.tar"
+    with wds2idx.IndexCreator(str(tar), str(tmp_path / "ref.idx"), verbose=False) as creator:
+        creator.create_index()
+    assert (tmp_path / "ref.idx").read_text() == tar.with_suffix(".idx").read_text()

@@ -1,0 +1,198 @@
+"""Converters: image folders and RecordIO packs -> shards; resume; bad inputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from dist_cosface.data.convert import ConvertOptions, convert
+from dist_cosface.data.recordio import MAGIC
+from dist_cosface.data.shards import read_index
+from tests.test_data_common import ORL, REPO, YALEB, jpeg_bytes, need
+
+
+def _members(tar_path):
+    with tarfile.open(tar_path) as tf:
+        return {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+
+
+def test_orl_folder_roundtrip(tmp_path):
+    orl = need(ORL)
+    result = convert(orl, tmp_path, ConvertOptions(shard_size=64, seed=3, workers=2))
+    m = result.manifest
+    assert (m.num_samples, m.num_classes, len(m.shards)) == (400, 40, 7)
+    assert [s.num_samples for s in m.shards] == [64] * 6 + [16]
+    label_map = json.loads((tmp_path / "labels.json").read_text())
+    assert label_map == {name: i for i, name in enumerate(sorted(f"s{i}" for i in range(1, 41)))}
+    seen = {}
+    for shard in m.shards:
+        members = _members(tmp_path / shard.name)
+        index = read_index(tmp_path / shard.index_name)
+        assert len(index) == shard.num_samples
+        for entry in index:
+            pgm, cls = members[f"{entry.key}.pgm"], members[f"{entry.key}.cls"]
+            seen[pgm] = int(cls)  # kept bytes: identical to the source file
+    expected = {p.read_bytes(): label_map[p.parent.name] for p in orl.glob("s*/*.pgm")}
+    assert seen == expected
+    first_labels = [
+        int(_members(tmp_path / m.shards[0].name)[f"{e.key}.cls"])
+        for e in read_index(tmp_path / m.shards[0].index_name)
+    ]
+    assert len(set(first_labels)) > 20, "shards must be shuffled across identities"
+    assert m.image_ext == "pgm" and m.skipped == {"ignored top-level file": 1}
+
+
+def test_resume_skips_finished_shards_and_cleans_partial(tmp_path):
+    src = need(YALEB) / "yaleB01"
+    folder = tmp_path / "src" / "yaleB01"
+    folder.mkdir(parents=True)
+    for p in sorted(src.glob("*.jpg"))[:12]:
+        (folder / p.name).symlink_to(p.resolve())
+    out = tmp_path / "out"
+    opts = ConvertOptions(shard_size=4)
+    convert(tmp_path / "src", out, opts)
+    before = (out / "shard-000000.tar").stat().st_mtime_ns
+    # simulate a crash while writing shard 2: a temp file, no done marker, no index
+    (out / "shard-000002.done.json").unlink()
+    (out / "shard-000002.idx").unlink()
+    (out / "shard-000002.tar").rename(out / "shard-000002.tar.tmp")
+    again = convert(tmp_path / "src", out, opts)
+    assert (again.written, again.reused) == (1, 2)
+    assert (out / "shard-000000.tar").stat().st_mtime_ns == before
+    assert not list(out.glob("*.tmp")) and (out / "shard-000002.idx").exists()
+    with pytest.raises(ValueError, match="different conversion"):
+        convert(tmp_path / "src", out, ConvertOptions(shard_size=5))
+    clean = convert(tmp_path / "src", out, ConvertOptions(shard_size=5, overwrite=True))
+    assert (clean.written, clean.reused, len(clean.manifest.shards)) == (3, 0, 3)
+
+
+def test_byte_limit_and_jpeg_reencode(tmp_path):
+    src = tmp_path / "src"
+    for ident in range(3):
+        (src / f"id{ident}").mkdir(parents=True)
+        for k in range(4):
+            (src / f"id{ident}" / f"{k}.jpg").write_bytes(jpeg_bytes(ident * 10 + k, 32))
+    size = max(p.stat().st_size for p in src.rglob("*.jpg"))
+    r = convert(src, tmp_path / "o", ConvertOptions(max_shard_bytes=3 * size, image_format="jpeg"))
+    assert all(s.num_samples <= 3 for s in r.manifest.shards)
+    assert r.manifest.num_samples == 12 and r.manifest.image_ext == "jpg"
+
+
+def _record(label: float, image: bytes, extra_labels: tuple = ()) -> bytes:
+    flag = len(extra_labels)
+    header = struct.pack("<IfQQ", flag, label, 0, 0)
+    payload = header + b"".join(struct.pack("<f", v) for v in extra_labels) + image
+    body = struct.pack("<II", MAGIC, len(payload)) + payload
+    return body + b"\0" * (-len(body) % 4)
+
+
+def write_rec(path, labels: list[float], bad_label_at: int = -1):
+    """insightface-style pack: record 0 = header (images are 1..n), then identity records."""
+    n = len(labels)
+    records = [_record(0.0, b"", (float(n + 1), float(n + 1 + len(set(labels)))))]
+    for i, label in enumerate(labels):
+        records.append(_record(label, jpeg_bytes(100 + i, 24)))
+    records.append(_record(0.0, b"", (1.0, 3.0)))  # an identity record: not an image
+    offsets, pos = [], 0
+    with open(path, "wb") as f:
+        for rec in records:
+            offsets.append(pos)
+            f.write(rec)
+            pos += len(rec)
+    path.with_suffix(".idx").write_text("".join(f"{i}\t{o}\n" for i, o in enumerate(offsets)))
+
+
+def test_recordio_roundtrip(tmp_path):
+    labels = [0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 1.0]
+    write_rec(tmp_path / "train.rec", labels)
+    r = convert(tmp_path / "train.rec", tmp_path / "o", ConvertOptions(shard_size=3))
+    assert (r.manifest.num_samples, r.manifest.num_classes, len(r.manifest.shards)) == (7, 3, 3)
+    got = {}
+    for shard in r.manifest.shards:
+        members = _members(tmp_path / "o" / shard.name)
+        for e in read_index(tmp_path / "o" / shard.index_name):
+            got[members[f"{e.key}.jpg"]] = int(members[f"{e.key}.cls"])
+    assert got == {jpeg_bytes(100 + i, 24): int(v) for i, v in enumerate(labels)}
+
+
+def test_recordio_bad_labels(tmp_path):
+    write_rec(tmp_path / "t.rec", [0.0, 1.0, 7.0, 1.5])
+    r = convert(tmp_path / "t.rec", tmp_path / "o", ConvertOptions(num_classes=5))
+    assert r.manifest.num_samples == 2 and r.problems.counts == {"label out of range": 2}
+    assert any("t.rec record 3" in e for e in r.problems.examples)
+    with pytest.raises(ValueError, match=r"t.rec record 3: label out of range"):
+        convert(tmp_path / "t.rec", tmp_path / "o2", ConvertOptions(num_classes=5, on_bad="stop"))
+
+
+def _bad_folder(root):
+    for ident in ("a", "b"):
+        (root / ident).mkdir(parents=True)
+        for k in range(3):
+            (root / ident / f"{k}.jpg").write_bytes(jpeg_bytes(k, 20))
+    good = jpeg_bytes(9, 20)
+    (root / "a" / "broken.jpg").write_bytes(good[: len(good) // 2])  # truncated JPEG
+    (root / "b" / "notes.txt").write_text("not an image")
+    (root / "empty_id").mkdir()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_folder_bad_inputs_skip_and_count(tmp_path, workers):
+    _bad_folder(tmp_path / "src")
+    r = convert(tmp_path / "src", tmp_path / "o", ConvertOptions(shard_size=4, workers=workers))
+    assert r.manifest.num_samples == 6 and r.manifest.num_classes == 2
+    assert r.problems.counts == {
+        "non-image file": 1,
+        "empty identity folder": 1,
+        "corrupt image": 1,
+    }
+    text = r.summary()
+    assert "broken.jpg: corrupt image" in text and "notes.txt" in text and "empty_id" in text
+
+
+@pytest.mark.parametrize(
+    "remove, message",
+    [
+        (["notes"], r"empty_id: empty identity folder"),
+        (["notes", "empty"], r"broken.jpg: corrupt image"),
+        ([], r"notes.txt: non-image file"),
+    ],
+)
+def test_folder_bad_inputs_stop(tmp_path, remove, message):
+    _bad_folder(tmp_path / "src")
+    if "notes" in remove:
+        (tmp_path / "src" / "b" / "notes.txt").unlink()
+    if "empty" in remove:
+        (tmp_path / "src" / "empty_id").rmdir()
+    with pytest.raises(ValueError, match=message):
+        convert(tmp_path / "src", tmp_path / "o", ConvertOptions(on_bad="stop", workers=2))
+    assert not list((tmp_path / "o").glob("*.tar")), "no shard may look complete after a stop"
+
+
+def test_cli_and_tool(tmp_path, capsys):
+    from dist_cosface.data.cli import add_shards_arguments, run_shards
+
+    parser = argparse.ArgumentParser()
+    add_shards_arguments(parser)
+    write_rec(tmp_path / "p.rec", [0.0, 1.0, 1.0])
+    args = parser.parse_args([str(tmp_path / "p.rec"), str(tmp_path / "o"), "--shard-size", "2"])
+    assert run_shards(args) == 0
+    assert "3 samples, 2 classes, 2 shards" in capsys.readouterr().out
+    args = parser.parse_args([str(tmp_path / "missing"), str(tmp_path / "o2")])
+    assert run_shards(args) == 2
+    assert "missing: not an image folder or a .rec file" in capsys.readouterr().err
+    tool = subprocess.run(
+        [sys.executable, "tools/make_shards.py", str(tmp_path / "p.rec"), str(tmp_path / "o3")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(REPO),
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert tool.returncode == 0 and "3 samples" in tool.stdout

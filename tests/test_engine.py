@@ -1,0 +1,287 @@
+"""Training engine: schedule, global grad norm, accumulation, and 2-rank training against a
+float64 single-process reference (same init seed, same global batches)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dist_cosface.config import RunConfig, load_config
+from dist_cosface.distributed import DistContext, context_from_group
+from dist_cosface.engine import train
+from dist_cosface.engine.config import OptimConfig
+from dist_cosface.engine.optim import clip_grads_, global_grad_norm_and_flags, lr_at
+from dist_cosface.engine.setup import seed_everything
+from dist_cosface.sharding import mark_sharded
+from tests.multiproc import run_ranks
+
+CPU = torch.device("cpu")
+
+
+def tiny_config(out: Path | str, *overrides: str) -> RunConfig:
+    """mobilefacenet at 32 px, 16-d embeddings, 8 synthetic identities, no exporter."""
+    base = [
+        "model.name=mobilefacenet",
+        "model.input_size=32",
+        "model.embedding_size=16",
+        "data.image_size=32",
+        "data.batch_size=4",
+        "data.synthetic_num_classes=8",
+        "data.synthetic_samples_per_class=8",
+        "classifier.num_classes=8",
+        "classifier.scale=16.0",
+        "classifier.margin=0.2",
+        "metrics.enabled=false",
+        "optim.lr=0.05",
+        "optim.warmup_steps=1",
+        "train.log_every=1",
+        "train.total_steps=3",
+        "checkpoint.every_steps=0",
+        f"train.output_dir={out}",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+def _world_ctx() -> DistContext:
+    return context_from_group(dist.group.WORLD, CPU)
+
+
+# ---------------------------------------------------------------- schedule and norms
+
+
+def test_lr_schedule_warmup_then_decay():
+    cfg = OptimConfig(lr=1.0, warmup_steps=4, schedule="cosine", min_lr=0.1)
+    assert [lr_at(cfg, s, 20) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(cfg, 4, 20) == pytest.approx(1.0)
+    assert lr_at(cfg, 12, 20) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through decay
+    assert lr_at(cfg, 20, 20) == pytest.approx(0.1)
+    poly = OptimConfig(lr=1.0, schedule="poly", poly_power=2.0)
+    assert lr_at(poly, 5, 10) == pytest.approx(0.25)
+    assert lr_at(OptimConfig(lr=0.3, schedule="constant"), 7, 10) == 0.3
+
+
+def test_grad_norm_single_process_and_clip():
+    a, b = torch.nn.Parameter(torch.zeros(3)), mark_sharded(torch.nn.Parameter(torch.zeros(2)))
+    a.grad, b.grad = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 4.0])
+    norm, flags = global_grad_norm_and_flags([a, b], DistContext(), [1.0])
+    assert norm == pytest.approx(5.0) and flags == [1.0]
+    clip_grads_([a, b], norm, 1.0)
+    assert math.hypot(*a.grad.tolist(), *b.grad.tolist()) == pytest.approx(1.0, rel=1e-5)
+
+
+def _norm_ranks(rank, world, full_sharded, replicated_grad, flag_rank):
+    rows = full_sharded.chunk(world)[rank]
+    shard = mark_sharded(torch.nn.Parameter(torch.zeros_like(rows)))
+    shard.grad = rows.clone()
+    rep = torch.nn.Parameter(torch.zeros_like(replicated_grad))
+    rep.grad = replicated_grad.clone()  # identical on every rank, as after DDP averaging
+    return global_grad_norm_and_flags([rep, shard], _world_ctx(), [float(rank == flag_rank)])
+
+
+@pytest.mark.multiproc
+def test_grad_norm_counts_each_shard_once_on_three_ranks():
+    full, rep = torch.randn(9, 5), torch.randn(7)
+    expected = torch.cat([full.flatten(), rep]).norm().item()  # single-process norm
+    results = run_ranks(3, _norm_ranks, full, rep, 2)
+    for norm, flags in results:
+        assert norm == pytest.approx(expected, rel=1e-6)
+        assert flags == [1.0]  # one rank's SIGTERM vote reaches every rank
+    assert len({r[0] for r in results}) == 1  # bit-identical on all ranks
+
+
+# ---------------------------------------------------------------- single process behaviour
+
+
+class _FixedLoader:
+    """A deterministic list of batches per epoch with the TrainLoader interface."""
+
+    def __init__(self, batches, num_classes):
+        self.batches, self.num_classes, self.stats = batches, num_classes, {}
+        self.epoch, self.position = 0, 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def set_epoch(self, epoch):
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "batches_consumed": self.position}
+
+    def load_state_dict(self, state):
+        self.epoch, self.position = state["epoch"], state["batches_consumed"]
+
+    def __iter__(self):
+        while self.position < len(self.batches):
+            self.position += 1
+            yield self.batches[self.position - 1]
+
+
+def _linear_backbone(cfg):
+    # no batch statistics: a batch of 2B and two micro-batches of B must give the same step
+    seed_everything(cfg.train.seed)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 16))
+
+
+def _batches(n, batch, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.rand(batch, 3, 32, 32, generator=gen) * 2 - 1,
+            torch.randint(0, 8, (batch,), generator=gen),
+        )
+        for _ in range(n)
+    ]
+
+
+def _train_fixed(tmp, batches, *overrides):
+    cfg = tiny_config(tmp, "optim.grad_clip=0.5", *overrides)
+    backbone = _linear_backbone(cfg)
+    out = train(cfg, DistContext(), backbone=backbone, loader=_FixedLoader(batches, 8))
+    ckpt = Path(out["checkpoint"])
+    head = torch.load(ckpt / "classifier_rank0.pt", weights_only=True)["weight"]
+    return out, backbone, head
+
+
+def test_grad_accumulation_equals_larger_batch(tmp_path):
+    big = _batches(3, 8)
+    halves = [(x[i : i + 4], y[i : i + 4]) for x, y in big for i in (0, 4)]
+    out1, bb1, head1 = _train_fixed(tmp_path / "a", big, "data.batch_size=8")
+    out2, bb2, head2 = _train_fixed(tmp_path / "b", halves, "optim.grad_accum_steps=2")
+    assert out1["loss"] == pytest.approx(out2["loss"], rel=1e-5)
+    for p1, p2 in zip(bb1.parameters(), bb2.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head1, head2, rtol=1e-5, atol=1e-6)
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    assert set(lines[0]) == {"step", "time", "samples_per_s", "loss", "lr", "grad_norm"}
+    assert (tmp_path / "a" / "config.yaml").is_file()
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path):
+    batches = _batches(3, 4)
+    batches[1][0][0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="at step 1"):
+        _train_fixed(tmp_path, batches)
+
+
+def test_fp16_overflow_skips_step_and_lowers_scale(tmp_path):
+    batches = _batches(10, 4)
+    batches[0][0][0, 0, 0, 0] = float("inf")  # overflowing steps are skipped, not fatal
+    out, _, _ = _train_fixed(tmp_path, batches, "train.precision=fp16")
+    assert out["step"] == 3 and math.isfinite(out["loss"])
+    ckpt = Path(out["checkpoint"])
+    scale = json.loads((ckpt / "meta.json").read_text())["scaler"]["scale"]
+    consumed = torch.load(ckpt / "trainer_rank0.pt", weights_only=True)["loader"]
+    skips = consumed["batches_consumed"] - 3  # every skip consumed one batch
+    assert skips >= 1 and scale == 2.0**16 / 2**skips
+    with pytest.raises(FloatingPointError, match="consecutive fp16 overflow"):
+        _train_fixed(tmp_path / "x", batches, "train.precision=fp16", "train.max_skipped_steps=1")
+
+
+def test_bf16_autocast_trains(tmp_path):
+    out, _, head = _train_fixed(
+        tmp_path, _batches(3, 4), "train.precision=bf16", "optim.name=adamw"
+    )
+    assert out["step"] == 3 and math.isfinite(out["loss"]) and head.dtype == torch.float32
+
+
+def test_mismatched_sizes_are_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="model.input_size"):
+        train(tiny_config(tmp_path, "data.image_size=48"), DistContext())
+    with pytest.raises(ValueError, match="classifier.num_classes=9"):
+        train(tiny_config(tmp_path, "classifier.num_classes=9"), DistContext())
+
+
+# ---------------------------------------------------------------- 2 ranks vs float64 reference
+
+
+def _train_two_ranks(rank, world, out):
+    from dist_cosface.models import build_backbone
+
+    cfg = tiny_config(out, *_REF_OVERRIDES)
+    seed_everything(cfg.train.seed)
+    backbone = build_backbone(cfg.model)
+    summary = train(cfg, _world_ctx(), backbone=backbone)
+    # numpy: torch tensors would travel as shared-memory handles that die with the rank
+    weights = {k: v.detach().numpy().copy() for k, v in backbone.named_parameters()}
+    return summary, weights
+
+
+_REF_OVERRIDES = ("optim.grad_accum_steps=2", "optim.grad_clip=2.0", "optim.weight_decay=0.01")
+
+
+def _cosface_loss(emb, weight, labels, scale, margin):
+    cos = F.normalize(emb) @ F.normalize(weight).T
+    cos = cos - margin * F.one_hot(labels, weight.shape[0]).to(cos.dtype)
+    return F.cross_entropy(scale * cos, labels)
+
+
+def _reference_run(out, world):
+    """Float64 single process on the same global batches: per-rank parts go through the
+    backbone separately (per-rank BatchNorm statistics, as under DDP)."""
+    from dist_cosface.classifier import ShardedClassifier
+    from dist_cosface.data.synthetic import SyntheticLoader
+    from dist_cosface.models import build_backbone
+
+    cfg = tiny_config(out, *_REF_OVERRIDES)
+    seed_everything(cfg.train.seed)
+    backbone = build_backbone(cfg.model).double()
+    head = ShardedClassifier(cfg.classifier.num_classes, cfg.model.embedding_size)
+    head.reset_parameters(seed=cfg.train.seed)
+    weight = torch.nn.Parameter(head.weight.detach().double().clone())
+    params = list(backbone.parameters()) + [weight]
+    bufs = [torch.zeros_like(p) for p in params]
+    loaders = [
+        SyntheticLoader(cfg.data, DistContext(rank=r, world_size=world)) for r in range(world)
+    ]
+    streams = [iter(ld) for ld in loaders]
+    o, accum, losses = cfg.optim, cfg.optim.grad_accum_steps, []
+    for step in range(cfg.train.total_steps):
+        step_loss = 0.0
+        for _ in range(accum):
+            batches = [next(s) for s in streams]
+            emb = torch.cat([backbone(x.double()) for x, _ in batches])
+            labels = torch.cat([y for _, y in batches])
+            loss = _cosface_loss(emb, weight, labels, cfg.classifier.scale, cfg.classifier.margin)
+            (loss / accum).backward()
+            step_loss += loss.item() / accum
+        losses.append(step_loss)
+        norm = torch.cat([p.grad.flatten() for p in params]).norm().item()
+        coef = min(1.0, o.grad_clip / (norm + 1e-6))
+        lr = lr_at(o, step, cfg.train.total_steps)
+        with torch.no_grad():
+            for p, buf in zip(params, bufs):
+                grad = p.grad * coef + o.weight_decay * p
+                buf.mul_(o.momentum).add_(grad)
+                p.sub_(lr * buf)
+                p.grad = None
+    return losses, dict(backbone.named_parameters()), weight.detach()
+
+
+@pytest.mark.multiproc
+def test_two_ranks_match_float64_reference(tmp_path):
+    results = run_ranks(2, _train_two_ranks, str(tmp_path / "run"))
+    ref_losses, ref_backbone, ref_weight = _reference_run(tmp_path / "ref", 2)
+    (sum0, w0), (sum1, w1) = results
+    w0, w1 = ({k: torch.from_numpy(v) for k, v in w.items()} for w in (w0, w1))
+    for name in w0:
+        assert torch.equal(w0[name], w1[name]), f"backbone {name} differs between ranks"
+        torch.testing.assert_close(
+            w0[name].double(), ref_backbone[name].detach(), rtol=2e-3, atol=2e-5
+        )
+    ckpt = Path(sum0["checkpoint"])
+    shards = [torch.load(ckpt / f"classifier_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [s["class_start"] for s in shards] == [0, 4]
+    assert not torch.equal(shards[0]["weight"], shards[1]["weight"])
+    full = torch.cat([s["weight"] for s in shards]).double()
+    torch.testing.assert_close(full, ref_weight, rtol=2e-3, atol=2e-5)
+    assert sum0["loss"] == pytest.approx(ref_losses[-1], rel=1e-4)
+    assert sum1["loss"] == sum0["loss"]

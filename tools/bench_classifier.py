@@ -1,0 +1,293 @@
+"""Benchmark the sharded classifier head against a naive materializing implementation.
+
+Both compute the same distributed CosFace loss over ``--world-size`` ranks (gloo on CPU,
+NCCL with one GPU per rank on CUDA). The naive one is plain autograd: the full local
+``[global_batch, num_local_classes]`` logits, softmax statistics all-reduced over the group.
+
+Each implementation runs in its own freshly spawned ranks. Per rank: one warm-up
+forward+backward, then one measured for memory, then ``--iters`` timed ones.
+Memory growth = peak during the measured forward+backward minus memory held just before it
+(weight, inputs and optimizer-free state are "held"; the weight gradient counts as growth):
+  CPU:  peak RSS from /proc/self/status (VmHWM, reset through /proc/self/clear_refs) minus
+        VmRSS, with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_) so freed tensors
+        return to the OS and the peak is the real high-water mark of live memory.
+  CUDA: torch.cuda.max_memory_allocated() minus memory_allocated(), after a peak reset.
+The largest value over ranks is reported.
+
+Examples:
+  python tools/bench_classifier.py --world-size 2 --num-classes 400000 --dim 128 --batch 256
+  python tools/bench_classifier.py --device cuda --world-size 1 --num-classes 2000000 \\
+      --dim 512 --batch 1024 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+H100_H200_BF16_DENSE_TFLOPS = 989.0  # NVIDIA datasheet, SXM, dense (no sparsity)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cpu: gloo ranks; cuda: NCCL, one GPU per rank (default cpu)",
+    )
+    p.add_argument("--world-size", type=int, default=2, help="number of ranks (default 2)")
+    p.add_argument("--num-classes", type=int, default=400_000, help="C, all ranks together")
+    p.add_argument("--dim", type=int, default=128, help="embedding width D")
+    p.add_argument("--batch", type=int, default=256, help="local batch B per rank")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="float32",
+        help="embedding/matmul dtype; softmax statistics stay fp32",
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="classes per chunk for the head (default: automatic)",
+    )
+    p.add_argument("--iters", type=int, default=3, help="timed iterations (default 3)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads per rank (default: cores // world size)",
+    )
+    args = p.parse_args(argv)
+    if args.device == "cuda" and torch.cuda.device_count() < args.world_size:
+        p.error(
+            f"--world-size {args.world_size} needs that many GPUs, "
+            f"found {torch.cuda.device_count()}"
+        )
+    if min(args.world_size, args.num_classes, args.dim, args.batch, args.iters) < 1:
+        p.error("sizes and --iters must be positive")
+    return args
+
+
+class _SumIdentityBackward(torch.autograd.Function):
+    """All-reduce SUM whose backward is the identity: every rank holds the same loss."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, group=group)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def naive_loss(head, embeddings, labels):
+    """The baseline: full local logits through plain autograd (same maths as the head)."""
+    from dist_cosface.classifier.comm import GatherBatch, gather_labels
+
+    comm = head.comm
+    sizes = [embeddings.shape[0]] * comm.world_size
+    x = GatherBatch.apply(embeddings, sizes, comm)
+    y = gather_labels(labels, sizes, comm) - head.class_start
+    owned = (y >= 0) & (y < head.num_local_classes)
+    w = torch.nn.functional.normalize(head.weight, dim=1).to(x.dtype)
+    cos = (torch.nn.functional.normalize(x, dim=1) @ w.t()).float()
+    is_target = torch.zeros_like(cos, dtype=torch.bool)
+    is_target[owned.nonzero().squeeze(1), y[owned]] = True
+    logits = head.scale * (cos - head.spec.margin * is_target)
+    row_max = logits.detach().amax(dim=1)
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=comm.group)
+    sum_exp = torch.exp(logits - row_max[:, None]).sum(dim=1)
+    target = (logits * is_target).sum(dim=1)
+    stats = _SumIdentityBackward.apply(torch.stack([sum_exp, target]), comm.group)
+    return (row_max + stats[0].log() - stats[1]).mean()
+
+
+def _memory_now(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return _proc_status_kib("VmRSS") * 1024
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+
+def _peak(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return _proc_status_kib("VmHWM") * 1024
+
+
+def _proc_status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure(args, impl: str, rank: int, device: torch.device, group) -> dict:
+    from dist_cosface.classifier import ShardedClassifier
+
+    head = ShardedClassifier(
+        args.num_classes, args.dim, process_group=group, chunk_size=args.chunk_size
+    )
+    head.reset_parameters(seed=0)  # same weights in the head's and the baseline's processes
+    head = head.to(device)
+    dtype = DTYPES[args.dtype]
+    gen = torch.Generator().manual_seed(rank)
+    emb = torch.randn(args.batch, args.dim, generator=gen).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, args.num_classes, (args.batch,), generator=gen).to(device)
+    run = head if impl == "head" else (lambda e, y: naive_loss(head, e, y))
+
+    def step() -> float:
+        head.weight.grad, emb.grad = None, None
+        loss = run(emb, labels)
+        loss.backward()
+        return loss.item()
+
+    step()  # warm-up: one-time allocations (communicator buffers, cuBLAS workspace)
+    head.weight.grad, emb.grad = None, None
+    _sync(device)
+    before = _memory_now(device)
+    _reset_peak(device)
+    loss = step()
+    _sync(device)
+    growth = _peak(device) - before
+    dist.barrier(group=group)
+    start = time.perf_counter()
+    for _ in range(args.iters):
+        step()
+    _sync(device)
+    seconds = (time.perf_counter() - start) / args.iters
+    stats = torch.tensor([growth, seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=group)
+    return {"loss": loss, "growth": int(stats[0]), "seconds": float(stats[1])}
+
+
+def measure_bf16_peak(device: torch.device, n: int = 8192, iters: int = 20) -> float:
+    """Achieved TFLOP/s of a large bf16 matmul on this GPU (the practical peak)."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
+
+
+def _rank_main(rank: int, args, impl: str, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = args.device == "cuda"
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.world_size))
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        rank=rank,
+        world_size=args.world_size,
+        timeout=datetime.timedelta(minutes=10),
+        device_id=device if cuda else None,
+    )
+    try:
+        out = _measure(args, impl, rank, device, dist.group.WORLD)
+        if cuda and rank == 0 and impl == "head":
+            out["bf16_peak"] = measure_bf16_peak(device)
+        if rank == 0:
+            results.put(out)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_impl(args, impl: str) -> dict:
+    """Fresh ranks for one implementation (so no allocator state carries over)."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, args, impl, port, results))
+        for r in range(args.world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    if any(proc.exitcode != 0 for proc in procs):
+        raise SystemExit(f"{impl}: a rank failed (exit codes {[p.exitcode for p in procs]})")
+    return results.get(timeout=10)
+
+
+def report(args, head: dict, naive: dict) -> None:
+    n = args.batch * args.world_size
+    k = -(-args.num_classes // args.world_size)
+    mib = 2**20
+    print(
+        f"C={args.num_classes} D={args.dim} B/rank={args.batch} world={args.world_size} "
+        f"device={args.device} dtype={args.dtype} chunk={args.chunk_size or 'auto'}"
+    )
+    print(f"{'impl':<8}{'loss':>12}{'fwd+bwd ms':>13}{'peak growth MiB':>18}{'TFLOP/s':>10}")
+    for name, res, flops in (
+        ("head", head, 8 * n * k * args.dim),
+        ("naive", naive, 6 * n * k * args.dim),
+    ):
+        tflops = flops / res["seconds"] / 1e12
+        print(
+            f"{name:<8}{res['loss']:>12.5f}{res['seconds'] * 1e3:>13.1f}"
+            f"{res['growth'] / mib:>18.1f}{tflops:>10.3f}"
+        )
+    print(f"time ratio head/naive:        {head['seconds'] / naive['seconds']:.3f}")
+    print(f"peak-growth ratio head/naive: {head['growth'] / naive['growth']:.3f}")
+    print(f"loss difference:              {abs(head['loss'] - naive['loss']):.2e}")
+    print("flops per rank: head 8*N*K*D (fwd + recompute + 2 bwd matmuls), naive 6*N*K*D")
+    if "bf16_peak" in head:
+        achieved = 8 * n * k * args.dim / head["seconds"] / 1e12
+        print(
+            f"bf16 matmul peak measured: {head['bf16_peak']:.1f} TFLOP/s "
+            f"(datasheet H100/H200 SXM dense: {H100_H200_BF16_DENSE_TFLOPS:.0f}); "
+            f"head reaches {achieved / head['bf16_peak']:.1%} of measured peak"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout works too
+    # fixed mmap threshold: large frees go back to the OS at once, so RSS peaks are real
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "65536")
+    head = run_impl(args, "head")
+    naive = run_impl(args, "naive")
+    report(args, head, naive)
+
+
+if __name__ == "__main__":
+    main()
