@@ -314,3 +314,26 @@ def test_partial_fc_sampling_is_deterministic_per_step():
     head.eval()
     head(x, labels)
     assert head.last_sampled_rows is None  # evaluation uses every class
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_head_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(7)
+    num_classes, dim, batch = 5000, 64, 96
+    weight = torch.randn(num_classes, dim, generator=gen)
+    labels = torch.randint(0, num_classes, (batch,), generator=gen)
+    x = weight[labels] + 0.5 * torch.randn(batch, dim, generator=gen)
+    for sample_rate in (1.0, 0.3):
+        head = make_head(num_classes, dim, weight, sample_rate=sample_rate).cuda()
+        xl = x.to("cuda", dtype).requires_grad_()
+        loss = head(xl, labels.cuda())
+        loss.backward()
+        rows = head.last_sampled_rows
+        classes = None if rows is None else rows.cpu()
+        ref, dx, dw = reference_loss_and_grads(x, weight, labels, "cosface", 64.0, 0.35, classes)
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(loss.double().cpu(), ref, rtol=tol, atol=tol)
+        assert (xl.grad.double().cpu() - dx).norm() <= 10 * tol * dx.norm()
+        assert (head.weight.grad.double().cpu() - dw).norm() <= 10 * tol * dw.norm()

@@ -224,7 +224,7 @@ def _cosface_loss(emb, weight, labels, scale, margin):
     return F.cross_entropy(scale * cos, labels)
 
 
-def _reference_run(out, world):
+def _reference_run(out, world, dtype=torch.float64):
     """Float64 single process on the same global batches: per-rank parts go through the
     backbone separately (per-rank BatchNorm statistics, as under DDP)."""
     from dist_cosface.classifier import ShardedClassifier
@@ -233,10 +233,10 @@ def _reference_run(out, world):
 
     cfg = tiny_config(out, *_REF_OVERRIDES)
     seed_everything(cfg.train.seed)
-    backbone = build_backbone(cfg.model).double()
+    backbone = build_backbone(cfg.model).to(dtype)
     head = ShardedClassifier(cfg.classifier.num_classes, cfg.model.embedding_size)
     head.reset_parameters(seed=cfg.train.seed)
-    weight = torch.nn.Parameter(head.weight.detach().double().clone())
+    weight = torch.nn.Parameter(head.weight.detach().to(dtype).clone())
     params = list(backbone.parameters()) + [weight]
     bufs = [torch.zeros_like(p) for p in params]
     loaders = [
@@ -248,7 +248,7 @@ def _reference_run(out, world):
         step_loss = 0.0
         for _ in range(accum):
             batches = [next(s) for s in streams]
-            emb = torch.cat([backbone(x.double()) for x, _ in batches])
+            emb = torch.cat([backbone(x.to(dtype)) for x, _ in batches])
             labels = torch.cat([y for _, y in batches])
             loss = _cosface_loss(emb, weight, labels, cfg.classifier.scale, cfg.classifier.margin)
             (loss / accum).backward()

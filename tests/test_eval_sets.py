@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -129,7 +130,7 @@ def make_lfw_folder(root):
     for name, count in (("alice", 2), ("bob", 1)):
         (root / name).mkdir(parents=True)
         for i in range(1, count + 1):
-            (root / name / f"{name}_{i:04d}.jpg").write_bytes(random_png(hash((name, i)) % 999))
+            (root / name / f"{name}_{i:04d}.jpg").write_bytes(random_png(len(name) * 10 + i))
 
 
 def test_lfw_pairs_txt(tmp_path):
@@ -230,6 +231,20 @@ def test_embed_set_preprocessing_and_flip_match_numpy_reference(tmp_path):
     assert embed_set(backbone, load_bin(tmp_path / "t.bin"), 8, "cpu").shape == (2, 3 * 8 * 8)
 
 
+def test_embed_set_feeds_half_precision_backbones_in_their_dtype(tmp_path):
+    pixels = [np.random.default_rng(i).integers(0, 256, (8, 8, 3)) for i in range(2)]
+    write_bin(tmp_path / "t.bin", [png_bytes(p) for p in pixels], [True])
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16))
+    half = copy.deepcopy(reference).to(torch.bfloat16)
+    vset = load_bin(tmp_path / "t.bin")
+    got = embed_set(half, vset, 8, "cpu", flip=False)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(
+        got, embed_set(reference, vset, 8, "cpu", flip=False), atol=0.03, rtol=0
+    )
+
+
 def test_evaluate_and_run_evaluation_end_to_end(tmp_path):
     make_identity_folder(tmp_path / "faces", num_ids=6, per_id=3)
     make_verification_set(tmp_path / "faces", tmp_path / "held.bin", 40, seed=0)
@@ -289,3 +304,16 @@ def test_embeddings_on_gpu_match_cpu(tmp_path):
     cpu = embed_set(model, vset, 32, "cpu", batch_size=4)
     gpu = embed_set(model.cuda(), vset, 32, "cuda", batch_size=4)
     torch.testing.assert_close(gpu, cpu, atol=2e-3, rtol=0)  # TF32 convolutions on the GPU
+
+
+def test_importing_eval_loads_no_optional_dependency():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dist_cosface.eval, dist_cosface.eval.cli, dist_cosface.eval.export;"
+        "print([m for m in ('onnx', 'onnxruntime', 'onnxscript', 'matplotlib')"
+        " if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -63,7 +63,7 @@ def test_iresnet18_export_command_and_eval_command(tmp_path, capsys):
 
     parser = argparse.ArgumentParser()
     add_export_arguments(parser)
-    args = parser.parse_args(["run_dir", "--out", str(tmp_path / "r18.onnx")])
+    args = parser.parse_args(["run_dir", str(tmp_path / "r18.onnx")])
     assert run_export_command(args, load_backbone) == 0
     assert loads == ["run_dir"] and '"passed": true' in capsys.readouterr().out
     report = check_onnx(model, tmp_path / "r18.onnx", SIZE, batch_sizes=(2, 7))

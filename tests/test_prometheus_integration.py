@@ -127,22 +127,17 @@ def stop(proc: subprocess.Popen | None) -> None:
         proc.wait()
 
 
+PER_RANK_BATCH = 32  # data.batch_size of configs/quickstart.yaml, no gradient accumulation
+
+
 def train_command(rank_base: int, out_dir: Path) -> list[str]:
-    master = free_ports(1)
+    """The quickstart run on 2 CPU ranks; far more steps than needed: the test stops it."""
     return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(master),
-        str(Path(__file__).resolve()),
-        "--fake-train",
-        "--port",
-        str(rank_base),
-        "--steps",
-        "100000",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(free_ports(1)), "-m", "dist_cosface.cli", "train",
+        str(ROOT / "configs" / "quickstart.yaml"), "train.total_steps=100000",
+        "train.log_every=2", f"metrics.port={rank_base}", f"train.output_dir={out_dir}",
+        "checkpoint.every_steps=0", f"data.batch_size={PER_RANK_BATCH}",
     ]
 
 
@@ -226,43 +221,3 @@ def test_two_rank_run_is_scraped_alerts_load_and_dashboard_queries_parse(tmp_pat
     finally:
         stop(train)
         stop(prom)
-
-
-# --- stand-in training loop (until `dist_cosface.cli train` exists) ------------------------
-def _fake_train(argv: list[str]) -> None:
-    import argparse
-
-    import torch
-    import torch.distributed as dist
-
-    from dist_cosface.distributed import DistConfig, init_distributed, shutdown
-    from dist_cosface.metrics import MetricsConfig, build_metrics
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--steps", type=int, required=True)
-    args = parser.parse_args(argv)
-    ctx = init_distributed(DistConfig(backend="gloo", device="cpu"))
-    metrics = build_metrics(MetricsConfig(port=args.port), ctx, {"world_size": ctx.world_size})
-    try:
-        for step in range(1, args.steps + 1):
-            t0 = time.perf_counter()
-            time.sleep(0.02)
-            grad = torch.ones(1000)
-            dist.all_reduce(grad, group=ctx.group)
-            metrics.on_step(
-                step=step,
-                samples=32,
-                step_seconds=time.perf_counter() - t0,
-                data_wait_seconds=0.001,
-            )
-            if step % 10 == 0:
-                metrics.on_log(step=step, loss=10.0 / step, lr=0.1, grad_norm=1.0)
-    finally:
-        metrics.close()
-        shutdown(ctx)
-
-
-if __name__ == "__main__" and "--fake-train" in sys.argv:
-    sys.argv.remove("--fake-train")
-    _fake_train(sys.argv[1:])

@@ -54,6 +54,11 @@ def prepare_shards(args: argparse.Namespace, tmp: str) -> str:
     return out
 
 
+def _sync(x: torch.Tensor) -> None:
+    if x.is_cuda:  # GPU work is asynchronous: time only finished batches
+        torch.cuda.synchronize(x.device)
+
+
 def measure(cfg: DataConfig, ctx: DistContext, batches: int, warmup: int) -> float:
     """Images/s over ``batches`` batches, timed from the end of the warm-up batches."""
     loader = build_loader(cfg, ctx)
@@ -62,19 +67,21 @@ def measure(cfg: DataConfig, ctx: DistContext, batches: int, warmup: int) -> flo
         for x, _ in loader:
             seen += 1
             if seen == warmup:
-                torch.cuda.synchronize(x.device) if x.is_cuda else None
+                _sync(x)
                 t0 = time.perf_counter()
             elif seen > warmup:
                 images += x.shape[0]
             if seen == warmup + batches:
                 break
         loader.set_epoch(loader.epoch + 1)
-    torch.cuda.synchronize(x.device) if x.is_cuda else None
+    _sync(x)
     return images / (time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.warmup < 1 or args.batches < 1:
+        raise ValueError("--warmup and --batches must be >= 1")
     gpu = args.dali_device == "mixed"
     ctx = DistContext(device=torch.device("cuda", 0) if gpu else torch.device("cpu"))
     rows = []

@@ -21,7 +21,7 @@ from dist_cosface.classifier.margins import MarginSpec, target_fn, target_fn_gra
 
 # fp32 logits per automatic chunk: near cache size on CPU; on GPU large enough that the
 # matmuls stay efficient and the per-chunk kernel launches are amortized
-_CHUNK_LOGIT_BYTES = {"cpu": 8 * 2**20, "cuda": 256 * 2**20}
+_CHUNK_LOGIT_BYTES = {"cpu": 4 * 2**20, "cuda": 256 * 2**20}
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class LossPlan:
 
 
 def auto_chunk_size(num_rows: int, device: torch.device) -> int:
-    """Classes per chunk so that one chunk's fp32 logits take ~8 MiB (CPU) or ~256 MiB (GPU)."""
+    """Classes per chunk so that one chunk's fp32 logits take ~4 MiB (CPU) or ~256 MiB (GPU)."""
     budget = _CHUNK_LOGIT_BYTES.get(device.type, _CHUNK_LOGIT_BYTES["cpu"])
     return max(256, budget // (4 * max(num_rows, 1)))
 
@@ -55,7 +55,7 @@ def _chunks(num_cols: int, plan: LossPlan, x: torch.Tensor) -> list[tuple[int, i
 def _chunk_weight(
     weight: torch.Tensor, rows: torch.Tensor | None, c0: int, c1: int, plan: LossPlan
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Weight rows of columns [c0, c1) in fp32, normalized if needed, and their 1/norm."""
+    """Weight rows of columns [c0, c1) in the stat dtype, normalized if needed, and 1/norm."""
     w = weight[c0:c1] if rows is None else weight[rows[c0:c1]]
     w = w.to(plan.stat_dtype)
     if not plan.spec.normalized:
@@ -64,20 +64,20 @@ def _chunk_weight(
     return w * inv_norm[:, None], inv_norm
 
 
-def _chunk_logits(
-    x: torch.Tensor,
-    w_hat: torch.Tensor,
-    target_col: torch.Tensor,
-    target_logit: torch.Tensor,
-    c0: int,
-    plan: LossPlan,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 logits [N, c] of one chunk with the margin target logit in place, and the mask."""
-    cos = (x @ w_hat.to(plan.compute_dtype).t()).to(plan.stat_dtype)
-    cols = torch.arange(c0, c0 + w_hat.shape[0], device=x.device)
-    is_target = cols[None, :] == target_col[:, None]
-    logits = cos * plan.spec.logit_scale
-    return torch.where(is_target, target_logit[:, None], logits), is_target
+def _chunk_logits(x_scaled: torch.Tensor, w_hat: torch.Tensor, plan: LossPlan) -> torch.Tensor:
+    """``s * cos`` (or ``W x`` for softmax) of one chunk, [N, c] in the stat dtype."""
+    return (x_scaled @ w_hat.to(plan.compute_dtype).t()).to(plan.stat_dtype)
+
+
+def _put_targets(
+    block: torch.Tensor, target_col: torch.Tensor, values: torch.Tensor, c0: int
+) -> None:
+    """``block[i, target_col[i] - c0] = values[i]`` for targets inside the chunk, in O(N)."""
+    local = target_col - c0
+    inside = (local >= 0) & (local < block.shape[1])
+    index = local.clamp(0, block.shape[1] - 1)[:, None]
+    current = block.gather(1, index).squeeze(1)
+    block.scatter_(1, index, torch.where(inside, values, current)[:, None])
 
 
 def _target_stats(
@@ -111,9 +111,9 @@ class ShardedMarginLoss(torch.autograd.Function):
       another rank owns it.
     Returns the scalar loss (identical on every rank).
 
-    Collectives per call: forward 2 all-reduces on ``plan``'s group (row max: MAX over
+    Collectives per call: forward 2 all-reduces on ``comm``'s group (row max: MAX over
     ``[N]``; sum-exp and target logit: SUM over ``[2, N]``); backward none (every rank
-    already holds the global log-sum-exp, the embedding gradient is summed by the
+    already holds the global log-sum-exp; the embedding gradient is summed over ranks by the
     all-gather's backward).
     Gradients: exact d(loss)/dx (this rank's classes' share) and d(loss)/dweight (zero on
     unused rows).
@@ -131,73 +131,59 @@ class ShardedMarginLoss(torch.autograd.Function):
     ) -> torch.Tensor:
         num_cols = weight.shape[0] if rows is None else rows.shape[0]
         n = x.shape[0]
+        # the scale is folded into the small [N, D] operand instead of every logit
+        x_scaled = (x.to(plan.stat_dtype) * plan.spec.logit_scale).to(plan.compute_dtype)
         tgt_cos, tgt_logit = _target_stats(x, weight, rows, target_col, plan)
         run_max = torch.full((n,), float("-inf"), dtype=plan.stat_dtype, device=x.device)
         run_sum = torch.zeros(n, dtype=plan.stat_dtype, device=x.device)
-        kept = []
+        kept = None
         for c0, c1 in _chunks(num_cols, plan, x):
             w_hat, _ = _chunk_weight(weight, rows, c0, c1, plan)
-            logits, _ = _chunk_logits(x, w_hat, target_col, tgt_logit, c0, plan)
+            logits = _chunk_logits(x_scaled, w_hat, plan)
+            _put_targets(logits, target_col, tgt_logit, c0)
             new_max = torch.maximum(run_max, logits.amax(dim=1))
-            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(
-                logits - new_max[:, None]
-            ).sum(dim=1)
-            run_max = new_max
+            run_sum.mul_(torch.exp(run_max - new_max))
             if plan.materialize:
-                kept.append(logits)
+                kept = logits  # reused by backward; the exponentials go to a temporary
+                logits = logits - new_max[:, None]
+            else:
+                logits.sub_(new_max[:, None])
+            run_sum.add_(logits.exp_().sum(dim=1))
+            run_max = new_max
         global_max = run_max.clone()
         comm.all_reduce_(global_max, dist.ReduceOp.MAX)
         sums = torch.stack([run_sum * torch.exp(run_max - global_max), tgt_logit])
         comm.all_reduce_(sums)
         lse = global_max + sums[0].log()
-        ctx.save_for_backward(x, weight, rows, target_col, tgt_cos, tgt_logit, lse)
+        ctx.save_for_backward(x_scaled, weight, rows, target_col, tgt_cos, tgt_logit, lse)
         ctx.plan, ctx.kept = plan, kept
         return (lse - sums[1]).mean()
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
-        x, weight, rows, target_col, tgt_cos, tgt_logit, lse = ctx.saved_tensors
+        x_scaled, weight, rows, target_col, tgt_cos, tgt_logit, lse = ctx.saved_tensors
         plan: LossPlan = ctx.plan
         num_cols = weight.shape[0] if rows is None else rows.shape[0]
-        scale = grad_loss.to(plan.stat_dtype) / x.shape[0]
-        # dlogit/dcos: s everywhere, s * f'(c) at the target column
-        tgt_slope = target_fn_grad(plan.spec, tgt_cos) * plan.spec.logit_scale
-        grad_x = torch.zeros(x.shape, dtype=plan.stat_dtype, device=x.device)
-        grad_w = torch.zeros_like(weight)
-        for i, (c0, c1) in enumerate(_chunks(num_cols, plan, x)):
+        # G = d(N * loss)/d(logit) with the target column rescaled to dlogit = s f'(c) dcos,
+        # so that d/dx_hat = s G W_hat and d/dW_hat = G^T (s x_hat) hold for every column;
+        # G is in [-f'(c), 1] (fp16 safe) and 1/N is applied after the matmuls in fp32
+        tgt_grad = (torch.exp(tgt_logit - lse) - 1.0) * target_fn_grad(plan.spec, tgt_cos)
+        factor = grad_loss.to(plan.stat_dtype) / x_scaled.shape[0]
+        grad_x = torch.zeros(x_scaled.shape, dtype=plan.stat_dtype, device=x_scaled.device)
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for c0, c1 in _chunks(num_cols, plan, x_scaled):
             w_hat, inv_norm = _chunk_weight(weight, rows, c0, c1, plan)
-            if plan.materialize:
-                logits = ctx.kept[i]
-                is_target = _target_mask(target_col, c0, c1)
-            else:
-                logits, is_target = _chunk_logits(x, w_hat, target_col, tgt_logit, c0, plan)
-            grad_cos = _grad_cos(logits, lse, is_target, tgt_slope, plan.spec.logit_scale)
-            # grad_cos is O(s), safe in fp16; the 1/N factor is applied after the matmul in
-            # fp32 so small probabilities do not underflow
-            gc = grad_cos.to(plan.compute_dtype)
-            grad_x += (gc @ w_hat.to(plan.compute_dtype)).to(grad_x.dtype) * scale
-            grad_w_hat = (gc.t() @ x).to(grad_x.dtype) * scale
-            _store_weight_grad(grad_w, rows, c0, c1, grad_w_hat, w_hat, inv_norm)
+            logits = ctx.kept if plan.materialize else _chunk_logits(x_scaled, w_hat, plan)
+            probs = logits.sub_(lse[:, None]).exp_()
+            _put_targets(probs, target_col, tgt_grad, c0)
+            g = probs.to(plan.compute_dtype)
+            grad_x += (g @ w_hat.to(plan.compute_dtype)).to(plan.stat_dtype)
+            if grad_w is not None:
+                grad_w_hat = (g.t() @ x_scaled).to(plan.stat_dtype) * factor
+                _store_weight_grad(grad_w, rows, c0, c1, grad_w_hat, w_hat, inv_norm)
         ctx.kept = None
-        return grad_x.to(x.dtype), grad_w, None, None, None, None
-
-
-def _target_mask(target_col: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
-    cols = torch.arange(c0, c1, device=target_col.device)
-    return cols[None, :] == target_col[:, None]
-
-
-def _grad_cos(
-    logits: torch.Tensor,
-    lse: torch.Tensor,
-    is_target: torch.Tensor,
-    tgt_slope: torch.Tensor,
-    logit_scale: float,
-) -> torch.Tensor:
-    """``N * d(loss)/d(cos)`` of one chunk: (softmax - onehot) times dlogit/dcos."""
-    probs = torch.exp(logits - lse[:, None])
-    at_target = (probs - 1.0) * tgt_slope[:, None]
-    return torch.where(is_target, at_target, probs * logit_scale)
+        grad_x *= factor * plan.spec.logit_scale
+        return grad_x.to(x_scaled.dtype), grad_w, None, None, None, None
 
 
 def _store_weight_grad(

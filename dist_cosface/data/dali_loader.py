@@ -14,10 +14,9 @@ from collections.abc import Iterator
 
 import torch
 
-from dist_cosface.data.base import DTYPES, TrainLoader, repair_batch
+from dist_cosface.data.base import DTYPES, TrainLoader, repair_batch, stable_seed
 from dist_cosface.data.config import DataConfig
 from dist_cosface.data.dataset import IMAGE_EXT_SET, ShardSet, open_shards
-from dist_cosface.data.synthetic import _mix
 from dist_cosface.distributed import DistContext
 
 
@@ -45,10 +44,6 @@ class DaliLoader(TrainLoader):
         self.stats["skipped_samples"] = shards.skipped_samples
         self.stats["bad_shards"] = len(shards.problems)
 
-    def _device_index(self) -> int:
-        index = self.out_device.index
-        return torch.cuda.current_device() if index is None else index
-
     def _build(self, epoch: int):
         from nvidia.dali import fn, pipeline_def, types
 
@@ -58,8 +53,8 @@ class DaliLoader(TrainLoader):
         @pipeline_def(
             batch_size=cfg.batch_size,
             num_threads=max(1, cfg.num_workers),
-            device_id=self._device_index() if gpu else None,
-            seed=_mix(cfg.seed, epoch, self.rank) % (1 << 31),
+            device_id=self.out_device.index if gpu else None,
+            seed=stable_seed(cfg.seed, epoch, self.rank) % (1 << 31),
             prefetch_queue_depth=cfg.dali_prefetch,
         )
         def pipeline():

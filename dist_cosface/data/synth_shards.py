@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from dist_cosface.data.base import stable_seed
 from dist_cosface.data.config import DataConfig
 from dist_cosface.data.shards import (
     LABELS_NAME,
@@ -17,7 +18,7 @@ from dist_cosface.data.shards import (
     atomic_write_text,
     shard_stem,
 )
-from dist_cosface.data.synthetic import SyntheticLoader, _mix
+from dist_cosface.data.synthetic import SyntheticLoader
 from dist_cosface.distributed import DistContext
 
 
@@ -37,7 +38,7 @@ def write_synthetic_shards(
     out.mkdir(parents=True, exist_ok=True)
     cfg = DataConfig(image_size=image_size, synthetic_num_classes=num_classes, seed=seed)
     faces = SyntheticLoader(cfg, DistContext())
-    gen = torch.Generator().manual_seed(_mix(seed, 17))
+    gen = torch.Generator().manual_seed(stable_seed(seed, 17))
     labels = torch.randint(0, num_classes, (num_images,), generator=gen)
     shards = []
     for start in range(0, num_images, shard_size):

@@ -13,21 +13,12 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from dist_cosface.data.base import DTYPES, TrainLoader
+from dist_cosface.data.base import DTYPES, TrainLoader, stable_seed
 from dist_cosface.data.config import DataConfig
 from dist_cosface.distributed import DistContext
 
 _PATTERN_RES = 8  # identity patterns are drawn at this resolution, then upsampled
 _MAX_SHIFT = 4  # pixels of jitter
-
-
-def _mix(*values: int) -> int:
-    """A stable 63-bit seed from several integers (Python's hash() is salted per process)."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = ((h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
 
 
 class SyntheticLoader(TrainLoader):
@@ -40,7 +31,7 @@ class SyntheticLoader(TrainLoader):
     def _epoch_labels(self, epoch: int) -> torch.Tensor:
         """This rank's labels for the epoch: a disjoint slice of a shared permutation."""
         cfg = self.cfg
-        gen = torch.Generator().manual_seed(_mix(cfg.seed, epoch))
+        gen = torch.Generator().manual_seed(stable_seed(cfg.seed, epoch))
         total = cfg.synthetic_num_classes * cfg.synthetic_samples_per_class
         order = torch.randperm(total, generator=gen)
         per_rank = total // self.world_size
@@ -51,7 +42,7 @@ class SyntheticLoader(TrainLoader):
         res = _PATTERN_RES
         out = torch.empty(len(labels), 3, res, res)
         for i, label in enumerate(labels.tolist()):
-            gen = torch.Generator().manual_seed(_mix(self.cfg.seed, 7919, label))
+            gen = torch.Generator().manual_seed(stable_seed(self.cfg.seed, 7919, label))
             out[i] = torch.randn(3, res, res, generator=gen)
         return out
 
@@ -75,6 +66,6 @@ class SyntheticLoader(TrainLoader):
         labels = self._epoch_labels(epoch)
         bs = self.cfg.batch_size
         for b in range(start, self.num_batches):
-            gen = torch.Generator().manual_seed(_mix(self.cfg.seed, epoch, self.rank, b))
+            gen = torch.Generator().manual_seed(stable_seed(self.cfg.seed, epoch, self.rank, b))
             batch_labels = labels[b * bs : (b + 1) * bs].clone()
             yield self.make_batch(batch_labels, gen), batch_labels

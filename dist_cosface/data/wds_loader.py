@@ -18,10 +18,9 @@ from collections.abc import Iterator
 
 import torch
 
-from dist_cosface.data.base import DTYPES, TrainLoader, repair_batch
+from dist_cosface.data.base import DTYPES, TrainLoader, repair_batch, stable_seed
 from dist_cosface.data.config import DataConfig
 from dist_cosface.data.dataset import IMAGE_EXT_SET, ShardSet, balanced_groups, open_shards
-from dist_cosface.data.synthetic import _mix
 from dist_cosface.distributed import DistContext
 
 _IMAGE_EXTS = IMAGE_EXT_SET.split(";")
@@ -83,7 +82,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
             return True
 
         for pass_no in range(1 << 62):
-            rng = random.Random(_mix(self.seed, stream, pass_no))
+            rng = random.Random(stable_seed(self.seed, stream, pass_no))
             order = self.urls[:]
             rng.shuffle(order)
             mine = [{"url": u} for u in order[stream::num_streams]]
@@ -105,7 +104,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
                     yield buffer.pop(rng.randrange(len(buffer)))
             rng.shuffle(buffer)
             yield from buffer
-            if bad_tar:
+            while bad_tar:  # count each unreadable tar member once per pass
                 yield {"bad": bad_tar.pop()}, -1
             if good == 0:  # an endless pass over nothing would hang this rank
                 raise ValueError(f"no usable samples in shards {[m['url'] for m in mine]}")
@@ -145,7 +144,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
                 bad[i] = True
         images, labels, replaced = repair_batch(images, labels, bad, "webdataset batch")
         if self.cfg.random_flip:
-            gen = torch.Generator().manual_seed(_mix(self.seed, stream, index, 1))
+            gen = torch.Generator().manual_seed(stable_seed(self.seed, stream, index, 1))
             flip = torch.rand(len(batch), generator=gen) < 0.5
             images[flip] = images[flip].flip(-1)
         return images, labels, skipped + replaced
@@ -165,7 +164,7 @@ class WebDatasetLoader(TrainLoader):
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         group = self.groups[(self.rank + epoch) % self.world_size]
         urls = [self.shards.urls[i] for i in group]
-        seed = _mix(self.cfg.seed, epoch, self.rank)
+        seed = stable_seed(self.cfg.seed, epoch, self.rank)
         indexed = all(self.shards.index_paths)
         stream = _WorkerStream(self.cfg, urls, self.num_classes, seed, start, indexed)
         # fork, as PyTorch does by default on Linux: workers restart every epoch, and a

@@ -63,7 +63,7 @@ def run_eval_command(args: argparse.Namespace, load_backbone: LoadBackbone) -> i
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint folder or run directory")
-    parser.add_argument("--out", required=True, help="path of the .onnx file to write")
+    parser.add_argument("out", help="path of the .onnx file to write")
     parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--atol", type=float, default=1e-4, help="parity tolerance vs PyTorch")
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")

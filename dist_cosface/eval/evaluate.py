@@ -28,6 +28,14 @@ def preprocess(images: list, image_size: int) -> torch.Tensor:
     return batch.div_(127.5).sub_(1.0)
 
 
+def _input_dtype(backbone: nn.Module) -> torch.dtype:
+    """Feed images in the weights' dtype: a DeepSpeed fp16/bf16 engine holds half weights."""
+    for param in backbone.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
 @torch.no_grad()
 def embed_set(
     backbone: nn.Module,
@@ -39,16 +47,19 @@ def embed_set(
 ) -> torch.Tensor:
     """L2-normalised float32 embeddings ``[2 * num_pairs, D]`` on the CPU.
 
+    Pass the bare backbone (not a DDP/DeepSpeed wrapper): this runs on one rank only.
+
     With ``flip``, each embedding is the sum of the image's and its mirror image's embedding.
     """
     was_training = backbone.training
     backbone.eval()
+    dtype = _input_dtype(backbone)
     chunks = []
     try:
         for start in range(0, len(vset.images), batch_size):
             indices = range(start, min(start + batch_size, len(vset.images)))
             pil = [decode_image(vset.read_image_bytes(i), f"{vset.source}[{i}]") for i in indices]
-            x = preprocess(pil, image_size).to(device)
+            x = preprocess(pil, image_size).to(device, dtype)
             emb = backbone(x).float()
             if flip:
                 emb = emb + backbone(torch.flip(x, dims=[3])).float()

@@ -1,0 +1,166 @@
+"""Run the CosFace-paper reproductions on ORL / Extended Yale B and print / append results.
+
+Examples (from the repository root)::
+
+    python tools/experiments.py run --dataset yaleb --margin-type cosface --margin 0.35 \
+        --seeds 0 1 2 --out results/experiments.jsonl
+    python tools/experiments.py suite loss --dataset yaleb --out results/experiments.jsonl
+    python tools/experiments.py table results/experiments.jsonl
+
+Every result line is one (configuration, seed) with the exact command that produced it.
+Open-set protocol: see docs/experiments.md (evaluation identities are never trained on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # runnable as a plain script from a checkout
+    sys.path.insert(0, str(REPO))
+
+MARGINS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45]
+
+# name -> list of (row label, overrides); each row runs for every seed
+SUITES = {
+    "loss": [
+        ("softmax", {"margin_type": "softmax"}),
+        ("NSL (m=0)", {"margin_type": "nsl", "margin": 0.0}),
+        ("LMCL / CosFace (m=0.35)", {"margin_type": "cosface", "margin": 0.35}),
+        ("ArcFace (m=0.5)", {"margin_type": "arcface", "margin": 0.5}),
+    ],
+    "margin": [(f"LMCL m={m:g}", {"margin_type": "cosface", "margin": m}) for m in MARGINS],
+    "scale": [
+        (f"LMCL s={s}", {"margin_type": "cosface", "scale": s})
+        for s in (1.0, 2.0, "auto", 16.0, 64.0)
+    ],
+    "norm": [
+        ("LMCL, features normalized", {"margin_type": "cosface", "feature_norm": True}),
+        ("LMCL, features not normalized", {"margin_type": "cosface", "feature_norm": False}),
+    ],
+}
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    from dist_cosface.experiments import ExperimentConfig
+
+    for f in dataclasses.fields(ExperimentConfig):
+        if f.name == "seed":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, default=None, help=f"default {f.default!r}")
+
+
+def _build_config(args: argparse.Namespace, overrides: dict, seed: int):
+    import yaml
+
+    from dist_cosface.configtools import from_mapping
+    from dist_cosface.experiments import ExperimentConfig
+
+    data = {}
+    if args.config:
+        from dist_cosface.configtools import load_yaml
+
+        data.update(load_yaml(args.config))
+    for f in dataclasses.fields(ExperimentConfig):
+        raw = getattr(args, f.name, None)
+        if raw is not None and f.name != "seed":
+            data[f.name] = yaml.safe_load(raw) if isinstance(raw, str) else raw
+    data.update(overrides)
+    data["seed"] = seed
+    return from_mapping(ExperimentConfig, data)
+
+
+def _run_rows(args: argparse.Namespace, rows: list[tuple[str, dict]], suite: str) -> None:
+    import torch
+
+    from dist_cosface.configtools import to_mapping
+    from dist_cosface.experiments import run_experiment
+
+    torch.set_num_threads(args.threads)
+    command = "python tools/experiments.py " + shlex.join(sys.argv[1:])
+    out = Path(args.out) if args.out else None
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    for label, overrides in rows:
+        for seed in args.seeds:
+            cfg = _build_config(args, overrides, seed)
+            result = run_experiment(cfg, REPO)
+            line = {"suite": suite, "row": label, "config": to_mapping(cfg),
+                    "command": command, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                  time.gmtime()), **result}
+            print(json.dumps(line), flush=True)
+            if out:
+                with out.open("a") as fh:
+                    fh.write(json.dumps(line) + "\n")
+
+
+def _fmt(values: list[float], scale: float = 100.0) -> str:
+    import numpy as np
+
+    v = np.asarray(values, dtype=float) * scale
+    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
+
+
+def table(paths: list[str], suite: str | None) -> str:
+    """Markdown table: one line per (suite, row, dataset, split), mean ± sample std over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for path in paths:
+        for raw in Path(path).read_text().splitlines():
+            if not raw.strip():
+                continue
+            line = json.loads(raw)
+            if suite and line["suite"] != suite:
+                continue
+            c = line["config"]
+            key = (line["suite"], line["row"], c["dataset"], c["split"])
+            groups.setdefault(key, []).append(line)
+    out = ["| suite | row | data | split | seeds | s | 10-fold acc % | TAR@FAR=1e-2 % | AUC % "
+           "| train loss | s/run |", "|" + "---|" * 11]
+    for (s_name, row, data, split), lines in groups.items():
+        tars = [x["tar_at_far_0.01"] for x in lines if x.get("tar_at_far_0.01") is not None]
+        out.append(
+            f"| {s_name} | {row} | {data} | {split} | {len(lines)} | {lines[0]['scale']:.2f} "
+            f"| {_fmt([x['accuracy'] for x in lines])} | {_fmt(tars) if tars else 'n/a'} "
+            f"| {_fmt([x['roc_auc'] for x in lines])} "
+            f"| {sum(x['final_loss'] for x in lines) / len(lines):.3f} "
+            f"| {sum(x['seconds'] for x in lines) / len(lines):.0f} |"
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "suite"):
+        p = sub.add_parser(name)
+        if name == "suite":
+            p.add_argument("suite", choices=sorted(SUITES))
+        p.add_argument("--config", help="YAML file of ExperimentConfig keys")
+        p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+        p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--out", help="append one JSON line per run to this file")
+        _config_args(p)
+    t = sub.add_parser("table")
+    t.add_argument("results", nargs="+")
+    t.add_argument("--suite", default=None)
+    args = parser.parse_args(argv)
+    if args.cmd == "table":
+        print(table(args.results, args.suite))
+    elif args.cmd == "run":
+        _run_rows(args, [("run", {})], "run")
+    else:
+        _run_rows(args, SUITES[args.suite], args.suite)
+
+
+if __name__ == "__main__":
+    main()
