@@ -133,11 +133,23 @@ PER_RANK_BATCH = 32  # data.batch_size of configs/quickstart.yaml, no gradient a
 def train_command(rank_base: int, out_dir: Path) -> list[str]:
     """The quickstart run on 2 CPU ranks; far more steps than needed: the test stops it."""
     return [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(free_ports(1)), "-m", "dist_cosface.cli", "train",
-        str(ROOT / "configs" / "quickstart.yaml"), "train.total_steps=100000",
-        "train.log_every=2", f"metrics.port={rank_base}", f"train.output_dir={out_dir}",
-        "checkpoint.every_steps=0", f"data.batch_size={PER_RANK_BATCH}",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_ports(1)),
+        "-m",
+        "dist_cosface.cli",
+        "train",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        "train.total_steps=100000",
+        "train.log_every=2",
+        f"metrics.port={rank_base}",
+        f"train.output_dir={out_dir}",
+        "checkpoint.every_steps=0",
+        f"data.batch_size={PER_RANK_BATCH}",
     ]
 
 
@@ -190,6 +202,32 @@ def test_two_rank_run_is_scraped_alerts_load_and_dashboard_queries_parse(tmp_pat
         rates = wait_until(both_ranks_progress, 60, procs, "positive samples rate on both ranks")
         assert all(v > 0 for v in rates.values())
 
+        def loss_on_both_ranks():
+            res = api(url, "query", query='dist_cosface_loss{job="dist_cosface"}')
+            got = by_job_rank(res["data"]["result"])
+            return got if len(got) == ranks else None
+
+        wait_until(loss_on_both_ranks, 30, procs, "a logged loss on both ranks")
+
+        # samples_total counts this rank's own samples: the per-rank batch per step (a scrape
+        # between the two updates of one on_step may already hold that step's samples)
+        at = time.time()
+        samples = by_job_rank(
+            api(url, "query", query="dist_cosface_samples_total", time=at)["data"]["result"]
+        )
+        steps = by_job_rank(api(url, "query", query="dist_cosface_step", time=at)["data"]["result"])
+        assert set(samples) == set(steps) and len(samples) == 2 * ranks
+        for key, n in samples.items():
+            assert PER_RANK_BATCH * steps[key] <= n <= PER_RANK_BATCH * (steps[key] + 1), (
+                f"{key}: {n} samples after {steps[key]} steps; on_step(samples=) must be the "
+                f"rank's own {PER_RANK_BATCH}, not the global batch"
+            )
+
+        res = api(url, "query", query='dist_cosface_run_info{job="dist_cosface"}')
+        infos = [r["metric"] for r in res["data"]["result"]]
+        assert sorted(i["rank"] for i in infos) == ["0", "1"]
+        assert all(i["world_size"] == "2" for i in infos), infos
+
         # the alert rules were loaded and evaluate without errors against live data
         groups = api(url, "rules")["data"]["groups"]
         rules = [r for g in groups for r in g["rules"]]
@@ -218,6 +256,11 @@ def test_two_rank_run_is_scraped_alerts_load_and_dashboard_queries_parse(tmp_pat
         assert any(v > 0 for v in series["samples_per_s"].y)
         png = plot_run.plot(series, tmp_path / "run.png", "integration")
         assert png.stat().st_size > 1000
+        # ... and the run's own metrics.jsonl (rank 0 writes it at log steps)
+        log = tmp_path / "run" / "metrics.jsonl"
+        from_log = plot_run.load_metrics_log(log)
+        assert from_log["loss"].x and all(v > 0 for v in from_log["samples_per_s"].y)
+        assert plot_run.main(["--metrics-log", str(log), "--out", str(tmp_path / "log.png")]) == 0
     finally:
         stop(train)
         stop(prom)
