@@ -42,7 +42,11 @@ SUITES = {
     ],
     "norm": [
         ("LMCL, features normalized", {"margin_type": "cosface", "feature_norm": True}),
-        ("LMCL, features not normalized", {"margin_type": "cosface", "feature_norm": False}),
+        # the feature norm ||x|| plays the role of s: scale 1 whether or not the head multiplies
+        (
+            "LMCL, features not normalized",
+            {"margin_type": "cosface", "feature_norm": False, "scale": 1.0},
+        ),
     ],
 }
 
@@ -80,14 +84,16 @@ def _build_config(args: argparse.Namespace, overrides: dict, seed: int):
     return from_mapping(ExperimentConfig, data)
 
 
-def _run_rows(args: argparse.Namespace, rows: list[tuple[str, dict]], suite: str) -> None:
+def _run_rows(
+    args: argparse.Namespace, rows: list[tuple[str, dict]], suite: str, argv: list[str]
+) -> None:
     import torch
 
     from dist_cosface.configtools import to_mapping
     from dist_cosface.experiments import run_experiment
 
     torch.set_num_threads(args.threads)
-    command = "python tools/experiments.py " + shlex.join(sys.argv[1:])
+    command = "python tools/experiments.py " + shlex.join(argv)
     out = Path(args.out) if args.out else None
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -95,9 +101,14 @@ def _run_rows(args: argparse.Namespace, rows: list[tuple[str, dict]], suite: str
         for seed in args.seeds:
             cfg = _build_config(args, overrides, seed)
             result = run_experiment(cfg, REPO)
-            line = {"suite": suite, "row": label, "config": to_mapping(cfg),
-                    "command": command, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                  time.gmtime()), **result}
+            line = {
+                "suite": suite,
+                "row": label,
+                "config": to_mapping(cfg),
+                "command": command,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **result,
+            }
             print(json.dumps(line), flush=True)
             if out:
                 with out.open("a") as fh:
@@ -124,8 +135,11 @@ def table(paths: list[str], suite: str | None) -> str:
             c = line["config"]
             key = (line["suite"], line["row"], c["dataset"], c["split"])
             groups.setdefault(key, []).append(line)
-    out = ["| suite | row | data | split | seeds | s | 10-fold acc % | TAR@FAR=1e-2 % | AUC % "
-           "| train loss | s/run |", "|" + "---|" * 11]
+    out = [
+        "| suite | row | data | split | seeds | s | 10-fold acc % | TAR@FAR=1e-2 % | AUC % "
+        "| train loss | s/run |",
+        "|" + "---|" * 11,
+    ]
     for (s_name, row, data, split), lines in groups.items():
         tars = [x["tar_at_far_0.01"] for x in lines if x.get("tar_at_far_0.01") is not None]
         out.append(
@@ -153,13 +167,14 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("table")
     t.add_argument("results", nargs="+")
     t.add_argument("--suite", default=None)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.cmd == "table":
         print(table(args.results, args.suite))
     elif args.cmd == "run":
-        _run_rows(args, [("run", {})], "run")
+        _run_rows(args, [("run", {})], "run", argv)
     else:
-        _run_rows(args, SUITES[args.suite], args.suite)
+        _run_rows(args, SUITES[args.suite], args.suite, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -41,8 +40,10 @@ def angular_stats(features, labels) -> dict:
         rows = labels == c
         gaps.append(diff[rows][:, ~same[rows][0]].min())
         spreads.append(diff[rows][:, rows].max())
-    return {"inter_class_gap_deg": float(np.median(gaps)),
-            "intra_class_spread_deg": float(np.median(spreads))}
+    return {
+        "inter_class_gap_deg": float(np.median(gaps)),
+        "intra_class_spread_deg": float(np.median(spreads)),
+    }
 
 
 def train_2d(margin_type: str, margin: float, args: argparse.Namespace):
@@ -52,9 +53,16 @@ def train_2d(margin_type: str, margin: float, args: argparse.Namespace):
     from dist_cosface.experiments.runner import embed, split_sets
 
     cfg = ExperimentConfig(
-        dataset=args.dataset, embedding_size=2, margin_type=margin_type, margin=margin,
-        scale=args.scale, epochs=args.epochs, seed=args.seed, max_identities=args.identities,
-        max_per_identity=args.max_per_identity, lr=args.lr,
+        dataset=args.dataset,
+        embedding_size=2,
+        margin_type=margin_type,
+        margin=margin,
+        scale=args.scale,
+        epochs=args.epochs,
+        seed=args.seed,
+        max_identities=args.identities,
+        max_per_identity=args.max_per_identity,
+        lr=args.lr,
     )
     train, _ = split_sets(cfg, REPO)
     model, _, summary = train_model(cfg, train)
@@ -84,7 +92,8 @@ def plot(panels: list[tuple[str, object, object, dict]], out: Path) -> None:
         ax.set_aspect("equal")
         ax.set_title(
             f"{title}\ngap {stats['inter_class_gap_deg']:.1f}°, "
-            f"spread {stats['intra_class_spread_deg']:.0f}° (median/class)", fontsize=9
+            f"spread {stats['intra_class_spread_deg']:.0f}° (median/class)",
+            fontsize=9,
         )
         ax.tick_params(labelsize=7)
     fig.tight_layout()

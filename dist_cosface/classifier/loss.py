@@ -54,19 +54,32 @@ def _chunks(num_cols: int, plan: LossPlan, x: torch.Tensor) -> list[tuple[int, i
 
 def _chunk_weight(
     weight: torch.Tensor, rows: torch.Tensor | None, c0: int, c1: int, plan: LossPlan
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Weight rows of columns [c0, c1) in the stat dtype, normalized if needed, and 1/norm."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Rows of columns [c0, c1): raw (stat dtype), matmul operand (normalized, compute
+    dtype) and 1/norm (None without normalization)."""
     w = weight[c0:c1] if rows is None else weight[rows[c0:c1]]
     w = w.to(plan.stat_dtype)
     if not plan.spec.normalized:
-        return w, None
+        return w, w.to(plan.compute_dtype), None
     inv_norm = w.norm(dim=1).clamp_min(1e-12).reciprocal()
-    return w * inv_norm[:, None], inv_norm
+    w_hat = w.to(plan.compute_dtype, copy=True).mul_(inv_norm.to(plan.compute_dtype)[:, None])
+    return w, w_hat, inv_norm
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, plan: LossPlan) -> torch.Tensor:
+    """``a @ b`` in the compute dtype with a result in the stat dtype (fp32 for half).
+
+    On CUDA a half-precision GEMM writes its fp32 accumulator directly (``out_dtype``), which
+    is both more accurate and cheaper than rounding to half and casting back.
+    """
+    if a.is_cuda and plan.compute_dtype != plan.stat_dtype:
+        return torch.mm(a, b, out_dtype=plan.stat_dtype)
+    return (a @ b).to(plan.stat_dtype)
 
 
 def _chunk_logits(x_scaled: torch.Tensor, w_hat: torch.Tensor, plan: LossPlan) -> torch.Tensor:
     """``s * cos`` (or ``W x`` for softmax) of one chunk, [N, c] in the stat dtype."""
-    return (x_scaled @ w_hat.to(plan.compute_dtype).t()).to(plan.stat_dtype)
+    return _mm(x_scaled, w_hat.t(), plan)
 
 
 def _put_targets(
@@ -138,7 +151,7 @@ class ShardedMarginLoss(torch.autograd.Function):
         run_sum = torch.zeros(n, dtype=plan.stat_dtype, device=x.device)
         kept = None
         for c0, c1 in _chunks(num_cols, plan, x):
-            w_hat, _ = _chunk_weight(weight, rows, c0, c1, plan)
+            _, w_hat, _ = _chunk_weight(weight, rows, c0, c1, plan)
             logits = _chunk_logits(x_scaled, w_hat, plan)
             _put_targets(logits, target_col, tgt_logit, c0)
             new_max = torch.maximum(run_max, logits.amax(dim=1))
@@ -172,15 +185,15 @@ class ShardedMarginLoss(torch.autograd.Function):
         grad_x = torch.zeros(x_scaled.shape, dtype=plan.stat_dtype, device=x_scaled.device)
         grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for c0, c1 in _chunks(num_cols, plan, x_scaled):
-            w_hat, inv_norm = _chunk_weight(weight, rows, c0, c1, plan)
+            w, w_hat, inv_norm = _chunk_weight(weight, rows, c0, c1, plan)
             logits = ctx.kept if plan.materialize else _chunk_logits(x_scaled, w_hat, plan)
             probs = logits.sub_(lse[:, None]).exp_()
             _put_targets(probs, target_col, tgt_grad, c0)
             g = probs.to(plan.compute_dtype)
-            grad_x += (g @ w_hat.to(plan.compute_dtype)).to(plan.stat_dtype)
+            grad_x += _mm(g, w_hat, plan)
             if grad_w is not None:
-                grad_w_hat = (g.t() @ x_scaled).to(plan.stat_dtype) * factor
-                _store_weight_grad(grad_w, rows, c0, c1, grad_w_hat, w_hat, inv_norm)
+                grad_w_hat = _mm(g.t(), x_scaled, plan)  # d(N loss / factor)/d(w_hat)
+                _store_weight_grad(grad_w, rows, c0, c1, grad_w_hat, w, inv_norm, factor)
         ctx.kept = None
         grad_x *= factor * plan.spec.logit_scale
         return grad_x.to(x_scaled.dtype), grad_w, None, None, None, None
@@ -192,15 +205,20 @@ def _store_weight_grad(
     c0: int,
     c1: int,
     grad_w_hat: torch.Tensor,
-    w_hat: torch.Tensor,
+    w: torch.Tensor,
     inv_norm: torch.Tensor | None,
+    factor: torch.Tensor,
 ) -> None:
-    if inv_norm is not None:
-        # backward of w / |w|: (g - w_hat (w_hat . g)) / |w|
-        radial = (grad_w_hat * w_hat).sum(dim=1, keepdim=True)
-        grad_w_hat = (grad_w_hat - w_hat * radial) * inv_norm[:, None]
-    grad = grad_w_hat.to(grad_w.dtype)
+    """Write ``factor * d/dw`` of one chunk, given ``A = d/dw_hat`` (overwritten)."""
+    if inv_norm is None:
+        grad = grad_w_hat.mul_(factor)
+    else:
+        # backward of w_hat = w / |w|: (A - w_hat (w_hat . A)) / |w|, computed from the raw
+        # rows as inv * A - w * (inv^3 (w . A)) to avoid materializing w_hat in fp32
+        dots = (w * grad_w_hat).sum(dim=1)
+        grad = grad_w_hat.addcmul_(w, (dots * inv_norm * inv_norm)[:, None], value=-1.0)
+        grad.mul_((inv_norm * factor)[:, None])
     if rows is None:
         grad_w[c0:c1] = grad
     else:
-        grad_w.index_copy_(0, rows[c0:c1], grad)
+        grad_w.index_copy_(0, rows[c0:c1], grad.to(grad_w.dtype))

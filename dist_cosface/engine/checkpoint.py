@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dist_cosface.configtools import from_mapping
 from dist_cosface.distributed import DistContext
 from dist_cosface.engine.rows import gather_rows
 
@@ -217,13 +218,12 @@ def load_checkpoint(
         head.weight.copy_(rows["weight"])
     head_optim.load_state_dict(rows["optim"])
     trainer = None
-    if meta["world_size"] == ctx.world_size:
-        trainer = torch.load(
-            ckpt / f"trainer_rank{ctx.rank}.pt", map_location="cpu", weights_only=True
-        )
+    trainer_file = ckpt / f"trainer_rank{ctx.rank}.pt"
+    if meta["world_size"] == ctx.world_size and trainer_file.is_file():
+        trainer = torch.load(trainer_file, map_location="cpu", weights_only=True)
     else:
         log.warning(
-            "resuming %s saved by %d ranks on %d ranks: classifier re-sharded; data "
+            "resuming %s (saved by %d ranks) on %d ranks: classifier re-sharded; data "
             "position and RNG restart at epoch %s",
             ckpt,
             meta["world_size"],
@@ -231,3 +231,22 @@ def load_checkpoint(
             meta.get("epoch"),
         )
     return {"meta": meta, "trainer": trainer}
+
+
+def load_backbone(checkpoint_or_run_dir: str | Path) -> tuple[torch.nn.Module, int]:
+    """(backbone in eval mode on CPU, input image size) from a checkpoint or a run folder.
+
+    A run folder resolves to its latest complete checkpoint. The model config is read from
+    the checkpoint's meta.json, so no run config is needed.
+    """
+    from dist_cosface.models import build_backbone
+    from dist_cosface.models.config import ModelConfig
+
+    ckpt = find_latest_checkpoint(checkpoint_or_run_dir)
+    if ckpt is None:
+        raise ValueError(f"no complete checkpoint found at {checkpoint_or_run_dir}")
+    meta = read_meta(ckpt)
+    backbone = build_backbone(from_mapping(ModelConfig, meta["model"], "meta.model"))
+    state = torch.load(ckpt / "backbone.pt", map_location="cpu", weights_only=True)
+    backbone.load_state_dict(state)
+    return backbone.eval(), int(meta["image_size"])

@@ -77,7 +77,9 @@ def identity_split(identities: list[str], split: str) -> tuple[list[str], list[s
     return train, held
 
 
-def make_pairs(labels: torch.Tensor, max_pairs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def make_pairs(
+    labels: torch.Tensor, max_pairs: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Balanced verification pairs ``(index pairs [P, 2], issame [P])`` in shuffled order.
 
     All positive pairs if there are at most ``max_pairs // 2`` of them (else a random subset),

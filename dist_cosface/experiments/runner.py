@@ -106,8 +106,7 @@ def build_model(cfg: ExperimentConfig) -> nn.Module:
     from dist_cosface.models import ModelConfig, build_backbone
 
     return build_backbone(
-        ModelConfig(name=cfg.backbone, embedding_size=cfg.embedding_size,
-                    input_size=cfg.image_size)
+        ModelConfig(name=cfg.backbone, embedding_size=cfg.embedding_size, input_size=cfg.image_size)
     )
 
 
@@ -121,14 +120,18 @@ def build_head(cfg: ExperimentConfig, num_classes: int) -> ShardedClassifier:
             )
         extra["feature_norm"] = False
     return ShardedClassifier(
-        num_classes, cfg.embedding_size, margin_type=cfg.margin_type, scale=cfg.scale,
-        margin=cfg.margin, scale_p_w=cfg.scale_p_w, process_group=None, **extra,
+        num_classes,
+        cfg.embedding_size,
+        margin_type=cfg.margin_type,
+        scale=cfg.scale,
+        margin=cfg.margin,
+        scale_p_w=cfg.scale_p_w,
+        process_group=None,
+        **extra,
     )
 
 
-def train_model(
-    cfg: ExperimentConfig, train: FaceSet
-) -> tuple[nn.Module, ShardedClassifier, dict]:
+def train_model(cfg: ExperimentConfig, train: FaceSet) -> tuple[nn.Module, ShardedClassifier, dict]:
     """Train backbone + head with AdamW and a cosine schedule; returns both and a summary."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -37,7 +37,9 @@ class SmallFaceNet(nn.Module):
         flat = 4 * width * (input_size // 8) ** 2
         # linear embedding + BN: the usual face-net neck (no ReLU, so features can be signed)
         self.neck = nn.Sequential(
-            nn.Flatten(), nn.Dropout(0.2), nn.Linear(flat, embedding_size, bias=False),
+            nn.Flatten(),
+            nn.Dropout(0.2),
+            nn.Linear(flat, embedding_size, bias=False),
             nn.BatchNorm1d(embedding_size),
         )
 
