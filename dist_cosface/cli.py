@@ -9,6 +9,7 @@ optional dependencies (DALI, DeepSpeed, onnx) are only needed by the commands th
     dist-cosface shards SRC OUT_DIR [options]               (image folder or .rec -> shards)
     dist-cosface reshard CHECKPOINT --world-size N --out DIR
     dist-cosface config CONFIG.yaml [dotted.key=value ...]  (print the resolved config)
+    dist-cosface synthetic-pairs CONFIG.yaml OUT.bin        (verification set, unseen identities)
 """
 
 from __future__ import annotations
@@ -48,6 +49,18 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     sys.stdout.write(yaml.safe_dump(to_mapping(cfg), sort_keys=False))
+    return 0
+
+
+def _cmd_synthetic_pairs(args: argparse.Namespace) -> int:
+    from dist_cosface.config import load_config
+    from dist_cosface.eval.synthetic_set import make_synthetic_verification_set
+
+    cfg = load_config(args.config)
+    path = make_synthetic_verification_set(
+        cfg.data, args.out, num_identities=args.identities, num_pairs=args.pairs, seed=args.seed
+    )
+    print(f"wrote {args.pairs} pairs of {args.identities} unseen synthetic identities to {path}")
     return 0
 
 
@@ -91,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="print the resolved config and exit")
     _add_config_arguments(show)
     show.set_defaults(func=_cmd_config)
+
+    pairs = sub.add_parser(
+        "synthetic-pairs", help="verification .bin of synthetic identities unseen in training"
+    )
+    pairs.add_argument("config", help="the training config whose data.* section to follow")
+    pairs.add_argument("out", help="output .bin path")
+    pairs.add_argument("--identities", type=int, default=40)
+    pairs.add_argument("--pairs", type=int, default=400)
+    pairs.add_argument("--seed", type=int, default=0)
+    pairs.set_defaults(func=_cmd_synthetic_pairs)
 
     _add_lazy(sub, "shards", "convert an image folder or a .rec file into WebDataset shards",
               "dist_cosface.data.cli", "add_shards_arguments", _cmd_shards)

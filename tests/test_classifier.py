@@ -283,11 +283,20 @@ def test_row_optimizer_equals_torch_optimizer_when_every_row_is_used(name):
         assert value.shape[0] == 13  # row-aligned state for checkpoint resharding
 
 
-def test_adamw_state_survives_state_dict_round_trip():
+def test_adamw_touches_only_sampled_rows_and_round_trips():
     head = ShardedClassifier(9, 3, sample_rate=0.5)
-    opt = build_classifier_optimizer(head, "adamw", lr=0.1)
+    opt = build_classifier_optimizer(head, "adamw", lr=0.1, weight_decay=0.1)
+    before = head.weight.detach().clone()
     head(torch.randn(4, 3), torch.tensor([0, 1, 2, 8])).backward()
+    used = torch.zeros(9, dtype=torch.bool)
+    used[head.last_sampled_rows] = True
     opt.step()
+    state = opt.state[head.weight]
+    assert torch.equal(head.weight.detach()[~used], before[~used])  # no decoupled decay
+    assert (head.weight.detach()[used] != before[used]).all()
+    assert not state["exp_avg"][~used].any() and not state["exp_avg_sq"][~used].any()
+    assert torch.equal(state["row_step"], used.float())
+    assert not head.touched.any()  # cleared for the next accumulation window
     clone = build_classifier_optimizer(head, "adamw", lr=0.1)
     clone.load_state_dict(opt.state_dict())
     for key, value in opt.state[head.weight].items():
@@ -337,3 +346,19 @@ def test_cuda_head_matches_reference(dtype):
         torch.testing.assert_close(loss.double().cpu(), ref, rtol=tol, atol=tol)
         assert (xl.grad.double().cpu() - dx).norm() <= 10 * tol * dx.norm()
         assert (head.weight.grad.double().cpu() - dw).norm() <= 10 * tol * dw.norm()
+
+
+def test_optimizer_updates_the_union_of_micro_step_samples():
+    head = ShardedClassifier(40, 3, sample_rate=0.1, sample_seed=1)
+    opt = build_classifier_optimizer(head, "sgd", lr=0.1, momentum=0.9, weight_decay=0.1)
+    before = head.weight.detach().clone()
+    head.set_step(0)
+    used = torch.zeros(40, dtype=torch.bool)
+    for labels in (torch.tensor([1, 2]), torch.tensor([30, 31])):  # two micro-steps
+        head(torch.randn(2, 3), labels).backward()
+        used[head.last_sampled_rows] = True
+    assert used.sum() > 4  # each micro-step drew its own negatives
+    opt.step()
+    changed = (head.weight.detach() != before).any(dim=1)
+    assert torch.equal(changed, used)
+    assert torch.equal(opt.state[head.weight]["momentum_buffer"].abs().sum(dim=1) > 0, used)

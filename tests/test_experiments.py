@@ -118,7 +118,8 @@ def test_cli_run_and_table(tmp_path):
         x["config"]["margin_type"] == "nsl" and "--margin-type nsl" in x["command"] for x in lines
     )
     table = tool.table([str(out)], None)
-    assert "| run | run | orl | test | 2 |" in table
+    assert "| run | orl | 2 | 30.00 |" in table  # row, dataset, seeds, scale
+    assert table.count("\n") == 2  # header, rule, one row for both seeds
     with pytest.raises(SystemExit):
         tool.main(["run", "--no-such-key", "1"])
 

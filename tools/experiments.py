@@ -122,8 +122,25 @@ def _fmt(values: list[float], scale: float = 100.0) -> str:
     return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
 
 
+def _row_flags(line: dict) -> str:
+    """The ``run`` flags that reproduce one row of a suite (its config file + overrides)."""
+    overrides = dict(SUITES.get(line["suite"], [])).get(line["row"], {})
+    flags = [f"--config configs/experiments/{line['config']['dataset']}.yaml"]
+    for key, value in overrides.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
+    return " ".join(flags)
+
+
 def table(paths: list[str], suite: str | None) -> str:
-    """Markdown table: one line per (suite, row, dataset, split), mean ± sample std over seeds."""
+    """Markdown table: one line per (suite, row, dataset, split), mean ± sample std over seeds.
+
+    The last column holds the ``python tools/experiments.py run`` flags that reproduce the row
+    (add ``--seeds ...``); ``s/run`` is the mean wall time of one seed on the shared CPU.
+    """
     groups: dict[tuple, list[dict]] = {}
     for path in paths:
         for raw in Path(path).read_text().splitlines():
@@ -136,18 +153,20 @@ def table(paths: list[str], suite: str | None) -> str:
             key = (line["suite"], line["row"], c["dataset"], c["split"])
             groups.setdefault(key, []).append(line)
     out = [
-        "| suite | row | data | split | seeds | s | 10-fold acc % | TAR@FAR=1e-2 % | AUC % "
-        "| train loss | s/run |",
-        "|" + "---|" * 11,
+        "| row | data | seeds | s | 10-fold acc % | TAR@FAR=1e-2 % | AUC % | train loss "
+        "| s/run | `run` flags |",
+        "|" + "---|" * 10,
     ]
-    for (s_name, row, data, split), lines in groups.items():
+    for (_, row, data, _), lines in groups.items():
         tars = [x["tar_at_far_0.01"] for x in lines if x.get("tar_at_far_0.01") is not None]
+        is_softmax = lines[0]["config"]["margin_type"] == "softmax"
         out.append(
-            f"| {s_name} | {row} | {data} | {split} | {len(lines)} | {lines[0]['scale']:.2f} "
+            f"| {row} | {data} | {len(lines)} "
+            f"| {'-' if is_softmax else format(lines[0]['scale'], '.2f')} "
             f"| {_fmt([x['accuracy'] for x in lines])} | {_fmt(tars) if tars else 'n/a'} "
             f"| {_fmt([x['roc_auc'] for x in lines])} "
             f"| {sum(x['final_loss'] for x in lines) / len(lines):.3f} "
-            f"| {sum(x['seconds'] for x in lines) / len(lines):.0f} |"
+            f"| {sum(x['seconds'] for x in lines) / len(lines):.0f} | `{_row_flags(lines[0])}` |"
         )
     return "\n".join(out)
 

@@ -1,14 +1,14 @@
 """The CosFace paper's toy (its Fig. 3 at small scale): 2-D features of 8 identities trained
 with softmax, NSL and LMCL, side by side.
 
-Trains the small conv net with a 2-D embedding on the first 8 TRAINING identities of Extended
-Yale B through the project's ``ShardedClassifier`` and plots the training features: softmax on
-the plane, NSL / LMCL normalized onto the unit circle (where those losses compare them).
+Trains the small conv net with a 2-D embedding (no dropout) on the first 8 TRAINING identities
+of ORL through the project's ``ShardedClassifier`` and plots the training features: softmax
+on the plane, NSL / LMCL normalized onto the unit circle (where those losses compare them).
 For 8 classes in 2-D the margin can be at most ``1 - cos(2 pi / 8) = 0.29`` (paper, Sec. 3.4),
-hence the default ``--margin 0.2``.
+hence the default ``--margin 0.2``. (Extended Yale B's extreme lighting does not fit through a
+2-D bottleneck of this small net: training loss stays > 1.2, so the toy uses ORL.)
 
-    python tools/plot_features_2d.py --out docs/figures/features_2d.png
-"""
+    python tools/plot_features_2d.py --out docs/figures/features_2d.png"""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def angular_stats(features, labels) -> dict:
     }
 
 
-def train_2d(margin_type: str, margin: float, args: argparse.Namespace):
+def train_2d(margin_type: str, margin: float, seed: int, args: argparse.Namespace):
     import torch
 
     from dist_cosface.experiments import ExperimentConfig, train_model
@@ -59,10 +59,13 @@ def train_2d(margin_type: str, margin: float, args: argparse.Namespace):
         margin=margin,
         scale=args.scale,
         epochs=args.epochs,
-        seed=args.seed,
+        seed=seed,
         max_identities=args.identities,
         max_per_identity=args.max_per_identity,
         lr=args.lr,
+        dropout=args.dropout,
+        batch_size=args.batch_size,
+        augment=args.augment,
     )
     train, _ = split_sets(cfg, REPO)
     model, _, summary = train_model(cfg, train)
@@ -105,14 +108,17 @@ def plot(panels: list[tuple[str, object, object, dict]], out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="docs/figures/features_2d.png")
-    parser.add_argument("--dataset", default="yaleb", choices=["yaleb", "orl"])
+    parser.add_argument("--dataset", default="orl", choices=["yaleb", "orl"])
     parser.add_argument("--identities", type=int, default=8)
     parser.add_argument("--max-per-identity", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--scale", type=float, default=10.0)
     parser.add_argument("--margin", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     import torch
@@ -124,11 +130,16 @@ def main(argv: list[str] | None = None) -> None:
         ("NSL", "nsl", 0.0),
         (f"LMCL (m={args.margin:g})", "cosface", args.margin),
     ):
-        start = time.perf_counter()
-        feats, labels, summary, _ = train_2d(margin_type, margin, args)
-        stats = angular_stats(feats, labels)
-        panels.append((title, feats, labels, stats))
-        report[title] = {**stats, **summary, "seconds": time.perf_counter() - start}
+        runs = []
+        for seed in args.seeds:  # the first seed is plotted; stats are averaged over all
+            start = time.perf_counter()
+            feats, labels, summary, _ = train_2d(margin_type, margin, seed, args)
+            stats = angular_stats(feats, labels)
+            runs.append({**stats, **summary, "seconds": time.perf_counter() - start})
+            if seed == args.seeds[0]:
+                panels.append((title, feats, labels, stats))
+        report[title] = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+        report[title]["per_seed"] = runs
     plot(panels, Path(args.out))
     print(json.dumps(report, indent=1))
 

@@ -181,6 +181,9 @@ class ShardedMarginLoss(torch.autograd.Function):
         # so that d/dx_hat = s G W_hat and d/dW_hat = G^T (s x_hat) hold for every column;
         # G is in [-f'(c), 1] (fp16 safe) and 1/N is applied after the matmuls in fp32
         tgt_grad = (torch.exp(tgt_logit - lse) - 1.0) * target_fn_grad(plan.spec, tgt_cos)
+        if plan.compute_dtype == torch.float16:
+            # ArcFace's f'(c) is unbounded as c -> 1; keep G finite in fp16
+            tgt_grad = tgt_grad.clamp(-6e4, 6e4)
         factor = grad_loss.to(plan.stat_dtype) / x_scaled.shape[0]
         grad_x = torch.zeros(x_scaled.shape, dtype=plan.stat_dtype, device=x_scaled.device)
         grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None

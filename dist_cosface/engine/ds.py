@@ -1,7 +1,8 @@
 """DeepSpeed glue: the backbone runs inside a DeepSpeed engine, the classifier does not.
 
-DeepSpeed owns the backbone's gradient averaging, ZeRO partitioning (stages 0-2), bf16
-master weights and the backbone's gradient clipping. The sharded classifier keeps its own
+DeepSpeed owns the backbone's gradient averaging, ZeRO partitioning (stages 0-2) and bf16
+master weights (and the backbone's clipping when it keeps the gradients, see
+``owns_backbone_grads``). The sharded classifier keeps its own
 row optimizer (DeepSpeed must not average or partition its rows). ``engine.backward``
 divides the loss by the accumulation steps, which also scales the classifier's gradients,
 so both halves see the same averaged loss as the ddp engine.
@@ -16,6 +17,17 @@ import torch
 from dist_cosface.distributed import DistContext
 
 
+def owns_backbone_grads(cfg) -> bool:
+    """Whether DeepSpeed keeps the backbone's gradients outside ``param.grad``.
+
+    ZeRO >= 1 partitions them and bf16 keeps them in fp32 buffers; then DeepSpeed clips the
+    backbone on its own norm and the engine clips the classifier on the classifier's norm.
+    With stage 0 in fp32 the averaged gradients sit in ``param.grad`` and the engine clips
+    backbone and classifier together on the global norm, exactly as with DDP.
+    """
+    return cfg.train.zero_stage > 0 or cfg.train.precision != "fp32"
+
+
 def deepspeed_config(cfg, world_size: int) -> dict:
     micro = cfg.data.batch_size
     accum = cfg.optim.grad_accum_steps
@@ -25,7 +37,7 @@ def deepspeed_config(cfg, world_size: int) -> dict:
         "train_batch_size": micro * accum * world_size,
         "zero_optimization": {"stage": cfg.train.zero_stage},
         "bf16": {"enabled": cfg.train.precision == "bf16"},
-        "gradient_clipping": cfg.optim.grad_clip or 0.0,
+        "gradient_clipping": (cfg.optim.grad_clip or 0.0) if owns_backbone_grads(cfg) else 0.0,
         # our SGD/AdamW are plain torch optimizers; ZeRO only needs their param_groups
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,

@@ -171,7 +171,8 @@ def _forward_backward(cfg, ctx, parts: Parts, stream: EpochStream) -> tuple[torc
 def _optimizer_step(cfg, ctx, parts: Parts, stop: StopRequest) -> tuple[float, bool, bool]:
     """Clip and step; returns (grad norm, skipped for fp16 overflow, stop requested)."""
     ds = parts.ds_engine is not None
-    params = list(parts.head.parameters()) if ds else parts.params()
+    head_only = ds and owns_backbone_grads(cfg)  # then DeepSpeed clips the backbone itself
+    params = list(parts.head.parameters()) if head_only else parts.params()
     parts.scaler.unscale_(params)
     norm, (stop_votes,) = global_grad_norm_and_flags(params, ctx, [float(stop.requested)])
     if not math.isfinite(norm):
@@ -180,12 +181,12 @@ def _optimizer_step(cfg, ctx, parts: Parts, stop: StopRequest) -> tuple[float, b
         parts.scaler.update(found_inf=True)
         return norm, True, stop_votes > 0
     if cfg.optim.grad_clip is not None:
-        clip_grads_(params, norm, cfg.optim.grad_clip)  # ds: DeepSpeed clips the backbone
+        clip_grads_(params, norm, cfg.optim.grad_clip)
     parts.head_optim.step()
     parts.head_optim.zero_grad(set_to_none=True)
     if ds:
         parts.ds_engine.step()
-        backbone_norm = _ds_norm(parts.ds_engine)
+        backbone_norm = _ds_norm(parts.ds_engine) if head_only else None
         norm = math.sqrt(norm**2 + backbone_norm**2) if backbone_norm is not None else norm
     else:
         parts.backbone_optim.step()
@@ -200,10 +201,17 @@ def _ds_norm(engine) -> float | None:
     return engine_grad_norm(engine)
 
 
+def owns_backbone_grads(cfg) -> bool:
+    from dist_cosface.engine.ds import owns_backbone_grads as owns
+
+    return owns(cfg)
+
+
 def train(cfg, ctx: DistContext, *, backbone=None, loader=None) -> dict:
     """Train per ``cfg``; every rank calls this. ``backbone``/``loader`` override the builders.
 
-    Returns a summary: ``step``, ``loss``, ``samples_per_s``, ``preempted``, ``resumed_from``,
+    Returns a summary: ``step``, ``loss``, ``samples_per_s``, ``grad_norm`` (last log line),
+    ``preempted``, ``resumed_from``,
     ``checkpoint``, ``eval``. An exception is logged with the rank and re-raised, so the
     launcher sees a non-zero exit and stops the other ranks.
     """
@@ -233,6 +241,7 @@ def _train(cfg, ctx: DistContext, backbone, loader) -> dict:
         "step": step,
         "loss": None,
         "samples_per_s": None,
+        "grad_norm": None,
         "preempted": False,
         "resumed_from": str(resumed["from"]) if resumed["from"] else None,
         "checkpoint": None,
@@ -313,7 +322,7 @@ def _log(progress: ProgressLog, metrics, parts: Parts, step, loss, lr, norm) -> 
     if "skipped_samples" in stats:
         metrics.on_bad_samples(int(stats["skipped_samples"]))
     rate = progress.log(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm)
-    return {"loss": loss_value, "samples_per_s": rate}
+    return {"loss": loss_value, "samples_per_s": rate, "grad_norm": grad_norm}
 
 
 def _run_info(cfg, ctx: DistContext, parts: Parts) -> dict:

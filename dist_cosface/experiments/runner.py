@@ -35,6 +35,8 @@ class ExperimentConfig:
     backbone: Literal["small", "mobilefacenet", "iresnet18"] = "small"
     image_size: int = 32
     width: int = 16  # channels of the small net's first stage
+    dropout: float = 0.2  # before the embedding layer of the small net
+    augment: bool = True  # random flip / shift / zoom of training images
     embedding_size: int = 64
     margin_type: Literal["softmax", "nsl", "cosface", "arcface"] = "cosface"
     margin: float = 0.35
@@ -54,6 +56,8 @@ class ExperimentConfig:
         for key in ("image_size", "embedding_size", "epochs", "batch_size", "max_pairs"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.scale != "auto" and self.scale <= 0:
@@ -102,7 +106,7 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def build_model(cfg: ExperimentConfig) -> nn.Module:
     if cfg.backbone == "small":
-        return SmallFaceNet(cfg.embedding_size, cfg.image_size, cfg.width)
+        return SmallFaceNet(cfg.embedding_size, cfg.image_size, cfg.width, cfg.dropout)
     from dist_cosface.models import ModelConfig, build_backbone
 
     return build_backbone(
@@ -154,7 +158,9 @@ def train_model(cfg: ExperimentConfig, train: FaceSet) -> tuple[nn.Module, Shard
             for opt in (opt_model, opt_head):
                 for group in opt.param_groups:
                     group["lr"] = lr
-            x = augment(to_input(train.images[idx]), gen)
+            x = to_input(train.images[idx])
+            if cfg.augment:
+                x = augment(x, gen)
             loss = head(model(x), train.labels[idx])
             opt_model.zero_grad(set_to_none=True)
             opt_head.zero_grad(set_to_none=True)

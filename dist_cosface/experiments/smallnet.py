@@ -27,7 +27,9 @@ def _block(in_ch: int, out_ch: int) -> nn.Sequential:
 class SmallFaceNet(nn.Module):
     """``[B, 3, S, S]`` in [-1, 1] -> ``[B, embedding_size]``; three conv stages, S / 8 output."""
 
-    def __init__(self, embedding_size: int, input_size: int = 32, width: int = 16) -> None:
+    def __init__(
+        self, embedding_size: int, input_size: int = 32, width: int = 16, dropout: float = 0.2
+    ) -> None:
         super().__init__()
         if input_size % 8:
             raise ValueError(f"input_size must be a multiple of 8, got {input_size}")
@@ -38,7 +40,7 @@ class SmallFaceNet(nn.Module):
         # linear embedding + BN: the usual face-net neck (no ReLU, so features can be signed)
         self.neck = nn.Sequential(
             nn.Flatten(),
-            nn.Dropout(0.2),
+            nn.Dropout(dropout),
             nn.Linear(flat, embedding_size, bias=False),
             nn.BatchNorm1d(embedding_size),
         )

@@ -1,0 +1,177 @@
+"""Real launches: torchrun subprocesses running ``dist-cosface train`` (kill -9 then resume,
+SIGTERM preemption, two "nodes" on one machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.multiproc import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "model.input_size=32",
+    "model.embedding_size=16",
+    "data.image_size=32",
+    "data.batch_size=4",
+    "data.synthetic_num_classes=8",
+    "data.synthetic_samples_per_class=8",
+    "classifier.num_classes=8",
+    "classifier.scale=16.0",
+    "metrics.enabled=false",
+    "train.log_every=1",
+    "dist.timeout_s=60",
+]
+
+
+def _torchrun(tmp: Path, out: Path, *overrides: str, nproc=2, extra=(), log="log.txt"):
+    cfg = tmp / "cfg.yaml"
+    cfg.write_text("train:\n  seed: 0\n")
+    if not extra:
+        extra = ("--standalone",)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        *extra,
+        "-m",
+        "dist_cosface.cli",
+        "train",
+        str(cfg),
+        *TINY,
+        f"train.output_dir={out}",
+        *overrides,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    handle = (tmp / log).open("w")
+    return subprocess.Popen(
+        cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+    )
+
+
+def _wait_for(predicate, proc, timeout, what):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"launcher exited ({proc.returncode}) before {what}")
+        time.sleep(0.2)
+    _kill_tree(proc)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers; return once the workers are gone."""
+    workers = _children(proc.pid)
+    for pid in [*workers, proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+    end = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < end:
+        time.sleep(0.1)
+
+
+def _logged_steps(out: Path) -> list[int]:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line]
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _steps_of(out: Path) -> list[int]:
+    root = out / "checkpoints"
+    return sorted(int(p.name[5:]) for p in root.glob("step_*") if (p / "meta.json").is_file())
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_kill_9_then_resume_continues_at_the_right_step(tmp_path):
+    out = tmp_path / "run"
+    proc = _torchrun(tmp_path, out, "train.total_steps=200", "checkpoint.every_steps=2")
+    _wait_for(lambda: 4 in _steps_of(out), proc, 240, "checkpoint step_4")
+    # the whole job dies at once, mid-step (torchrun starts its workers in their own sessions,
+    # so they are killed by pid, like a scheduler killing the job's cgroup)
+    _kill_tree(proc)
+    latest = _steps_of(out)[-1]
+    assert latest >= 4
+    proc = _torchrun(
+        tmp_path,
+        out,
+        f"train.total_steps={latest + 2}",
+        "checkpoint.every_steps=2",
+        log="resume.txt",
+    )
+    assert proc.wait(timeout=240) == 0, (tmp_path / "resume.txt").read_text()[-3000:]
+    log = (tmp_path / "resume.txt").read_text()
+    assert f"resumed from {out / 'checkpoints' / f'step_{latest}'} at step {latest}" in log
+    assert _logged_steps(out)[-2:] == [latest + 1, latest + 2]
+    assert _steps_of(out)[-1] == latest + 2
+
+
+@pytest.mark.multiproc
+def test_sigterm_writes_a_checkpoint_and_exits_zero(tmp_path):
+    out = tmp_path / "run"
+    proc = _torchrun(tmp_path, out, "train.total_steps=500", "checkpoint.every_steps=0")
+    _wait_for(lambda: len(_logged_steps(out)) >= 2, proc, 240, "two training steps")
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGTERM)  # one rank preempted: all must stop together
+    assert proc.wait(timeout=120) == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    steps = _steps_of(out)
+    assert len(steps) == 1 and 2 <= steps[0] < 500
+    meta = json.loads((out / "checkpoints" / f"step_{steps[0]}" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["step"] == steps[0]
+    assert f"SIGTERM: stopped at step {steps[0]}" in (tmp_path / "log.txt").read_text()
+
+
+@pytest.mark.multiproc
+def test_two_nodes_on_one_machine(tmp_path):
+    out = tmp_path / "run"
+    port = free_port()
+    nodes = [
+        _torchrun(
+            tmp_path,
+            out,
+            "train.total_steps=3",
+            nproc=1,
+            log=f"node{i}.txt",
+            extra=(
+                "--nnodes=2",
+                f"--node_rank={i}",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}",
+                "--rdzv_id=twonodes",
+            ),
+        )
+        for i in (0, 1)
+    ]
+    for i, proc in enumerate(nodes):
+        assert proc.wait(timeout=240) == 0, (tmp_path / f"node{i}.txt").read_text()[-3000:]
+    meta = json.loads((out / "checkpoints" / "step_3" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["class_layout"] == [[0, 4], [4, 4]]
+    assert _logged_steps(out) == [1, 2, 3]
