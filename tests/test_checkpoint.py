@@ -21,6 +21,16 @@ from tests.test_engine import tiny_config
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared, oversubscribed CPU OpenMP barriers make multi-threaded
+    runs of these tiny models erratically slow (seen: 10 s -> 280 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _payload(rows: int, start: int) -> dict:
     gen = torch.Generator().manual_seed(start)
     state = {
@@ -89,6 +99,7 @@ def test_checkpoint_layout_atomicity_and_exact_resume(tmp_path):
     assert find_latest_checkpoint(run) == ckpts / "step_2"
     second = _run(run, "train.total_steps=4", "checkpoint.keep_last=2")
     assert second["resumed_from"] == str(ckpts / "step_2") and second["step"] == 4
+    assert not (ckpts / "step_6.tmp-write").exists()  # stale partial writes are cleaned up
     assert second["loss"] == pytest.approx(first["loss"], rel=1e-6)
     resumed = torch.load(step4 / "backbone.pt", weights_only=True)
     for key, value in final_backbone.items():

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -18,12 +19,22 @@ from dist_cosface.distributed import DistContext, context_from_group
 from dist_cosface.engine import train
 from dist_cosface.engine.config import OptimConfig
 from dist_cosface.engine.optim import clip_grads_, global_grad_norm_and_flags, lr_at
-from dist_cosface.engine.setup import seed_everything
+from dist_cosface.engine.parts import seed_everything
 from dist_cosface.models import build_backbone
 from dist_cosface.sharding import mark_sharded
 from tests.multiproc import run_ranks
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared, oversubscribed CPU OpenMP barriers make multi-threaded
+    runs of these tiny models erratically slow (seen: 10 s -> 280 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_config(out: Path | str, *overrides: str) -> RunConfig:
@@ -167,11 +178,13 @@ def test_grad_accumulation_equals_larger_batch(tmp_path):
     assert (tmp_path / "a" / "config.yaml").is_file()
 
 
-def test_non_finite_loss_stops_naming_the_step(tmp_path):
+def test_non_finite_loss_stops_naming_the_step(tmp_path, caplog):
     batches = _batches(3, 4)
     batches[1][0][0, 0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="at step 1"):
         _train_fixed(tmp_path, batches)
+    # the failing rank logs who it is before the exception ends the process (non-zero exit)
+    assert "rank 0: training failed" in caplog.text
 
 
 def test_fp16_overflow_skips_step_and_lowers_scale(tmp_path):
@@ -311,3 +324,30 @@ def test_two_ranks_match_float64_reference(tmp_path):
     _assert_tracks_reference(full, ref_weight, head.weight.detach().double(), "classifier")
     assert sum0["loss"] == pytest.approx(ref_losses[-1], rel=1e-3)
     assert sum1["loss"] == sum0["loss"]
+
+
+def test_evaluation_during_and_after_training(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from dist_cosface.eval import write_bin
+
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(8):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(buf, "PNG")
+        images.append(buf.getvalue())
+    target = write_bin(tmp_path / "tiny.bin", images, [True, False, True, False])
+    out, _, _ = _train_fixed(
+        tmp_path / "run",
+        _batches(3, 4),
+        f"eval.targets=[{target}]",
+        "eval.every_steps=2",
+        "eval.roc_png=false",
+        "eval.batch_size=4",
+        "eval.n_folds=2",
+    )
+    assert set(out["eval"]) == {"tiny"} and 0.0 <= out["eval"]["tiny"]["accuracy"] <= 1.0
+    assert (tmp_path / "run" / "eval.json").is_file()

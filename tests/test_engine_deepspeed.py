@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -10,7 +11,7 @@ import torch.distributed as dist
 
 from dist_cosface.distributed import context_from_group
 from dist_cosface.engine import train
-from dist_cosface.engine.setup import seed_everything
+from dist_cosface.engine.parts import seed_everything
 from tests.multiproc import run_ranks
 from tests.test_engine import tiny_config
 
@@ -28,10 +29,16 @@ _OVERRIDES = (
 )
 
 
-def _run(engine: str, zero_stage: int, out: str) -> dict:
+def _run(engine: str, zero_stage: int, out: str, precision: str = "fp32") -> dict:
     from dist_cosface.models import build_backbone
 
-    cfg = tiny_config(out, *_OVERRIDES, f"train.engine={engine}", f"train.zero_stage={zero_stage}")
+    cfg = tiny_config(
+        out,
+        *_OVERRIDES,
+        f"train.engine={engine}",
+        f"train.zero_stage={zero_stage}",
+        f"train.precision={precision}",
+    )
     seed_everything(cfg.train.seed)
     backbone = build_backbone(cfg.model)
     summary = train(
@@ -52,7 +59,8 @@ def _compare_engines(rank, world, out):
     ddp = _run("ddp", 0, f"{out}/ddp")
     stage0 = _run("deepspeed", 0, f"{out}/ds0")
     stage2 = _run("deepspeed", 2, f"{out}/ds2")
-    return ddp, stage0, stage2
+    bf16 = _run("deepspeed", 1, f"{out}/ds1_bf16", precision="bf16")
+    return ddp, stage0, stage2, bf16
 
 
 @pytest.mark.multiproc
@@ -60,7 +68,10 @@ def _compare_engines(rank, world, out):
 def test_deepspeed_matches_ddp(tmp_path):
     env = {"DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": os.environ.get("DS_BUILD_OPS", "0")}
     results = run_ranks(2, _compare_engines, str(tmp_path), env=env, timeout_s=400)
-    for ddp, *others in results:
+    for ddp, *others, bf16 in results:
+        # bf16 weights and bf16 BatchNorm (ZeRO 1): a smoke check only, bf16 rounding through
+        # 8-sample BatchNorm moves even the first loss by ~3%
+        assert math.isfinite(bf16["loss"]) and math.isfinite(bf16["grad_norm"])
         for ds in others:
             assert ds["loss"] == pytest.approx(ddp["loss"], rel=1e-5)
             assert ds["grad_norm"] == pytest.approx(ddp["grad_norm"], rel=1e-4)

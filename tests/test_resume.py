@@ -10,7 +10,7 @@ import torch.distributed as dist
 from dist_cosface.distributed import context_from_group
 from dist_cosface.engine import train
 from dist_cosface.engine.checkpoint import find_latest_checkpoint, load_checkpoint
-from dist_cosface.engine.setup import build_parts
+from dist_cosface.engine.parts import build_parts
 from tests.multiproc import run_ranks
 from tests.test_engine import tiny_config
 

@@ -35,6 +35,12 @@ SUITES = {
         ("LMCL / CosFace (m=0.35)", {"margin_type": "cosface", "margin": 0.35}),
         ("ArcFace (m=0.5)", {"margin_type": "arcface", "margin": 0.5}),
     ],
+    # the same normalized losses with s from the CosFace bound instead of the fixed s = 30
+    "loss_auto": [
+        ("NSL (m=0), s=auto", {"margin_type": "nsl", "margin": 0.0, "scale": "auto"}),
+        ("LMCL (m=0.35), s=auto", {"margin_type": "cosface", "margin": 0.35, "scale": "auto"}),
+        ("ArcFace (m=0.5), s=auto", {"margin_type": "arcface", "margin": 0.5, "scale": "auto"}),
+    ],
     "margin": [(f"LMCL m={m:g}", {"margin_type": "cosface", "margin": m}) for m in MARGINS],
     "scale": [
         (f"LMCL s={s}", {"margin_type": "cosface", "scale": s})
@@ -168,6 +174,9 @@ def table(paths: list[str], suite: str | None) -> str:
             f"| {sum(x['final_loss'] for x in lines) / len(lines):.3f} "
             f"| {sum(x['seconds'] for x in lines) / len(lines):.0f} | `{_row_flags(lines[0])}` |"
         )
+    runs = [x for lines in groups.values() for x in lines]
+    minutes = sum(x["seconds"] for x in runs) / 60
+    out.append(f"\n{len(runs)} runs, {minutes:.1f} min of training + evaluation in total.")
     return "\n".join(out)
 
 

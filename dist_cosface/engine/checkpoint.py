@@ -173,6 +173,8 @@ def save_checkpoint(
         tmp.rename(final)
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob("step_*.tmp-write"):  # left by a run killed while writing
+            shutil.rmtree(stale, ignore_errors=True)
     _barrier(ctx)
     return final
 

@@ -46,6 +46,8 @@ class TrainConfig:
     output_dir: str = "runs/default"
     # fp16: consecutive overflow-skipped steps tolerated before the run stops with an error
     max_skipped_steps: int = 20
+    # time the classifier's collectives for the metrics (adds device syncs; off by default)
+    time_collectives: bool = False
 
     def validate(self) -> None:
         if self.total_steps < 1:

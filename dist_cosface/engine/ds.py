@@ -66,6 +66,12 @@ def build_deepspeed_engine(
         config=deepspeed_config(cfg, ctx.world_size),
         dist_init_required=False,
     )
+    if cfg.train.precision == "bf16" and ctx.device.type == "cpu":
+        # DeepSpeed casts parameters but not buffers to bf16; CPU batch_norm needs its running
+        # statistics in the input's dtype (CUDA accepts fp32 statistics, so they stay fp32)
+        for buf in engine.module.buffers():
+            if buf.is_floating_point():
+                buf.data = buf.data.to(torch.bfloat16)
     return engine
 
 

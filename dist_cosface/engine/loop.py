@@ -13,7 +13,9 @@ import contextlib
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,9 +30,10 @@ from dist_cosface.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from dist_cosface.engine.ds import engine_grad_norm, owns_backbone_grads
 from dist_cosface.engine.optim import clip_grads_, global_grad_norm_and_flags, lr_at, set_lr
+from dist_cosface.engine.parts import Parts, build_parts, check_config
 from dist_cosface.engine.progress import ProgressLog
-from dist_cosface.engine.setup import Parts, build_parts, check_config
 from dist_cosface.engine.signals import StopRequest
 
 log = logging.getLogger(__name__)
@@ -144,6 +147,8 @@ def _forward_backward(cfg, ctx, parts: Parts, stream: EpochStream) -> tuple[torc
     loss_sum = torch.zeros((), device=ctx.device)
     wait = 0.0
     use_no_sync = parts.ds_engine is None and ctx.is_distributed
+    # DeepSpeed bf16 keeps the backbone itself in bf16: no autocast on top of it
+    precision = "fp32" if parts.ds_engine is not None else cfg.train.precision
     for micro in range(accum):
         t0 = time.perf_counter()
         images, labels = stream.next()
@@ -156,7 +161,7 @@ def _forward_backward(cfg, ctx, parts: Parts, stream: EpochStream) -> tuple[torc
         with sync:
             if parts.ds_engine is not None:
                 images = images.to(next(parts.backbone.parameters()).dtype)
-            with autocast(cfg.train.precision, ctx.device):
+            with autocast(precision, ctx.device):
                 loss = parts.head(parts.model(images), labels)
             if parts.ds_engine is not None:
                 parts.ds_engine.backward(loss)  # divides by the accumulation steps itself
@@ -186,7 +191,7 @@ def _optimizer_step(cfg, ctx, parts: Parts, stop: StopRequest) -> tuple[float, b
     parts.head_optim.zero_grad(set_to_none=True)
     if ds:
         parts.ds_engine.step()
-        backbone_norm = _ds_norm(parts.ds_engine) if head_only else None
+        backbone_norm = engine_grad_norm(parts.ds_engine) if head_only else None
         norm = math.sqrt(norm**2 + backbone_norm**2) if backbone_norm is not None else norm
     else:
         parts.backbone_optim.step()
@@ -195,16 +200,11 @@ def _optimizer_step(cfg, ctx, parts: Parts, stop: StopRequest) -> tuple[float, b
     return norm, False, stop_votes > 0
 
 
-def _ds_norm(engine) -> float | None:
-    from dist_cosface.engine.ds import engine_grad_norm
-
-    return engine_grad_norm(engine)
-
-
-def owns_backbone_grads(cfg) -> bool:
-    from dist_cosface.engine.ds import owns_backbone_grads as owns
-
-    return owns(cfg)
+def _comm_seconds(head) -> float | None:
+    """The head's collective time of the last step, when it was asked to measure it."""
+    if not getattr(head, "time_collectives", False):
+        return None
+    return float(head.last_comm_seconds)
 
 
 def train(cfg, ctx: DistContext, *, backbone=None, loader=None) -> dict:
@@ -222,7 +222,58 @@ def train(cfg, ctx: DistContext, *, backbone=None, loader=None) -> dict:
         raise
 
 
-def _train(cfg, ctx: DistContext, backbone, loader) -> dict:
+@dataclass
+class _Run:
+    """What the steps of one run share: parts, outputs and the summary being built."""
+
+    cfg: Any
+    ctx: DistContext
+    parts: Parts
+    out: Path
+    stream: EpochStream
+    metrics: Any
+    progress: ProgressLog
+    summary: dict
+    last_saved: int
+
+    def checkpoint(self, step: int) -> None:
+        path = _checkpoint(
+            self.cfg, self.ctx, self.parts, self.out, step, self.stream.epoch, self.metrics
+        )
+        self.summary["checkpoint"], self.last_saved = str(path), step
+
+    def finish_step(self, step: int, seconds: float, wait: float, loss, lr: float, norm: float):
+        """Metrics, the log line, periodic checkpoints and evaluation after optimizer step."""
+        cfg, total = self.cfg, self.cfg.train.total_steps
+        global_batch = cfg.data.batch_size * self.ctx.world_size * cfg.optim.grad_accum_steps
+        self.metrics.on_step(
+            step=step,
+            samples=global_batch,
+            step_seconds=seconds,
+            data_wait_seconds=wait,
+            comm_seconds=_comm_seconds(self.parts.head),
+        )
+        self.progress.add(seconds, global_batch)
+        if step % cfg.train.log_every == 0 or step == total:
+            self.summary.update(_log(self.progress, self.metrics, self.parts, step, loss, lr, norm))
+        every = cfg.checkpoint.every_steps
+        if (every and step % every == 0) or step == total:
+            self.checkpoint(step)
+        ev = cfg.eval.every_steps
+        if cfg.eval.targets and ev and step % ev == 0 and step < total:
+            self.summary["eval"] = _evaluate(cfg, self.ctx, self.parts, self.out, self.metrics)
+
+    def preempt(self, step: int) -> None:
+        """SIGTERM agreed by all ranks: make sure this step is checkpointed, then stop."""
+        if self.last_saved != step:
+            self.checkpoint(step)
+        self.summary["preempted"] = True
+        if self.ctx.is_main:
+            print(f"SIGTERM: stopped at step {step}, checkpoint written", flush=True)
+
+
+def _start(cfg, ctx: DistContext, backbone, loader) -> tuple[_Run, int]:
+    """Build everything, resume if asked; returns the run and its first step."""
     from dist_cosface.metrics import build_metrics
 
     check_config(cfg)
@@ -232,22 +283,34 @@ def _train(cfg, ctx: DistContext, backbone, loader) -> dict:
         dump_config(cfg, out / "config.yaml")
     parts = build_parts(cfg, ctx, backbone, loader)
     resumed = _restore(cfg, ctx, parts, out)
-    step, total = resumed["step"], cfg.train.total_steps
-    stream = EpochStream(parts.loader, resumed["epoch"], resumed["position"])
-    global_batch = cfg.data.batch_size * ctx.world_size * cfg.optim.grad_accum_steps
-    metrics = build_metrics(cfg.metrics, ctx, _run_info(cfg, ctx, parts))
-    progress = ProgressLog(out / "metrics.jsonl", ctx.is_main, total, step)
+    step = resumed["step"]
     summary = {
         "step": step,
         "loss": None,
         "samples_per_s": None,
         "grad_norm": None,
         "preempted": False,
-        "resumed_from": str(resumed["from"]) if resumed["from"] else None,
         "checkpoint": None,
         "eval": {},
+        "resumed_from": str(resumed["from"]) if resumed["from"] else None,
     }
-    last_saved, skipped = step if resumed["from"] else -1, 0
+    run = _Run(
+        cfg=cfg,
+        ctx=ctx,
+        parts=parts,
+        out=out,
+        stream=EpochStream(parts.loader, resumed["epoch"], resumed["position"]),
+        metrics=build_metrics(cfg.metrics, ctx, _run_info(cfg, ctx, parts)),
+        progress=ProgressLog(out / "metrics.jsonl", ctx.is_main, cfg.train.total_steps, step),
+        summary=summary,
+        last_saved=step if resumed["from"] else -1,
+    )
+    return run, step
+
+
+def _train(cfg, ctx: DistContext, backbone, loader) -> dict:
+    run, step = _start(cfg, ctx, backbone, loader)
+    parts, total, skipped = run.parts, cfg.train.total_steps, 0
     parts.backbone.train()
     parts.head.train()
     try:
@@ -258,48 +321,22 @@ def _train(cfg, ctx: DistContext, backbone, loader) -> dict:
                 set_lr(parts.optimizers(), lr)
                 if hasattr(parts.head, "set_step"):
                     parts.head.set_step(step)  # deterministic Partial FC sampling on resume
-                loss, wait = _forward_backward(cfg, ctx, parts, stream)
+                loss, wait = _forward_backward(cfg, ctx, parts, run.stream)
                 norm, was_skipped, stop_now = _optimizer_step(cfg, ctx, parts, stop)
                 if was_skipped:
                     skipped = _on_skip(cfg, step, skipped, loss, parts)
                 else:
-                    skipped = 0
-                    step += 1
-                    seconds = time.perf_counter() - t0
-                    metrics.on_step(
-                        step=step,
-                        samples=global_batch,
-                        step_seconds=seconds,
-                        data_wait_seconds=wait,
-                        comm_seconds=getattr(parts.head, "last_comm_seconds", None),
-                    )
-                    progress.add(seconds, global_batch)
-                    if step % cfg.train.log_every == 0 or step == total:
-                        summary.update(_log(progress, metrics, parts, step, loss, lr, norm))
-                    every = cfg.checkpoint.every_steps
-                    if (every and step % every == 0) or step == total or stop_now:
-                        summary["checkpoint"] = str(
-                            _checkpoint(cfg, ctx, parts, out, step, stream.epoch, metrics)
-                        )
-                        last_saved = step
-                    ev = cfg.eval.every_steps
-                    if cfg.eval.targets and ev and step % ev == 0 and step < total:
-                        summary["eval"] = _evaluate(cfg, ctx, parts, out, metrics)
+                    skipped, step = 0, step + 1
+                    run.finish_step(step, time.perf_counter() - t0, wait, loss, lr, norm)
                 if stop_now:
-                    if last_saved != step:
-                        summary["checkpoint"] = str(
-                            _checkpoint(cfg, ctx, parts, out, step, stream.epoch, metrics)
-                        )
-                    summary["preempted"] = True
-                    if ctx.is_main:
-                        print(f"SIGTERM: stopped at step {step}, checkpoint written", flush=True)
+                    run.preempt(step)
                     break
-        if cfg.eval.targets and not summary["preempted"]:
-            summary["eval"] = _evaluate(cfg, ctx, parts, out, metrics)
+        if cfg.eval.targets and not run.summary["preempted"]:
+            run.summary["eval"] = _evaluate(cfg, ctx, parts, run.out, run.metrics)
     finally:
-        metrics.close()
-    summary["step"] = step
-    return summary
+        run.metrics.close()
+    run.summary["step"] = step
+    return run.summary
 
 
 def _on_skip(cfg, step: int, skipped: int, loss: torch.Tensor, parts: Parts) -> int:

@@ -52,10 +52,11 @@ def build_backbone_optimizer(
 
 
 def _sq_norm(params: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    grads = [p.grad.detach().float() for p in params if p.grad is not None]
+    grads = [p.grad.detach() for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros((), dtype=torch.float32, device=device)
-    return torch.stack([g.pow(2).sum() for g in grads]).sum()
+        return torch.zeros((), dtype=torch.float64, device=device)
+    # one fused kernel for all per-tensor norms; the sum of squares in float64
+    return torch.stack(torch._foreach_norm(grads)).double().pow(2).sum()
 
 
 def global_grad_norm_and_flags(
@@ -75,8 +76,7 @@ def global_grad_norm_and_flags(
     if ctx.rank == 0:
         total = total + _sq_norm(replicated, ctx.device)
     packed = torch.stack(
-        [total.to(torch.float64)]
-        + [torch.tensor(float(f), dtype=torch.float64, device=ctx.device) for f in flags]
+        [total] + [torch.tensor(float(f), dtype=torch.float64, device=ctx.device) for f in flags]
     )
     if ctx.is_distributed:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=ctx.group)

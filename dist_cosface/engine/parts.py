@@ -67,6 +67,7 @@ def build_parts(cfg, ctx: DistContext, backbone=None, loader=None) -> Parts:
     ).to(ctx.device)
     # the full matrix depends only on the seed, not on the number of ranks
     head.reset_parameters(seed=cfg.train.seed)
+    head.time_collectives = cfg.train.time_collectives
     o = cfg.optim
     head_optim = build_classifier_optimizer(
         head,
