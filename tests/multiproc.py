@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -39,7 +40,9 @@ def _rank_main(rank, world_size, port, fn, args, results, env):
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
             world_size=world_size, timeout=datetime.timedelta(seconds=60),
         )
-        out = fn(rank, world_size, *args)
+        # Plain pickle copies tensors by value; the queue's own pickler would hand over shared
+        # memory that disappears when this process exits before the parent reads it.
+        out = pickle.dumps(fn(rank, world_size, *args))
         results.put((rank, "ok", out))
     except BaseException:  # noqa: BLE001 - forwarded to the parent verbatim
         results.put((rank, "error", traceback.format_exc()))
@@ -73,7 +76,7 @@ def run_ranks(
         for _ in range(world_size):
             rank, status, payload = results.get(timeout=timeout_s)
             if status == "ok":
-                outputs[rank] = payload
+                outputs[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break

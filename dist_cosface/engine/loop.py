@@ -245,10 +245,11 @@ class _Run:
     def finish_step(self, step: int, seconds: float, wait: float, loss, lr: float, norm: float):
         """Metrics, the log line, periodic checkpoints and evaluation after optimizer step."""
         cfg, total = self.cfg, self.cfg.train.total_steps
-        global_batch = cfg.data.batch_size * self.ctx.world_size * cfg.optim.grad_accum_steps
+        rank_samples = cfg.data.batch_size * cfg.optim.grad_accum_steps
+        global_batch = rank_samples * self.ctx.world_size
         self.metrics.on_step(
             step=step,
-            samples=global_batch,
+            samples=rank_samples,  # per rank: Prometheus sums ranks for the global rate
             step_seconds=seconds,
             data_wait_seconds=wait,
             comm_seconds=_comm_seconds(self.parts.head),
