@@ -17,6 +17,8 @@ class ClassifierConfig:
     sample_seed: int = 0  # Partial FC negatives depend only on (seed, step, micro-step, rank)
     chunk_size: Union[int, None] = None  # classes per chunk; None picks automatically
     materialize: bool = False  # fast path: keep the full local logits when they fit
+    # False: the paper's unnormalized-feature ablation, logits ||x|| (cos - m); one process only
+    feature_norm: bool = True
 
     def validate(self) -> None:
         if self.num_classes < 2:

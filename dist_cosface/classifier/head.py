@@ -33,6 +33,7 @@ from dist_cosface.classifier.config import ClassifierConfig
 from dist_cosface.classifier.loss import LossPlan, ShardedMarginLoss
 from dist_cosface.classifier.margins import MARGIN_TYPES, MarginSpec, scale_lower_bound
 from dist_cosface.classifier.sampling import columns_of_targets, sample_rows, sampling_seed
+from dist_cosface.classifier.unnormalized import unnormalized_feature_loss
 from dist_cosface.sharding import mark_sharded
 
 _INIT_BLOCK = 65536  # rows per init RNG block: the full matrix does not depend on world size
@@ -74,6 +75,7 @@ class ShardedClassifier(nn.Module):
         materialize: bool = False,
         scale_p_w: float = 0.9,
         sample_seed: int = 0,
+        feature_norm: bool = True,
     ) -> None:
         super().__init__()
         _check_args(num_classes, embedding_size, margin_type, margin, sample_rate, chunk_size)
@@ -88,6 +90,9 @@ class ShardedClassifier(nn.Module):
             )
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.spec = MarginSpec(margin_type, float(scale), float(margin))
+        self.feature_norm = feature_norm
+        if not feature_norm:
+            _check_unnormalized_features(margin_type, sample_rate, self.comm.world_size)
         self.sample_rate, self.sample_seed = sample_rate, sample_seed
         self.chunk_size, self.materialize = chunk_size, materialize
         self.class_start, self.num_local_classes = class_range(
@@ -120,6 +125,7 @@ class ShardedClassifier(nn.Module):
             materialize=cfg.materialize,
             scale_p_w=cfg.scale_p_w,
             sample_seed=cfg.sample_seed,
+            feature_norm=cfg.feature_norm,
         )
 
     @property
@@ -165,6 +171,10 @@ class ShardedClassifier(nn.Module):
         self.touched.zero_()
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        if not self.feature_norm:
+            _local_raise(local_embeddings, local_labels, self.embedding_size, self.num_classes)
+            self._mark_touched(None)
+            return unnormalized_feature_loss(self.spec, local_embeddings, self.weight, local_labels)
         comm = self.comm
         comm.timed, comm.seconds = self.time_collectives, 0.0
         sizes = self._exchange_metadata(local_embeddings, local_labels)
@@ -255,6 +265,29 @@ def _local_check(
         )
     bad = ((labels < 0) | (labels >= num_classes)).sum()
     return 0, "", emb.shape[0], bad
+
+
+def _local_raise(emb: object, labels: object, width: int, num_classes: int) -> None:
+    """Single-process input checks (no peers to agree with)."""
+    code, message, _, bad = _local_check(emb, labels, width, num_classes)
+    if code:
+        raise (TypeError if code == 1 else ValueError)(message)
+    if int(bad):
+        wrong = labels[(labels < 0) | (labels >= num_classes)].unique()[:8].tolist()
+        raise ValueError(f"labels must be in [0, {num_classes}), got {wrong}")
+
+
+def _check_unnormalized_features(margin_type: str, sample_rate: float, world_size: int) -> None:
+    if margin_type == "softmax":
+        raise ValueError(
+            "feature_norm=False applies to nsl/cosface/arcface; softmax never normalizes"
+        )
+    if sample_rate < 1.0 or world_size > 1:
+        raise ValueError(
+            "feature_norm=False (the paper's unnormalized-feature ablation) is implemented for "
+            f"one process without sampling only; got world size {world_size}, "
+            f"sample_rate {sample_rate}"
+        )
 
 
 def _describe(obj: object) -> str:
