@@ -22,7 +22,9 @@ import sys
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML file; it only overrides the built-in defaults")
     parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE",
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
         help="dotted overrides applied after the YAML, e.g. optim.lr=0.2 train.total_steps=100",
     )
 
@@ -115,14 +117,38 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--seed", type=int, default=0)
     pairs.set_defaults(func=_cmd_synthetic_pairs)
 
-    _add_lazy(sub, "shards", "convert an image folder or a .rec file into WebDataset shards",
-              "dist_cosface.data.cli", "add_shards_arguments", _cmd_shards)
-    _add_lazy(sub, "eval", "verification accuracy of a trained backbone",
-              "dist_cosface.eval.cli", "add_eval_arguments", _cmd_eval)
-    _add_lazy(sub, "export", "export a trained backbone to ONNX",
-              "dist_cosface.eval.cli", "add_export_arguments", _cmd_export)
-    _add_lazy(sub, "reshard", "merge/split classifier shards of a checkpoint",
-              "dist_cosface.engine.reshard", "add_reshard_arguments", _cmd_reshard)
+    _add_lazy(
+        sub,
+        "shards",
+        "convert an image folder or a .rec file into WebDataset shards",
+        "dist_cosface.data.cli",
+        "add_shards_arguments",
+        _cmd_shards,
+    )
+    _add_lazy(
+        sub,
+        "eval",
+        "verification accuracy of a trained backbone",
+        "dist_cosface.eval.cli",
+        "add_eval_arguments",
+        _cmd_eval,
+    )
+    _add_lazy(
+        sub,
+        "export",
+        "export a trained backbone to ONNX",
+        "dist_cosface.eval.cli",
+        "add_export_arguments",
+        _cmd_export,
+    )
+    _add_lazy(
+        sub,
+        "reshard",
+        "merge/split classifier shards of a checkpoint",
+        "dist_cosface.engine.reshard",
+        "add_reshard_arguments",
+        _cmd_reshard,
+    )
     return parser
 
 

@@ -91,12 +91,17 @@ def init_distributed(cfg: DistConfig | None = None) -> DistContext:
         backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(
-            backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s),
+            backend=backend,
+            timeout=datetime.timedelta(seconds=cfg.timeout_s),
             device_id=device if device.type == "cuda" else None,
         )
     return DistContext(
-        rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-        local_world_size=local_world, node_rank=node_rank, device=device,
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        local_world_size=local_world,
+        node_rank=node_rank,
+        device=device,
         group=dist.group.WORLD,
     )
 
@@ -106,10 +111,12 @@ def context_from_group(group: dist.ProcessGroup | None, device: torch.device) ->
     if group is None:
         return DistContext(device=device)
     return DistContext(
-        rank=dist.get_rank(group), world_size=dist.get_world_size(group),
+        rank=dist.get_rank(group),
+        world_size=dist.get_world_size(group),
         local_rank=_env_int("LOCAL_RANK", 0),
         local_world_size=_env_int("LOCAL_WORLD_SIZE", dist.get_world_size(group)),
-        device=device, group=group,
+        device=device,
+        group=group,
     )
 
 

@@ -29,16 +29,23 @@ def free_port() -> int:
 def _rank_main(rank, world_size, port, fn, args, results, env):
     os.environ.update(env)
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-        WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
     )
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     try:
         dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-            world_size=world_size, timeout=datetime.timedelta(seconds=60),
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=60),
         )
         # Plain pickle copies tensors by value; the queue's own pickler would hand over shared
         # memory that disappears when this process exits before the parent reads it.
@@ -52,7 +59,10 @@ def _rank_main(rank, world_size, port, fn, args, results, env):
 
 
 def run_ranks(
-    world_size: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 180.0,
+    world_size: int,
+    fn: Callable[..., Any],
+    *args: Any,
+    timeout_s: float = 180.0,
     env: dict[str, str] | None = None,
 ) -> list[Any]:
     """Spawn ``world_size`` gloo ranks running ``fn(rank, world_size, *args)``.
@@ -64,8 +74,9 @@ def run_ranks(
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_rank_main,
-                    args=(r, world_size, port, fn, args, results, dict(env or {})))
+        ctx.Process(
+            target=_rank_main, args=(r, world_size, port, fn, args, results, dict(env or {}))
+        )
         for r in range(world_size)
     ]
     for p in procs:

@@ -165,10 +165,15 @@ def table(paths: list[str], suite: str | None) -> str:
     ]
     for (_, row, data, _), lines in groups.items():
         tars = [x["tar_at_far_0.01"] for x in lines if x.get("tar_at_far_0.01") is not None]
-        is_softmax = lines[0]["config"]["margin_type"] == "softmax"
+        c = lines[0]["config"]
+        scale = format(lines[0]["scale"], ".2f")
+        if c["margin_type"] == "softmax":
+            scale = "-"
+        elif not c["feature_norm"]:
+            scale = "‖x‖"  # the feature norm takes the place of s
         out.append(
             f"| {row} | {data} | {len(lines)} "
-            f"| {'-' if is_softmax else format(lines[0]['scale'], '.2f')} "
+            f"| {scale} "
             f"| {_fmt([x['accuracy'] for x in lines])} | {_fmt(tars) if tars else 'n/a'} "
             f"| {_fmt([x['roc_auc'] for x in lines])} "
             f"| {sum(x['final_loss'] for x in lines) / len(lines):.3f} "

@@ -32,8 +32,13 @@ def _encode_png(image: torch.Tensor) -> bytes:
 
 
 def make_synthetic_verification_set(
-    data_cfg: DataConfig, out_path: str | Path, *, num_identities: int = 40,
-    images_per_identity: int = 6, num_pairs: int = 400, seed: int = 0,
+    data_cfg: DataConfig,
+    out_path: str | Path,
+    *,
+    num_identities: int = 40,
+    images_per_identity: int = 6,
+    num_pairs: int = 400,
+    seed: int = 0,
 ) -> Path:
     """Write a balanced ``.bin`` of pairs over ``num_identities`` unseen synthetic identities."""
     if num_identities < 2 or images_per_identity < 2:
