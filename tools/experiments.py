@@ -141,7 +141,7 @@ def _row_flags(line: dict) -> str:
     return " ".join(flags)
 
 
-def table(paths: list[str], suite: str | None) -> str:
+def table(paths: list[str], suite: str | None, dataset: str | None = None) -> str:
     """Markdown table: one line per (suite, row, dataset, split), mean ± sample std over seeds.
 
     The last column holds the ``python tools/experiments.py run`` flags that reproduce the row
@@ -153,9 +153,9 @@ def table(paths: list[str], suite: str | None) -> str:
             if not raw.strip():
                 continue
             line = json.loads(raw)
-            if suite and line["suite"] != suite:
-                continue
             c = line["config"]
+            if (suite and line["suite"] != suite) or (dataset and c["dataset"] != dataset):
+                continue
             key = (line["suite"], line["row"], c["dataset"], c["split"])
             groups.setdefault(key, []).append(line)
     out = [
@@ -200,10 +200,11 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("table")
     t.add_argument("results", nargs="+")
     t.add_argument("--suite", default=None)
+    t.add_argument("--dataset", default=None)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.cmd == "table":
-        print(table(args.results, args.suite))
+        print(table(args.results, args.suite, args.dataset))
     elif args.cmd == "run":
         _run_rows(args, [("run", {})], "run", argv)
     else:
