@@ -28,7 +28,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help=".bin file, pairs file, or folder with pairs.txt (repeatable)",
     )
-    parser.add_argument("--out-dir", default="eval_out", help="eval.json and ROC PNGs go here")
+    parser.add_argument(
+        "--out-dir", default=None, help="eval.json and ROC PNGs go here (default: CHECKPOINT/eval)"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--far", type=float, action="append", help="repeatable; default 1e-3 1e-2")
     parser.add_argument("--no-flip", action="store_true", help="skip the flip-test embedding")
@@ -50,14 +52,15 @@ def run_eval_command(args: argparse.Namespace, load_backbone: LoadBackbone) -> i
     cfg = from_mapping(EvalConfig, settings, "eval")
     backbone, image_size = load_backbone(args.checkpoint)
     backbone = backbone.to(args.device)
-    results = run_evaluation(backbone, cfg, args.device, image_size, args.out_dir)
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.checkpoint) / "eval"
+    results = run_evaluation(backbone, cfg, args.device, image_size, out_dir)
     for name, r in results.items():
         tars = ", ".join(f"TAR@FAR={far:g}: {tar:.4f}" for far, tar in r["tar_at_far"].items())
         print(
             f"{name}: accuracy {r['accuracy']:.4f} +- {r['accuracy_std']:.4f}, {tars}, "
             f"AUC {r['roc_auc']:.4f} ({r['num_pairs']} pairs)"
         )
-    print(f"results: {Path(args.out_dir) / 'eval.json'}")
+    print(f"results: {out_dir / 'eval.json'}")
     return 0
 
 
