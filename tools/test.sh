@@ -7,4 +7,5 @@ PY=${PYTHON:-python3}
 bash tools/install.sh test
 # Prometheus' Debian package starts a system service on install; the tests start their own.
 "$PY" -m ruff check dist_cosface tests tools
+"$PY" -m ruff format --check dist_cosface tests tools
 "$PY" -m pytest -q "$@"
