@@ -21,14 +21,7 @@ from tests.test_engine import tiny_config
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU OpenMP barriers make multi-threaded
-    runs of these tiny models erratically slow (seen: 10 s -> 280 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _payload(rows: int, start: int) -> dict:

@@ -23,37 +23,21 @@ from dist_cosface.engine.parts import seed_everything
 from dist_cosface.models import build_backbone
 from dist_cosface.sharding import mark_sharded
 from tests.multiproc import run_ranks
+from tests.tiny import TINY_OVERRIDES
 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU OpenMP barriers make multi-threaded
-    runs of these tiny models erratically slow (seen: 10 s -> 280 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(out: Path | str, *overrides: str) -> RunConfig:
     """mobilefacenet at 32 px, 16-d embeddings, 8 synthetic identities, no exporter."""
     base = [
-        "model.name=mobilefacenet",
-        "model.input_size=32",
-        "model.embedding_size=16",
-        "data.image_size=32",
-        "data.batch_size=4",
-        "data.synthetic_num_classes=8",
-        "data.synthetic_samples_per_class=8",
-        "classifier.num_classes=8",
-        "classifier.scale=16.0",
+        *TINY_OVERRIDES,
         "classifier.margin=0.2",
-        "metrics.enabled=false",
         "optim.lr=0.05",
         "optim.warmup_steps=1",
-        "train.log_every=1",
         "train.total_steps=3",
         "checkpoint.every_steps=0",
         f"train.output_dir={out}",

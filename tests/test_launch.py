@@ -14,22 +14,11 @@ from pathlib import Path
 import pytest
 
 from tests.multiproc import free_port
+from tests.tiny import TINY_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY = [
-    "model.input_size=32",
-    "model.embedding_size=16",
-    "data.image_size=32",
-    "data.batch_size=4",
-    "data.synthetic_num_classes=8",
-    "data.synthetic_samples_per_class=8",
-    "classifier.num_classes=8",
-    "classifier.scale=16.0",
-    "metrics.enabled=false",
-    "train.log_every=1",
-    "dist.timeout_s=60",
-]
+TINY = [*TINY_OVERRIDES, "dist.timeout_s=60"]
 
 
 def _torchrun(tmp: Path, out: Path, *overrides: str, nproc=2, extra=(), log="log.txt"):

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 bash tools/install.sh test
-# Prometheus' Debian package starts a system service on install; the tests start their own.
+# The Prometheus integration test starts its own server on free loopback ports.
 "$PY" -m ruff check dist_cosface tests tools
 "$PY" -m ruff format --check dist_cosface tests tools
 "$PY" -m pytest -q "$@"
