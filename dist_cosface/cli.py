@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dist-cosface",
         description="Distributed CosFace (LMCL) face-recognition training.",
     )
+    # Launchers that pass the rank in argv (deepspeed without --no_local_rank, old
+    # torch.distributed.launch) also set LOCAL_RANK, which is what distributed.py reads.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train (alone or as the program torchrun starts)")

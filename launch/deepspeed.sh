@@ -19,5 +19,6 @@ if [[ -n "${NUM_GPUS:-}" ]]; then
   args+=(--num_gpus "$NUM_GPUS")
 fi
 MASTER_PORT=${MASTER_PORT:-29500}
-exec deepspeed "${args[@]}" --master_port "$MASTER_PORT" --module dist_cosface.cli \
+# --no_local_rank: the rank comes from the LOCAL_RANK variable the launcher sets, not argv.
+exec deepspeed "${args[@]}" --master_port "$MASTER_PORT" --no_local_rank --module dist_cosface.cli \
   train "$@" train.engine=deepspeed

@@ -164,3 +164,45 @@ def test_two_nodes_on_one_machine(tmp_path):
     meta = json.loads((out / "checkpoints" / "step_3" / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["class_layout"] == [[0, 4], [4, 4]]
     assert _logged_steps(out) == [1, 2, 3]
+
+
+def _run_launch_script(script: str, tmp_path: Path, env_extra: dict[str, str]) -> Path:
+    """Run a shipped launcher for 2 CPU ranks and 2 steps; return the run folder."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("train:\n  seed: 0\n")
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **env_extra)
+    cmd = [
+        "bash",
+        str(REPO / "launch" / script),
+        str(cfg),
+        *TINY,
+        "train.total_steps=2",
+        f"train.output_dir={out}",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return out
+
+
+@pytest.mark.multiproc
+def test_torchrun_launcher_script(tmp_path):
+    out = _run_launch_script(
+        "torchrun.sh", tmp_path, {"NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())}
+    )
+    meta = json.loads((out / "checkpoints" / "step_2" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and _logged_steps(out) == [1, 2]
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_deepspeed_launcher_script(tmp_path):
+    pytest.importorskip("deepspeed")
+    out = _run_launch_script(
+        "deepspeed.sh",
+        tmp_path,
+        {"DS_ACCELERATOR": "cpu", "NUM_GPUS": "2", "MASTER_PORT": str(free_port())},
+    )
+    meta = json.loads((out / "checkpoints" / "step_2" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["engine"] == "deepspeed"
+    assert _logged_steps(out) == [1, 2]
