@@ -27,7 +27,8 @@ def _list_identities(image_folder: Path, identities: list[str] | None) -> dict[s
     return found
 
 
-def _sample_pairs(by_id: dict[str, list[Path]], num_pairs: int, rng: random.Random):
+def sample_pairs(by_id: dict[str, list], num_pairs: int, rng: random.Random) -> list[tuple]:
+    """Alternating same / different pairs of items (paths or encoded images) per identity."""
     multi = [n for n, files in by_id.items() if len(files) >= 2]
     names = list(by_id)
     if not multi or len(names) < 2:
@@ -60,7 +61,7 @@ def make_verification_set(
         raise ValueError(f"num_pairs must be >= 2, got {num_pairs}")
     by_id = _list_identities(Path(image_folder), identities)
     try:
-        pairs = _sample_pairs(by_id, num_pairs, random.Random(seed))
+        pairs = sample_pairs(by_id, num_pairs, random.Random(seed))
     except ValueError as exc:
         raise ValueError(f"{image_folder}: {exc}") from exc
     images = [p.read_bytes() for a, b, _ in pairs for p in (a, b)]

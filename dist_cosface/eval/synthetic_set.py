@@ -19,7 +19,7 @@ from dist_cosface.data.config import DataConfig
 from dist_cosface.data.synthetic import SyntheticLoader
 from dist_cosface.distributed import DistContext
 from dist_cosface.eval.bin_file import write_bin
-from dist_cosface.eval.make_set import _sample_pairs
+from dist_cosface.eval.make_set import sample_pairs
 
 
 def _encode_png(image: torch.Tensor) -> bytes:
@@ -54,6 +54,6 @@ def make_synthetic_verification_set(
     by_id: dict[str, list[bytes]] = {}
     for label, image in zip(labels.tolist(), images):
         by_id.setdefault(str(label), []).append(_encode_png(image))
-    pairs = _sample_pairs(by_id, num_pairs, random.Random(seed))
+    pairs = sample_pairs(by_id, num_pairs, random.Random(seed))
     encoded = [img for a, b, _ in pairs for img in (a, b)]
     return write_bin(out_path, encoded, [same for _, _, same in pairs])
