@@ -158,7 +158,7 @@ def test_grad_accumulation_equals_larger_batch(tmp_path):
     torch.testing.assert_close(head1, head2, rtol=1e-5, atol=1e-6)
     lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3]
-    assert set(lines[0]) == {"step", "time", "samples_per_s", "loss", "lr", "grad_norm"}
+    assert {"step", "time", "samples_per_s", "loss", "lr", "grad_norm"} <= set(lines[0])
     assert (tmp_path / "a" / "config.yaml").is_file()
 
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from dist_cosface.classifier.comm import Comm, GatherBatch, gather_labels
 from dist_cosface.classifier.config import ClassifierConfig
+from dist_cosface.classifier.health import MarginHealth, RowStats, RowStatsSlot, margin_health
 from dist_cosface.classifier.loss import LossPlan, ShardedMarginLoss
 from dist_cosface.classifier.margins import MARGIN_TYPES, MarginSpec, scale_lower_bound
 from dist_cosface.classifier.sampling import columns_of_targets, sample_rows, sampling_seed
@@ -106,6 +107,15 @@ class ShardedClassifier(nn.Module):
         )
         self.time_collectives = False
         self.last_sampled_rows: torch.Tensor | None = None
+        # margin health (classifier/health.py): set collect_health before a forward whose
+        # statistics are wanted; rows used this epoch are tracked on every training forward
+        self.scale_p_w = scale_p_w
+        self.collect_health = False
+        self.last_row_stats: RowStats | None = None
+        self.register_buffer(
+            "seen", torch.zeros(self.num_local_classes, dtype=torch.bool), persistent=False
+        )
+        self.epoch: int | None = None
         self.step, self._micro_step = 0, 0
         self.reset_parameters()
 
@@ -190,9 +200,42 @@ class ShardedClassifier(nn.Module):
         rows = self._pick_rows(local_labels_all)
         target_col = columns_of_targets(local_labels_all, rows, self.num_local_classes)
         self._mark_touched(rows)
-        return ShardedMarginLoss.apply(
-            x.to(plan.compute_dtype), self.weight, rows, target_col, plan, comm
+        if self.training:
+            self._mark_seen(rows)
+        slot = RowStatsSlot() if self.collect_health else None
+        loss = ShardedMarginLoss.apply(
+            x.to(plan.compute_dtype), self.weight, rows, target_col, plan, comm, slot
         )
+        self.last_row_stats = slot.value if slot is not None else None
+        return loss
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start counting the classes seen this epoch afresh when ``epoch`` changes."""
+        if epoch != self.epoch:
+            self.seen.zero_()
+            self.epoch = epoch
+
+    def margin_health(self) -> MarginHealth | None:
+        """Statistics of the last forward run with ``collect_health`` (None without one).
+
+        Queues a few device ops (row norms of the shard, reductions over ``[N]``); nothing
+        is copied to the host until :meth:`MarginHealth.to_floats`.
+        """
+        if self.last_row_stats is None:
+            return None
+        if self.last_sampled_rows is None:
+            sampled = self.num_local_classes
+        else:
+            sampled = self.last_sampled_rows.shape[0]
+        bound = scale_lower_bound(self.num_classes, self.scale_p_w)
+        stats, self.last_row_stats = self.last_row_stats, None
+        return margin_health(self.spec, stats, self.weight, self.seen, sampled, bound)
+
+    def _mark_seen(self, rows: torch.Tensor | None) -> None:
+        if rows is None:
+            self.seen.fill_(True)
+        else:
+            self.seen[rows] = True
 
     def _pick_rows(self, local_labels_all: torch.Tensor) -> torch.Tensor | None:
         if self.sample_rate >= 1.0 or not self.training:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from dist_cosface.classifier.comm import Comm
+from dist_cosface.classifier.health import RowStats, RowStatsSlot, reduce_row_max, reduce_row_sums
 from dist_cosface.classifier.margins import MarginSpec, target_fn, target_fn_grad
 
 # fp32 logits per automatic chunk: near cache size on CPU; on GPU large enough that the
@@ -122,10 +122,13 @@ class ShardedMarginLoss(torch.autograd.Function):
       rows ``[Ks]`` int64 or None: local rows in use (Partial FC), None means all K,
       target_col ``[N]`` int64: column of the sample's class among the used rows, -1 when
       another rank owns it.
+      row_stats: a :class:`health.RowStatsSlot` to receive the global per-row target and
+      hardest-negative cosines (margin health), or None.
     Returns the scalar loss (identical on every rank).
 
     Collectives per call: forward 2 all-reduces on ``comm``'s group (row max: MAX over
-    ``[N]``; sum-exp and target logit: SUM over ``[2, N]``); backward none (every rank
+    ``[N]``, ``[2, N]`` with ``row_stats``; sum-exp and target logit: SUM over ``[2, N]``,
+    ``[3, N]`` with ``row_stats``); backward none (every rank
     already holds the global log-sum-exp; the embedding gradient is summed over ranks by the
     all-gather's backward).
     Gradients: exact d(loss)/dx (this rank's classes' share) and d(loss)/dweight (zero on
@@ -141,20 +144,29 @@ class ShardedMarginLoss(torch.autograd.Function):
         target_col: torch.Tensor,
         plan: LossPlan,
         comm: Comm,
+        row_stats: RowStatsSlot | None = None,
     ) -> torch.Tensor:
         num_cols = weight.shape[0] if rows is None else rows.shape[0]
         n = x.shape[0]
         # the scale is folded into the small [N, D] operand instead of every logit
         x_scaled = (x.to(plan.stat_dtype) * plan.spec.logit_scale).to(plan.compute_dtype)
         tgt_cos, tgt_logit = _target_stats(x, weight, rows, target_col, plan)
-        run_max = torch.full((n,), float("-inf"), dtype=plan.stat_dtype, device=x.device)
+        neg_inf = torch.full((n,), float("-inf"), dtype=plan.stat_dtype, device=x.device)
+        # the row max starts at the (owned) target logit, so each chunk's max can be taken
+        # over its non-target columns only: the same single pass also yields the hardest
+        # negative that the margin-health statistics need
+        run_max = torch.where(target_col >= 0, tgt_logit, neg_inf)
+        run_neg = neg_inf.clone()
         run_sum = torch.zeros(n, dtype=plan.stat_dtype, device=x.device)
         kept = None
         for c0, c1 in _chunks(num_cols, plan, x):
             _, w_hat, _ = _chunk_weight(weight, rows, c0, c1, plan)
             logits = _chunk_logits(x_scaled, w_hat, plan)
+            _put_targets(logits, target_col, neg_inf, c0)
+            chunk_neg = logits.amax(dim=1)
+            run_neg = torch.maximum(run_neg, chunk_neg)
             _put_targets(logits, target_col, tgt_logit, c0)
-            new_max = torch.maximum(run_max, logits.amax(dim=1))
+            new_max = torch.maximum(run_max, chunk_neg)
             run_sum.mul_(torch.exp(run_max - new_max))
             if plan.materialize:
                 kept = logits  # reused by backward; the exponentials go to a temporary
@@ -163,14 +175,17 @@ class ShardedMarginLoss(torch.autograd.Function):
                 logits.sub_(new_max[:, None])
             run_sum.add_(logits.exp_().sum(dim=1))
             run_max = new_max
-        global_max = run_max.clone()
-        comm.all_reduce_(global_max, dist.ReduceOp.MAX)
-        sums = torch.stack([run_sum * torch.exp(run_max - global_max), tgt_logit])
-        comm.all_reduce_(sums)
-        lse = global_max + sums[0].log()
+        want = row_stats is not None
+        global_max, global_neg = reduce_row_max(comm, run_max, run_neg if want else None)
+        sum_exp, global_tgt_logit, global_tgt_cos = reduce_row_sums(
+            comm, run_sum * torch.exp(run_max - global_max), tgt_logit, tgt_cos if want else None
+        )
+        if want:
+            row_stats.value = RowStats(global_tgt_cos, global_neg / plan.spec.logit_scale)
+        lse = global_max + sum_exp.log()
         ctx.save_for_backward(x_scaled, weight, rows, target_col, tgt_cos, tgt_logit, lse)
         ctx.plan, ctx.kept = plan, kept
-        return (lse - sums[1]).mean()
+        return (lse - global_tgt_logit).mean()
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
@@ -199,7 +214,7 @@ class ShardedMarginLoss(torch.autograd.Function):
                 _store_weight_grad(grad_w, rows, c0, c1, grad_w_hat, w, inv_norm, factor)
         ctx.kept = None
         grad_x *= factor * plan.spec.logit_scale
-        return grad_x.to(x_scaled.dtype), grad_w, None, None, None, None
+        return grad_x.to(x_scaled.dtype), grad_w, None, None, None, None, None
 
 
 def _store_weight_grad(

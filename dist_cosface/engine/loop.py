@@ -153,6 +153,8 @@ def _forward_backward(cfg, ctx, parts: Parts, stream: EpochStream) -> tuple[torc
         t0 = time.perf_counter()
         images, labels = stream.next()
         wait += time.perf_counter() - t0
+        if hasattr(parts.head, "set_epoch"):
+            parts.head.set_epoch(stream.epoch)  # Partial FC: classes seen this epoch
         images = images.to(ctx.device, non_blocking=True)
         labels = labels.to(ctx.device, non_blocking=True)
         last = micro == accum - 1
@@ -255,7 +257,7 @@ class _Run:
             comm_seconds=_comm_seconds(self.parts.head),
         )
         self.progress.add(seconds, global_batch)
-        if step % cfg.train.log_every == 0 or step == total:
+        if _is_log_step(cfg, step):
             self.summary.update(_log(self.progress, self.metrics, self.parts, step, loss, lr, norm))
         every = cfg.checkpoint.every_steps
         if (every and step % every == 0) or step == total:
@@ -322,6 +324,7 @@ def _train(cfg, ctx: DistContext, backbone, loader) -> dict:
                 set_lr(parts.optimizers(), lr)
                 if hasattr(parts.head, "set_step"):
                     parts.head.set_step(step)  # deterministic Partial FC sampling on resume
+                _ask_margin_health(cfg, parts.head, step + 1)
                 loss, wait = _forward_backward(cfg, ctx, parts, run.stream)
                 norm, was_skipped, stop_now = _optimizer_step(cfg, ctx, parts, stop)
                 if was_skipped:
@@ -359,8 +362,28 @@ def _log(progress: ProgressLog, metrics, parts: Parts, step, loss, lr, norm) -> 
     stats = getattr(parts.loader, "stats", None) or {}
     if "skipped_samples" in stats:
         metrics.on_bad_samples(int(stats["skipped_samples"]))
-    rate = progress.log(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm)
+    health = _margin_health(parts.head)
+    if health:
+        metrics.on_margin_health(health)
+    rate = progress.log(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm, extra=health)
     return {"loss": loss_value, "samples_per_s": rate, "grad_norm": grad_norm}
+
+
+def _is_log_step(cfg, step: int) -> bool:
+    return step % cfg.train.log_every == 0 or step == cfg.train.total_steps
+
+
+def _ask_margin_health(cfg, head, step: int) -> None:
+    """Let the head collect margin statistics during the forwards of log steps only."""
+    if hasattr(head, "collect_health"):
+        head.collect_health = cfg.metrics.margin_health and _is_log_step(cfg, step)
+
+
+def _margin_health(head) -> dict[str, float]:
+    """Host floats of the head's margin health (one small copy; the step's grad-norm read
+    has already synchronised the device), or {} when it has none."""
+    health = head.margin_health() if hasattr(head, "margin_health") else None
+    return health.to_floats() if health is not None else {}
 
 
 def _run_info(cfg, ctx: DistContext, parts: Parts) -> dict:

@@ -20,6 +20,8 @@ class MetricsConfig:
     node: Union[str, None] = None  # `node` label; default: this host's name
     pushgateway: Union[str, None] = None  # push instead of serving (short jobs)
     push_every_s: float = 15.0
+    # classifier margin statistics at log steps (metrics.jsonl, and Prometheus when enabled)
+    margin_health: bool = True
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:

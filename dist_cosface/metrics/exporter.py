@@ -24,6 +24,8 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from dist_cosface.metrics.margin import MARGIN_HEALTH_NAMES, MarginHealthGauges
+
 if TYPE_CHECKING:
     from dist_cosface.distributed import DistContext
     from dist_cosface.metrics.config import MetricsConfig
@@ -61,6 +63,7 @@ EXPORTED_NAMES = (
     f"{PREFIX}_last_step_timestamp_seconds",
     f"{PREFIX}_run_info",
 )
+EXPORTED_NAMES += MARGIN_HEALTH_NAMES
 
 
 class RunMetrics:
@@ -96,6 +99,9 @@ class RunMetrics:
 
     def on_bad_samples(self, total: int) -> None:
         """The loader's cumulative count of skipped (undecodable) samples."""
+
+    def on_margin_health(self, health: dict[str, float]) -> None:
+        """At log steps: ``MarginHealth.to_floats()`` of the classifier (host floats)."""
 
     def close(self) -> None:
         """Stop serving/pushing (pushes a final time in Pushgateway mode)."""
@@ -200,6 +206,7 @@ class PrometheusMetrics(RunMetrics):
         )
         run = make(Info, "run", "Static facts about the run")
         run.labels(**self._values).info(info)
+        self._margin_health = MarginHealthGauges(make, self._values)
 
     def _serve(self, host: str, port: int) -> None:
         from prometheus_client import start_http_server
@@ -291,6 +298,9 @@ class PrometheusMetrics(RunMetrics):
         if delta > 0:
             self._skipped.inc(delta)
         self._skipped_seen = total
+
+    def on_margin_health(self, health: dict[str, float]) -> None:
+        self._margin_health.set(health)
 
     def close(self) -> None:
         if self._closed:
