@@ -88,9 +88,7 @@ def test_statistics_on_log_steps_only_in_jsonl_and_exporter(tmp_path, monkeypatc
         assert 4 <= line["sampled_classes"] <= 8  # ceil(0.5 * 8) negatives+positives
     # 3 batches per epoch: the head hears of each new epoch at its first micro-batch
     assert epochs == [i // 3 for i in range(7 * 2)]
-    assert [h["target_cos_mean"] for h in recorder.health] == [
-        x["target_cos_mean"] for x in lines
-    ]
+    assert [h["target_cos_mean"] for h in recorder.health] == [x["target_cos_mean"] for x in lines]
 
 
 def test_switched_off_collects_nothing(tmp_path, monkeypatch):

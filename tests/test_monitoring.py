@@ -76,6 +76,9 @@ def test_every_alert_has_a_firing_and_a_silent_unit_test():
         "DistCosfaceNonFiniteLoss",
         "DistCosfaceDataStarvation",
         "DistCosfaceRankSkew",
+        "DistCosfaceMarginCollapse",
+        "DistCosfaceMarginViolationsStuck",
+        "DistCosfaceScaleBelowBound",
     } <= names
     tests = yaml.safe_load((MONITORING / "alerts_test.yml").read_text())["tests"]
     cases = [c for t in tests for c in t["alert_rule_test"]]
@@ -86,7 +89,7 @@ def test_every_alert_has_a_firing_and_a_silent_unit_test():
 
 def test_rules_only_use_exported_metrics():
     text = (MONITORING / "alerts.yml").read_text()
-    used = set(re.findall(r"\bdist_cosface_[a-z_]+", text)) - {"dist_cosface_cluster"}
+    used = set(re.findall(r"\bdist_cosface_[a-z0-9_]+", text)) - {"dist_cosface_cluster"}
     assert used and used <= set(EXPORTED_NAMES)
 
 
@@ -150,7 +153,7 @@ def load_dashboard() -> dict:
 
 
 def dashboard_exprs(dash: dict) -> list[str]:
-    return [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    return [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
 
 
 def test_dashboard_structure():
@@ -170,6 +173,9 @@ def test_dashboard_structure():
         }
         assert not own & cells, f"panel {p['title']!r} overlaps another"
         cells |= own
+        if p["type"] == "row":  # a section header: full width, no queries
+            assert g["w"] == 24 and g["h"] == 1 and "targets" not in p, p["title"]
+            continue
         ref_ids = [t["refId"] for t in p["targets"]]
         assert p["targets"] and len(ref_ids) == len(set(ref_ids)), p["title"]
         assert p["datasource"]["uid"] == "${datasource}", p["title"]
@@ -179,7 +185,7 @@ def test_dashboard_structure():
 
 def test_dashboard_covers_the_required_views_with_exported_metrics():
     exprs = " ".join(dashboard_exprs(load_dashboard()))
-    used = set(re.findall(r"\bdist_cosface_[a-z_]+", exprs))
+    used = set(re.findall(r"\bdist_cosface_[a-z0-9_]+", exprs))
     assert used <= set(EXPORTED_NAMES), used - set(EXPORTED_NAMES)
     for needed in (
         "dist_cosface_samples_total",
@@ -192,6 +198,17 @@ def test_dashboard_covers_the_required_views_with_exported_metrics():
     ):
         assert needed in used, needed
     assert "histogram_quantile(" in exprs and "sum by (node, rank)" in exprs
+
+
+def test_dashboard_has_a_margin_health_row_with_every_health_metric():
+    from dist_cosface.metrics.margin import MARGIN_HEALTH_NAMES
+
+    panels = load_dashboard()["panels"]
+    rows = [p for p in panels if p["type"] == "row"]
+    assert [r["title"] for r in rows][-1:] == ["margin health"]
+    below = [p for p in panels if p["gridPos"]["y"] > rows[-1]["gridPos"]["y"]]
+    exprs = " ".join(t["expr"] for p in below for t in p["targets"])
+    assert set(re.findall(r"\bdist_cosface_[a-z0-9_]+", exprs)) == set(MARGIN_HEALTH_NAMES)
 
 
 def test_dashboard_exprs_have_balanced_brackets_and_quotes():
@@ -224,6 +241,33 @@ def test_plot_from_metrics_log(tmp_path):
     out = tmp_path / "plots" / "run.png"
     assert plot_run.main(["--metrics-log", str(log), "--out", str(out)]) == 0
     assert _png_size(out) == (900, 650)
+
+
+def test_plot_draws_margin_health_when_logged(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    rows = [
+        {
+            "step": s,
+            "samples_per_s": 500.0,
+            "loss": 20.0 / s,
+            "target_cos_mean": 0.03 * s,
+            "target_cos_p10": 0.02 * s,
+            "hardest_neg_cos_mean": 0.3 - 0.01 * s,
+            "margin_violation_rate": 1.0 - 0.04 * s,
+            "margin": 0.35,
+        }
+        for s in range(1, 21)
+    ]
+    del rows[4]["hardest_neg_cos_mean"]  # a line without it: no gap point at step 5
+    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    series = plot_run.load_metrics_log(log)
+    assert series["margin_violation_rate"].y[-1] == pytest.approx(0.2)
+    gap = plot_run._gap(series)
+    assert 5.0 not in gap.x and len(gap.x) == 19
+    assert gap.y[0] == pytest.approx(0.03 - 0.29)
+    out = tmp_path / "health.png"
+    assert plot_run.main(["--metrics-log", str(log), "--out", str(out)]) == 0
+    assert _png_size(out) == (900, 1100)
 
 
 def test_plot_log_errors_name_the_file_and_line(tmp_path):

@@ -1,4 +1,4 @@
-"""PNG charts of a run's throughput and loss.
+"""PNG charts of a run's throughput and loss, and its margin health when logged.
 
 From the run's own log (rank 0 writes one JSON object per log line with ``step``, ``time``,
 ``samples_per_s``, ``loss``, ``lr``):
@@ -26,6 +26,14 @@ from pathlib import Path
 
 _REL_TIME = re.compile(r"^now(?:-(\d+(?:\.\d+)?)([smhd]))?$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# margin-health fields of metrics.jsonl (classifier/health.py) -> Prometheus gauge
+HEALTH_SERIES = {
+    "target_cos_mean": "dist_cosface_target_cos_mean",
+    "target_cos_p10": "dist_cosface_target_cos_p10",
+    "hardest_neg_cos_mean": "dist_cosface_hardest_negative_cos_mean",
+    "margin_violation_rate": "dist_cosface_margin_violation_rate",
+    "margin": "dist_cosface_margin",
+}
 
 
 @dataclass
@@ -38,12 +46,12 @@ class Series:
 
 
 def load_metrics_log(path: str | Path) -> dict[str, Series]:
-    """Throughput and loss by step from ``metrics.jsonl``; lines without a key are skipped
-    for that chart (e.g. evaluation lines)."""
+    """Throughput, loss and margin health by step from ``metrics.jsonl``; lines without a
+    key are skipped for that chart (e.g. evaluation lines, runs without margin health)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"metrics log {path} does not exist")
-    out = {"samples_per_s": Series(), "loss": Series()}
+    out = {"samples_per_s": Series(), "loss": Series(), **{k: Series() for k in HEALTH_SERIES}}
     for lineno, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -102,6 +110,8 @@ def load_prometheus(
     exprs = {
         "samples_per_s": f"sum(rate(dist_cosface_samples_total{{{sel}}}[{rate_window}]))",
         "loss": f"avg(dist_cosface_loss{{{sel}}})",
+        # global statistics, identical on every rank
+        **{key: f"max({name}{{{sel}}})" for key, name in HEALTH_SERIES.items()},
     }
     out = {}
     for key, expr in exprs.items():
@@ -116,24 +126,60 @@ def load_prometheus(
     return out
 
 
+def _finite(s: Series) -> list[tuple[float, float]]:
+    return [(x, y) for x, y in zip(s.x, s.y) if math.isfinite(y)]
+
+
+def _draw(ax, lines: list[tuple[Series, str, str, str]], ylabel: str) -> None:
+    """``lines``: (series, label, color, linestyle); "no data" when none has a point."""
+    drawn = False
+    for s, label, color, style in lines:
+        points = _finite(s)
+        if points:
+            ax.plot(*zip(*points), color=color, linestyle=style, linewidth=1.2, label=label)
+            drawn = True
+    if not drawn:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    elif len(lines) > 1:
+        ax.legend(loc="best", fontsize="small")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+def _gap(series: dict[str, Series]) -> Series:
+    """Mean target cosine minus mean hardest-negative cosine, at the steps having both."""
+    neg = dict(zip(series["hardest_neg_cos_mean"].x, series["hardest_neg_cos_mean"].y))
+    tgt = series["target_cos_mean"]
+    pairs = [(x, y - neg[x]) for x, y in zip(tgt.x, tgt.y) if x in neg]
+    return Series([x for x, _ in pairs], [y for _, y in pairs], tgt.xlabel)
+
+
 def plot(series: dict[str, Series], out: str | Path, title: str) -> Path:
-    """Two stacked charts (throughput, loss) written as PNG."""
+    """Stacked charts written as PNG: throughput, loss and, when the run logged margin
+    health, the target / hardest-negative cosines with their gap against m, and the
+    margin-violation rate."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
-    charts = [("samples_per_s", "samples/s", "tab:blue"), ("loss", "loss", "tab:red")]
-    for ax, (key, ylabel, color) in zip(axes, charts):
-        s = series[key]
-        finite = [(x, y) for x, y in zip(s.x, s.y) if math.isfinite(y)]
-        if finite:
-            ax.plot(*zip(*finite), color=color, linewidth=1.2)
-        else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
+    health = bool(series.get("target_cos_mean", Series()).x)
+    rows = 4 if health else 2
+    fig, axes = plt.subplots(rows, 1, figsize=(9, 11 if health else 6.5), sharex=True)
+    _draw(axes[0], [(series["samples_per_s"], "samples/s", "tab:blue", "-")], "samples/s")
+    _draw(axes[1], [(series["loss"], "loss", "tab:red", "-")], "loss")
+    if health:
+        cosines = [
+            (series["target_cos_mean"], "target cos (mean)", "tab:green", "-"),
+            (series["target_cos_p10"], "target cos (10th pct)", "tab:green", ":"),
+            (series["hardest_neg_cos_mean"], "hardest negative cos (mean)", "tab:purple", "-"),
+            (_gap(series), "gap: target - hardest negative", "black", "-"),
+            (series["margin"], "margin m", "gray", "--"),
+        ]
+        _draw(axes[2], cosines, "cosine")
+        violation = [(series["margin_violation_rate"], "violation rate", "tab:orange", "-")]
+        _draw(axes[3], violation, "margin violation rate")
+        axes[3].set_ylim(-0.02, 1.02)
     axes[-1].set_xlabel(series["loss"].xlabel)
     fig.suptitle(title)
     fig.tight_layout()
