@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/quickstart.yaml")
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of the three settings")
+    parser.add_argument(
+        "--rounds", "--pairs", type=int, default=2, help="rounds of the three settings"
+    )
     parser.add_argument("--log-every", type=int, default=10, help="train.log_every")
     parser.add_argument("--port", type=int, default=9470)
     parser.add_argument("overrides", nargs="*", help="more config overrides, key=value")
