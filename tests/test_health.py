@@ -1,5 +1,5 @@
 """Margin-health statistics (classifier/health.py) against a float64 reference on the same
-batch: one process and real gloo groups of 2 and 3 ranks, every margin type, Partial FC."""
+batch: one process and real gloo groups of 1, 2 and 3 ranks, every margin type, Partial FC."""
 
 from __future__ import annotations
 
@@ -168,10 +168,12 @@ def check_collectives_unchanged(rank, group, data):
     assert shapes[True] == [("all_reduce", (2, n)), ("all_reduce", (3, n))]
 
 
-def _ranks_main(rank, world, sub_world):
-    sub_group = dist.new_group(list(range(sub_world)), backend="gloo")
-    if rank < sub_world:
-        all_cases(rank, sub_group, sub_world)
+def _ranks_main(rank, world):
+    """Gloo groups of 1 and 2 ranks (sub-groups: every rank creates them), then the world."""
+    for size in (1, 2):
+        group = dist.new_group(list(range(size)), backend="gloo")
+        if rank < size:
+            all_cases(rank, group, size)
     all_cases(rank, dist.group.WORLD, world)
     return "ok"
 
@@ -181,8 +183,8 @@ def test_one_process_matches_reference():
 
 
 @pytest.mark.multiproc
-def test_two_and_three_gloo_ranks_match_reference():
-    assert run_ranks(3, _ranks_main, 2, timeout_s=240) == ["ok"] * 3
+def test_one_two_and_three_gloo_ranks_match_reference():
+    assert run_ranks(3, _ranks_main, timeout_s=240) == ["ok"] * 3
 
 
 def test_loss_and_gradients_do_not_depend_on_collecting():
