@@ -31,7 +31,9 @@ def dali_device(cfg: DataConfig, ctx: DistContext) -> str:
 
 class DaliLoader(TrainLoader):
     def __init__(self, cfg: DataConfig, ctx: DistContext, shards: ShardSet | None = None):
-        shards = shards or open_shards(cfg.path, cfg.on_bad_sample)
+        # the index files are checked against their tars here: a stale or swapped .idx is
+        # named before DALI, which reads by the index's offsets, ever sees it
+        shards = shards or open_shards(cfg.path, cfg.on_bad_sample, cfg.max_skip_fraction)
         if shards.index_paths and not all(shards.index_paths):
             raise ValueError(f"data.path={cfg.path!r}: the dali backend reads local shards only")
         per_rank = shards.num_samples // ctx.world_size
@@ -41,8 +43,7 @@ class DaliLoader(TrainLoader):
         self.out_device = ctx.device if self.decode_device == "mixed" else torch.device("cpu")
         if self.decode_device == "mixed" and self.out_device.index is None:
             self.out_device = torch.device("cuda", torch.cuda.current_device())
-        self.stats["skipped_samples"] = shards.skipped_samples
-        self.stats["bad_shards"] = len(shards.problems)
+        self.track_bad_data(cfg, ctx, shards)
 
     def _build(self, epoch: int):
         from nvidia.dali import fn, pipeline_def, types
@@ -97,16 +98,15 @@ class DaliLoader(TrainLoader):
         labels = torch.zeros(len(cls), dtype=torch.int64)
         bad = torch.zeros(len(cls), dtype=torch.bool)
         for i in range(len(cls)):
+            raw = np.asarray(cls[i]).tobytes()
             try:
-                label = int(np.asarray(cls[i]).tobytes().decode().strip())
+                label = int(raw.decode().strip())
             except (ValueError, UnicodeDecodeError):
                 label = -1
             if not 0 <= label < self.num_classes:
-                if self.cfg.on_bad_sample == "stop":
-                    raise ValueError(
-                        f"{cls[i].source_info()}: label {np.asarray(cls[i]).tobytes()[:20]!r} "
-                        f"outside [0, {self.num_classes})"
-                    )
+                # source_info is "shard.tar:offset:key.cls": shard and key of the sample
+                problem = f"label {raw[:20]!r} outside [0, {self.num_classes})"
+                self.bad.record(cls[i].source_info(), problem)
                 bad[i] = True
             labels[i] = label
         return labels, bad
@@ -143,8 +143,7 @@ class DaliLoader(TrainLoader):
                 images, cls = self._run(pipe)
                 labels, bad = self._labels(cls)
                 out = self._to_torch(images).to(dtype)
-                out, labels, replaced = repair_batch(out, labels, bad, "dali batch")
-                self.stats["skipped_samples"] += replaced
+                out, labels, _ = repair_batch(out, labels, bad, "dali batch")
                 yield out, labels.to(self.out_device, non_blocking=True)
         finally:
             del pipe
