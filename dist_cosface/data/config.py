@@ -21,7 +21,7 @@ class DataConfig:
     output_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     on_bad_sample: Literal["skip", "stop"] = "skip"
     # skip mode: stop the run when more than this share of an epoch's samples (the manifest's
-    # count) is lost to bad shards or samples; every loss is logged and counted
+    # count) is lost to bad shards or samples (1 = never); every loss is logged and counted
     max_skip_fraction: float = 0.01
     # dali: where images are decoded; auto = "mixed" (nvJPEG) on a CUDA device, else "cpu"
     dali_device: Literal["auto", "cpu", "mixed"] = "auto"

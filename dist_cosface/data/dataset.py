@@ -181,7 +181,7 @@ def open_shards(path: str, on_bad: str, max_skip_fraction: float = 1.0) -> Shard
     if not shards.urls:
         raise ValueError(f"data.path={path!r}: no usable shards ({'; '.join(shards.problems)})")
     lost = shards.skipped_samples / max(1, manifest.num_samples)
-    if lost > max_skip_fraction:
+    if lost > max_skip_fraction and max_skip_fraction < 1.0:
         raise ValueError(
             f"data.path={path!r}: {shards.skipped_samples} of {manifest.num_samples} samples "
             f"({lost:.1%}) are unusable, more than data.max_skip_fraction="

@@ -42,6 +42,10 @@ class BadDataLog:
     def start_epoch(self) -> None:
         self.epoch_lost = 0
         self.epoch_events = 0
+        self.epoch_shards: set[str] = set()  # a short shard re-read in a later pass counts once
+
+    def _too_many(self, lost: int) -> bool:
+        return self.max_fraction < 1.0 and lost > self.max_fraction * self.epoch_samples
 
     def add_static(self, lost: int, bad_shards: int, problems: list[str], announce: bool) -> None:
         """Losses found before reading (the same on every rank; logged by one)."""
@@ -63,6 +67,10 @@ class BadDataLog:
 
     def record(self, where: str, problem: str, lost: int = 1, shard: str = "") -> None:
         """One bad sample (or ``lost`` samples of the bad shard ``shard``) met while reading."""
+        if shard in self.epoch_shards:
+            return
+        if shard:
+            self.epoch_shards.add(shard)
         self.epoch_lost += lost
         self.total_samples += lost
         self.epoch_events += 1
@@ -76,7 +84,7 @@ class BadDataLog:
         if self.failure is None and self.on_bad == "stop":
             self.failure = f"{message} (data.on_bad_sample=stop)"
         lost_now = self.static_lost + self.epoch_lost
-        if self.failure is None and lost_now > self.max_fraction * self.epoch_samples:
+        if self.failure is None and self._too_many(lost_now):
             self.failure = (
                 f"{message}; rank {self.rank} alone lost {lost_now} of the epoch's "
                 f"{self.epoch_samples} samples, more than data.max_skip_fraction="
@@ -111,7 +119,7 @@ class BadDataLog:
             )
         if failed:
             raise_data_failure(self, failed)
-        if fraction > self.max_fraction:
+        if self._too_many(lost):
             raise ValueError(
                 f"epoch {epoch}: {lost} of {self.epoch_samples} samples lost ({fraction:.2%}), "
                 f"more than data.max_skip_fraction={self.max_fraction:g}; see the bad data "

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from dist_cosface.config import dump_config
 from dist_cosface.configtools import to_mapping
+from dist_cosface.data.integrity import raise_data_failure
 from dist_cosface.distributed import DistContext
 from dist_cosface.engine.amp import autocast
 from dist_cosface.engine.checkpoint import (
@@ -179,7 +180,13 @@ def _optimizer_step(cfg, ctx, parts: Parts, stop: StopRequest) -> tuple[float, b
     head_only = ds and owns_backbone_grads(cfg)  # then DeepSpeed clips the backbone itself
     params = list(parts.head.parameters()) if head_only else parts.params()
     parts.scaler.unscale_(params)
-    norm, (stop_votes,) = global_grad_norm_and_flags(params, ctx, [float(stop.requested)])
+    # a rank's loader that met bad data it must stop for votes here: every rank raises alike
+    data_failed = float(getattr(parts.loader, "failure", None) is not None)
+    norm, (stop_votes, data_votes) = global_grad_norm_and_flags(
+        params, ctx, [float(stop.requested), data_failed]
+    )
+    if data_votes > 0:
+        raise_data_failure(parts.loader, int(data_votes))
     if not math.isfinite(norm):
         for optimizer in parts.optimizers():
             optimizer.zero_grad(set_to_none=True)
