@@ -366,6 +366,8 @@ def _log(progress: ProgressLog, metrics, parts: Parts, step, loss, lr, norm) -> 
     stats = getattr(parts.loader, "stats", None) or {}
     if "skipped_samples" in stats:
         metrics.on_bad_samples(int(stats["skipped_samples"]))
+    if "bad_shards" in stats:
+        metrics.on_bad_shards(int(stats["bad_shards"]))
     rate = progress.log(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm)
     return {"loss": loss_value, "samples_per_s": rate, "grad_norm": grad_norm}
 

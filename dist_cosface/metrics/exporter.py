@@ -56,6 +56,7 @@ EXPORTED_NAMES = (
     f"{PREFIX}_checkpoint_duration_seconds_sum",
     f"{PREFIX}_checkpoint_duration_seconds_count",
     f"{PREFIX}_skipped_samples_total",
+    f"{PREFIX}_bad_shards",
     f"{PREFIX}_eval_accuracy",
     f"{PREFIX}_step",
     f"{PREFIX}_last_step_timestamp_seconds",
@@ -96,6 +97,9 @@ class RunMetrics:
 
     def on_bad_samples(self, total: int) -> None:
         """The loader's cumulative count of skipped (undecodable) samples."""
+
+    def on_bad_shards(self, total: int) -> None:
+        """How many shards the loader found bad so far (dropped, short or unreadable)."""
 
     def close(self) -> None:
         """Stop serving/pushing (pushes a final time in Pushgateway mode)."""
@@ -195,6 +199,9 @@ class PrometheusMetrics(RunMetrics):
         self._skipped = make(
             Counter, "skipped_samples", "Samples the loader skipped (undecodable/corrupt)"
         ).labels(**self._values)
+        self._bad_shards = make(
+            Gauge, "bad_shards", "Shards the loader found bad (dropped, short or unreadable)"
+        ).labels(**self._values)
         self._eval = make(
             Gauge, "eval_accuracy", "Verification accuracy by target", extra=("target",)
         )
@@ -291,6 +298,9 @@ class PrometheusMetrics(RunMetrics):
         if delta > 0:
             self._skipped.inc(delta)
         self._skipped_seen = total
+
+    def on_bad_shards(self, total: int) -> None:
+        self._bad_shards.set(total)
 
     def close(self) -> None:
         if self._closed:
