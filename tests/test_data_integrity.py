@@ -294,3 +294,11 @@ def test_training_stops_on_every_rank_at_the_same_step(tmp_path):
     assert sum("shard-000000.tar: read 1 of the 8" in m for m in results) == 1, results
     assert sum("on 1 other rank(s)" in m for m in results) == 1, results
     assert not any("epoch 0:" in m for m in results)  # decided by the vote, not at epoch end
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
+def test_max_skip_fraction_is_validated(value):
+    from dist_cosface.data import DataConfig
+
+    with pytest.raises(ValueError, match=r"max_skip_fraction must be in \[0, 1\]"):
+        DataConfig(max_skip_fraction=value).validate()
