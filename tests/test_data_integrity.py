@@ -91,6 +91,20 @@ def test_pipe_path_reads_shards_without_a_shell(tmp_path):
     assert loader.stats["skipped_samples"] == 0
 
 
+def test_missing_remote_shard_is_a_named_shortfall(tmp_path):
+    _dataset(tmp_path, {}, n=32)
+    (tmp_path / "shard-000002.tar").unlink()  # cannot be checked before reading when remote
+    path = f"pipe:cat {tmp_path / 'manifest.json'}"
+    shortfall = r"shard-000002.tar: read 0 of the 8 samples expected \(.*exited with status 1"
+    with pytest.raises(ValueError, match=shortfall + r".*on_bad_sample=stop"):
+        _epoch("webdataset", path, "stop")
+    with pytest.raises(ValueError, match=shortfall + r".*max_skip_fraction=0.01"):
+        _epoch("webdataset", path, max_skip_fraction=0.01)
+    loader, _, batches = _epoch("webdataset", path, max_skip_fraction=0.3)
+    # remote: the epoch length comes from the manifest (32 // 4), the stream wraps around
+    assert loader.stats == {"skipped_samples": 8, "bad_shards": 1} and len(batches) == 8
+
+
 def test_pipe_command_shell_syntax_refused_and_failures_named(tmp_path):
     marker = tmp_path / "marker"
     for command in [f"pipe:cat x; touch {marker}", "pipe:cat x | gzip", f"pipe:touch $({marker})"]:
@@ -189,7 +203,7 @@ def _zero_header(tar, key: str, ext: str = "jpg") -> None:
 def test_zeroed_header_webdataset_counts_the_shortfall(tmp_path, caplog):
     _dataset(tmp_path, {}, n=16, shard_size=16)
     _zero_header(tmp_path / "shard-000000.tar", "000004")  # not one of the spot-checked entries
-    short = r"shard-000000.tar: read 4 of the 16 complete samples its index lists"
+    short = r"shard-000000.tar: read 4 of the 16 samples expected"
     with pytest.raises(ValueError, match=short + r".*on_bad_sample=stop"):
         _epoch("webdataset", tmp_path, "stop")
     with pytest.raises(ValueError, match=short + r".*max_skip_fraction=0.01"):
@@ -198,7 +212,7 @@ def test_zeroed_header_webdataset_counts_the_shortfall(tmp_path, caplog):
         loader, labels, batches = _epoch("webdataset", tmp_path, max_skip_fraction=1.0)
     assert loader.stats == {"skipped_samples": 12, "bad_shards": 1}  # once per epoch
     assert len(batches) == 4 and sorted(set(labels.tolist())) == [0, 1, 2, 3]
-    assert "read 4 of the 16" in _warnings(caplog)
+    assert "read 4 of the 16 samples expected" in _warnings(caplog)
 
 
 def test_zeroed_header_dali_reads_by_index_and_loses_nothing(tmp_path):
@@ -260,7 +274,7 @@ def test_bad_shard_on_one_rank_stops_both_at_epoch_end(tmp_path, on_bad):
     results = run_ranks(2, _epoch_on_ranks, str(tmp_path), on_bad, timeout_s=240)
     assert results[0][0] == results[1][0] == 4  # both handed out the whole epoch
     messages = [r[1] for r in results]
-    own = [m for m in messages if "shard-000000.tar: read 1 of the 8" in m]
+    own = [m for m in messages if "shard-000000.tar: read 1 of the 8 samples" in m]
     other = [m for m in messages if "on 1 other rank(s)" in m]
     assert len(own) == 1 and len(other) == 1, messages
 
@@ -291,7 +305,7 @@ def test_training_stops_on_every_rank_at_the_same_step(tmp_path):
     """The loop's per-step vote: both ranks raise, before the epoch's end (step 4)."""
     _one_bad_shard(tmp_path / "data")
     results = run_ranks(2, _train_on_ranks, str(tmp_path / "run"), str(tmp_path / "data"))
-    assert sum("shard-000000.tar: read 1 of the 8" in m for m in results) == 1, results
+    assert sum("shard-000000.tar: read 1 of the 8 samples" in m for m in results) == 1, results
     assert sum("on 1 other rank(s)" in m for m in results) == 1, results
     assert not any("epoch 0:" in m for m in results)  # decided by the vote, not at epoch end
 
@@ -302,3 +316,10 @@ def test_max_skip_fraction_is_validated(value):
 
     with pytest.raises(ValueError, match=r"max_skip_fraction must be in \[0, 1\]"):
         DataConfig(max_skip_fraction=value).validate()
+
+
+def test_dali_decode_failure_names_shard_and_key(tmp_path):
+    bad = {13: {"jpg": b"\xff\xd8garbage", "cls": b"1"}}
+    _dataset(tmp_path, bad, n=48)
+    with pytest.raises(ValueError, match=r"DALI failed .*\(\S*/shard-000001.tar:\d+:000013.jpg\)"):
+        _epoch("dali", tmp_path)

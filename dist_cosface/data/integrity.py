@@ -106,7 +106,8 @@ class BadDataLog:
         )
         if group is not None:
             dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
-        lost, failed = self.static_lost + int(counts[0].item()), int(counts[1].item())
+        runtime_lost, failed = (int(v) for v in counts.tolist())  # one host sync per epoch
+        lost = self.static_lost + runtime_lost
         fraction = lost / self.epoch_samples
         if lost and self.rank == 0:
             log.warning(

@@ -70,10 +70,11 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         seed: int,
         skip: int,
         expected: dict[str, int],
+        indexed: bool,
     ):
         super().__init__()
         self.cfg, self.urls, self.num_classes, self.expected = cfg, urls, num_classes, expected
-        self.seed, self.skip = seed, skip
+        self.seed, self.skip, self.indexed = seed, skip, indexed
 
     def _shard_samples(self, url: str, errors: list[str]) -> Iterator[dict]:
         """The samples of one tar; read errors end the shard and are put in ``errors``."""
@@ -98,7 +99,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
                 errors.append(str(exc))
 
     def _raw_samples(self, stream: int, num_streams: int) -> Iterator[tuple[dict, int]]:
-        indexed = bool(self.expected)
+        indexed = self.indexed
         for pass_no in range(1 << 62):
             rng = random.Random(stable_seed(self.seed, stream, pass_no))
             order = self.urls[:]
@@ -119,7 +120,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
                     good += 1
                     if len(buffer) >= self.cfg.shuffle_buffer:
                         yield buffer.pop(rng.randrange(len(buffer)))
-                event = _shard_event(url, read, self.expected.get(url), errors)
+                event = _shard_event(url, read, self.expected[url], errors)
                 if event is not None:
                     yield event, -1
             rng.shuffle(buffer)
@@ -167,15 +168,17 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         return images, labels, events
 
 
-def _shard_event(url: str, read: int, expected: int | None, errors: list[str]):
-    """The event for a shard that gave other than its usable indexed samples (or failed)."""
-    if expected is None:
-        expected = read  # remote shard: no index to compare with, only read errors count
+def _shard_event(url: str, read: int, expected: int, errors: list[str]):
+    """The event for a shard that gave other than its expected samples (or failed to read).
+
+    ``expected``: local shards, the complete samples of its index (incomplete ones were
+    counted before reading and are not in ``read``); remote shards, the manifest's count.
+    """
     if read == expected and not errors:
         return None
-    problem = f"read {read} of the {expected} complete samples its index lists"
+    problem = f"read {read} of the {expected} samples expected"
     if errors:
-        problem += f" ({errors[0]})"
+        problem += f" ({'; '.join(errors[:3])})"
     return (url, problem, max(0, expected - read), url)
 
 
@@ -193,10 +196,10 @@ class WebDatasetLoader(TrainLoader):
         group = self.groups[(self.rank + epoch) % self.world_size]
         urls = [self.shards.urls[i] for i in group]
         seed = stable_seed(self.cfg.seed, epoch, self.rank)
-        expected = {}
-        if all(self.shards.index_paths):  # local shards: compare what is read with the index
-            expected = {self.shards.urls[i]: self.shards.counts[i] for i in group}
-        stream = _WorkerStream(self.cfg, urls, self.num_classes, seed, start, expected)
+        # what each shard must give: its complete indexed samples (local) or manifest count
+        expected = {self.shards.urls[i]: self.shards.counts[i] for i in group}
+        indexed = all(self.shards.index_paths)
+        stream = _WorkerStream(self.cfg, urls, self.num_classes, seed, start, expected, indexed)
         # fork, as PyTorch does by default on Linux: workers restart every epoch, and a
         # spawned worker would re-import torch each time (inherited when ranks are spawned)
         methods = multiprocessing.get_all_start_methods()
