@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_cosface.data import build_loader
+from dist_cosface.data import DataConfig, build_loader
 from dist_cosface.data.shards import Manifest, read_index
 from dist_cosface.data.streams import open_stream
 from dist_cosface.distributed import DistContext, context_from_group
@@ -110,6 +110,8 @@ def test_pipe_command_shell_syntax_refused_and_failures_named(tmp_path):
     for command in [f"pipe:cat x; touch {marker}", "pipe:cat x | gzip", f"pipe:touch $({marker})"]:
         with pytest.raises(ValueError, match=r"run without a shell; shell syntax"):
             open_stream(command)
+    with pytest.raises(ValueError, match=r"run without a shell; shell syntax '\|'"):
+        DataConfig(backend="webdataset", path="pipe:curl http://h/manifest.json | cat").validate()
     assert not marker.exists()
     missing = f"pipe:cat {tmp_path / 'nothing' / 'manifest.json'}"
     with pytest.raises(OSError, match=r"nothing/manifest.json: command exited with status 1"):
@@ -312,8 +314,6 @@ def test_training_stops_on_every_rank_at_the_same_step(tmp_path):
 
 @pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
 def test_max_skip_fraction_is_validated(value):
-    from dist_cosface.data import DataConfig
-
     with pytest.raises(ValueError, match=r"max_skip_fraction must be in \[0, 1\]"):
         DataConfig(max_skip_fraction=value).validate()
 

@@ -56,3 +56,7 @@ class DataConfig:
             raise ValueError(f"synthetic_noise must be >= 0, got {self.synthetic_noise}")
         if self.backend != "synthetic" and not self.path:
             raise ValueError(f"data.path is required for backend {self.backend!r}")
+        if self.path.startswith("pipe:"):
+            from dist_cosface.data.streams import pipe_argv
+
+            pipe_argv(self.path)  # shell syntax fails at config load, not on the first read
