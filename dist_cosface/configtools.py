@@ -160,11 +160,13 @@ class StrictYamlLoader(yaml.SafeLoader):
         return super().construct_document(node)
 
 
-StrictYamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+class ConfigYamlDumper(yaml.SafeDumper):
+    """Quotes strings that :class:`StrictYamlLoader` would read as floats ('1e5')."""
+
+
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+StrictYamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, "-+0123456789.")
+ConfigYamlDumper.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, "-+0123456789.")
 
 
 def _check_unique_keys(loader: yaml.SafeLoader, node: yaml.Node, path: str, seen: set) -> None:

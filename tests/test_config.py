@@ -221,6 +221,9 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     cfg = load_config(path, ["optim.min_lr=1e-5"])
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.min_lr) == (1e-3, 5e-4, 1e-5)
     assert load_config(None, ["train.output_dir=1e3x"]).train.output_dir == "1e3x"
+    quoted = load_config(None, ["train.output_dir='1e5'"])  # a string that looks like a float
+    dump_config(quoted, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == quoted
 
 
 @pytest.mark.parametrize(
@@ -244,3 +247,13 @@ def test_cli_prints_one_error_line_and_exits_2(tmp_path, capsys, write, args, ne
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith("dist-cosface config: config error: ") and needle in err
+
+
+def test_cli_config_output_loads_back_equal(tmp_path, capsys):
+    from dist_cosface.cli import main
+
+    args = ["optim.lr=1e-3", "train.output_dir='2e5'", "classifier.margin=0.4"]
+    assert main(["config", str(REPO / "configs" / "quickstart.yaml"), *args]) == 0
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(capsys.readouterr().out)
+    assert load_config(resolved) == load_config(REPO / "configs" / "quickstart.yaml", args)
