@@ -67,7 +67,8 @@ def _run(engine: str, zero_stage: int, out: str, precision="fp32", steps=2, keep
     if keep_step_1:
         step_1 = Path(out) / "checkpoints" / "step_1"
         saved = torch.load(step_1 / "backbone.pt", weights_only=True)
-        log = json.loads((Path(out) / "metrics.jsonl").read_text().splitlines()[0])
+        lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+        log = next(r for r in map(json.loads, lines) if r.get("step") == 1 and "loss" in r)
         result["step_1"] = _state(
             {k: saved[k].float().numpy().copy() for k in weights},
             torch.load(step_1 / rank_file, weights_only=True)["weight"],
