@@ -44,13 +44,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    import yaml
-
-    from dist_cosface.config import load_config
-    from dist_cosface.configtools import to_mapping
+    from dist_cosface.config import config_to_yaml, load_config
 
     cfg = load_config(args.config, args.overrides)
-    sys.stdout.write(yaml.safe_dump(to_mapping(cfg), sort_keys=False))
+    sys.stdout.write(config_to_yaml(cfg))
     return 0
 
 

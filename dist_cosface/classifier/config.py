@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Union
 
+from dist_cosface.classifier.margins import check_margin
+
 
 @dataclass
 class ClassifierConfig:
@@ -31,5 +33,4 @@ class ClassifierConfig:
             raise ValueError(f"scale must be positive or 'auto', got {self.scale}")
         if not 0.0 < self.scale_p_w < 1.0:
             raise ValueError(f"scale_p_w must be in (0, 1), got {self.scale_p_w}")
-        if self.margin < 0:
-            raise ValueError(f"margin must be >= 0, got {self.margin}")
+        check_margin(self.margin_type, self.margin, self.num_classes)

@@ -20,7 +20,6 @@ labels) and 2 all-reduces; backward 1 reduce-scatter.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -31,7 +30,12 @@ from torch import nn
 from dist_cosface.classifier.comm import Comm, GatherBatch, gather_labels
 from dist_cosface.classifier.config import ClassifierConfig
 from dist_cosface.classifier.loss import LossPlan, ShardedMarginLoss
-from dist_cosface.classifier.margins import MARGIN_TYPES, MarginSpec, scale_lower_bound
+from dist_cosface.classifier.margins import (
+    MARGIN_TYPES,
+    MarginSpec,
+    check_margin,
+    scale_lower_bound,
+)
 from dist_cosface.classifier.sampling import columns_of_targets, sample_rows, sampling_seed
 from dist_cosface.classifier.unnormalized import unnormalized_feature_loss
 from dist_cosface.sharding import mark_sharded
@@ -320,8 +324,7 @@ def _check_args(
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if margin_type not in MARGIN_TYPES:
         raise ValueError(f"margin_type must be one of {list(MARGIN_TYPES)}, got {margin_type!r}")
-    if not 0.0 <= margin < math.pi:
-        raise ValueError(f"margin must be in [0, pi), got {margin!r}")
+    check_margin(margin_type, margin, num_classes)
     if not 0.0 < sample_rate <= 1.0:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
