@@ -25,8 +25,8 @@ from dist_cosface.configtools import to_mapping
 from dist_cosface.distributed import DistContext
 from dist_cosface.engine.amp import autocast
 from dist_cosface.engine.checkpoint import (
-    find_latest_checkpoint,
     load_checkpoint,
+    resolve_checkpoint,
     save_checkpoint,
     set_rng_state,
 )
@@ -34,6 +34,7 @@ from dist_cosface.engine.ds import engine_grad_norm, owns_backbone_grads
 from dist_cosface.engine.optim import clip_grads_, global_grad_norm_and_flags, lr_at, set_lr
 from dist_cosface.engine.parts import Parts, build_parts, check_config
 from dist_cosface.engine.progress import ProgressLog
+from dist_cosface.engine.runlock import RunLock
 from dist_cosface.engine.signals import StopRequest
 
 log = logging.getLogger(__name__)
@@ -61,20 +62,21 @@ class EpochStream:
         raise ValueError("the data loader yields no batches (len(loader) == 0?)")
 
 
-def _resolve_resume(cfg, out: Path) -> Path | None:
+def _resolve_resume(cfg, ctx: DistContext, out: Path) -> Path | None:
+    """The verified checkpoint to resume (all ranks agree), or None to start fresh."""
     resume = cfg.checkpoint.resume
     if resume == "none":
         return None
     if resume == "auto":
-        return find_latest_checkpoint(out / "checkpoints")
-    found = find_latest_checkpoint(resume)
+        return resolve_checkpoint(out / "checkpoints", ctx)
+    found = resolve_checkpoint(resume, ctx)
     if found is None:
         raise ValueError(f"checkpoint.resume={resume!r}: no complete checkpoint there")
     return found
 
 
 def _restore(cfg, ctx: DistContext, parts: Parts, out: Path) -> dict:
-    ckpt = _resolve_resume(cfg, out)
+    ckpt = _resolve_resume(cfg, ctx, out)
     if ckpt is None:
         return {"step": 0, "epoch": 0, "position": None, "from": None}
     state = load_checkpoint(
@@ -216,7 +218,8 @@ def train(cfg, ctx: DistContext, *, backbone=None, loader=None) -> dict:
     launcher sees a non-zero exit and stops the other ranks.
     """
     try:
-        return _train(cfg, ctx, backbone, loader)
+        with RunLock(cfg.train.output_dir, ctx):  # a second job on this folder fails here
+            return _train(cfg, ctx, backbone, loader)
     except Exception:
         log.exception("rank %d: training failed", ctx.rank)
         raise
