@@ -138,6 +138,38 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(tmp_path):
     assert f"SIGTERM: stopped at step {steps[0]}" in (tmp_path / "log.txt").read_text()
 
 
+def _alive(pid: int) -> bool:
+    """Running (a zombie that nobody reaped yet has exited)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_workers_stop_when_their_torchrun_agent_is_killed(tmp_path):
+    out = tmp_path / "run"
+    proc = _torchrun(tmp_path, out, "train.total_steps=100000", "checkpoint.every_steps=0")
+    _wait_for(lambda: len(_logged_steps(out)) >= 2, proc, 240, "two training steps")
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    os.kill(proc.pid, signal.SIGKILL)  # the agent dies; its workers are reparented
+    proc.wait(timeout=30)
+    end = time.monotonic() + 180  # polling is 1 s; then one step and a checkpoint
+    while any(_alive(pid) for pid in workers) and time.monotonic() < end:
+        time.sleep(0.5)
+    still = [pid for pid in workers if _alive(pid)]
+    for pid in still:
+        os.kill(pid, signal.SIGKILL)
+    log = (tmp_path / "log.txt").read_text()
+    assert not still, f"workers {still} kept running without their agent:\n{log[-3000:]}"
+    assert "launcher (pid" in log and "a launcher died: stopped at step" in log, log[-3000:]
+    steps = _steps_of(out)  # stopped cleanly: both ranks wrote the same final checkpoint
+    assert len(steps) == 1 and 2 <= steps[0] < 100000
+
+
 @pytest.mark.multiproc
 def test_two_nodes_on_one_machine(tmp_path):
     out = tmp_path / "run"

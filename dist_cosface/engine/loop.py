@@ -175,18 +175,20 @@ def _forward_backward(cfg, ctx, parts: Parts, stream: EpochStream) -> tuple[torc
     return loss_sum / accum, wait
 
 
-def _optimizer_step(cfg, ctx, parts: Parts, stop: StopRequest) -> tuple[float, bool, bool]:
-    """Clip and step; returns (grad norm, skipped for fp16 overflow, stop requested)."""
+def _optimizer_step(cfg, ctx, parts: Parts, stop: StopRequest) -> tuple[float, bool, str | None]:
+    """Clip and step; returns (grad norm, skipped for fp16 overflow, why to stop or None)."""
     ds = parts.ds_engine is not None
     head_only = ds and owns_backbone_grads(cfg)  # then DeepSpeed clips the backbone itself
     params = list(parts.head.parameters()) if head_only else parts.params()
     parts.scaler.unscale_(params)
-    norm, (stop_votes,) = global_grad_norm_and_flags(params, ctx, [float(stop.requested)])
+    flags = [float(stop.requested), float(stop.launcher_lost)]
+    norm, (stop_votes, lost_votes) = global_grad_norm_and_flags(params, ctx, flags)
+    reason = ("launcher_lost" if lost_votes > 0 else "sigterm") if stop_votes > 0 else None
     if not math.isfinite(norm):
         for optimizer in parts.optimizers():
             optimizer.zero_grad(set_to_none=True)
         parts.scaler.update(found_inf=True)
-        return norm, True, stop_votes > 0
+        return norm, True, reason
     if cfg.optim.grad_clip is not None:
         clip_grads_(params, norm, cfg.optim.grad_clip)
     parts.head_optim.step()
@@ -199,7 +201,7 @@ def _optimizer_step(cfg, ctx, parts: Parts, stop: StopRequest) -> tuple[float, b
         parts.backbone_optim.step()
         parts.backbone_optim.zero_grad(set_to_none=True)
     parts.scaler.update(found_inf=False)
-    return norm, False, stop_votes > 0
+    return norm, False, reason
 
 
 def _comm_seconds(head) -> float | None:
@@ -213,7 +215,7 @@ def train(cfg, ctx: DistContext, *, backbone=None, loader=None) -> dict:
     """Train per ``cfg``; every rank calls this. ``backbone``/``loader`` override the builders.
 
     Returns a summary: ``step``, ``loss``, ``samples_per_s``, ``grad_norm`` (last log line),
-    ``preempted``, ``resumed_from``,
+    ``preempted``, ``launcher_lost`` (stopped because a rank's launcher died), ``resumed_from``,
     ``checkpoint``, ``eval``. An exception is logged with the rank and re-raised, so the
     launcher sees a non-zero exit and stops the other ranks.
     """
@@ -267,13 +269,15 @@ class _Run:
         if cfg.eval.targets and ev and step % ev == 0 and step < total:
             self.summary["eval"] = _evaluate(cfg, self.ctx, self.parts, self.out, self.metrics)
 
-    def preempt(self, step: int) -> None:
+    def preempt(self, step: int, reason: str) -> None:
         """SIGTERM agreed by all ranks: make sure this step is checkpointed, then stop."""
         if self.last_saved != step:
             self.checkpoint(step)
         self.summary["preempted"] = True
+        self.summary["launcher_lost"] = reason == "launcher_lost"  # the CLI exits non-zero
         if self.ctx.is_main:
-            print(f"SIGTERM: stopped at step {step}, checkpoint written", flush=True)
+            what = "a launcher died" if reason == "launcher_lost" else "SIGTERM"
+            print(f"{what}: stopped at step {step}, checkpoint written", flush=True)
 
 
 def _start(cfg, ctx: DistContext, backbone, loader) -> tuple[_Run, int]:
@@ -294,6 +298,7 @@ def _start(cfg, ctx: DistContext, backbone, loader) -> tuple[_Run, int]:
         "samples_per_s": None,
         "grad_norm": None,
         "preempted": False,
+        "launcher_lost": False,
         "checkpoint": None,
         "eval": {},
         "resumed_from": str(resumed["from"]) if resumed["from"] else None,
@@ -333,7 +338,7 @@ def _train(cfg, ctx: DistContext, backbone, loader) -> dict:
                     skipped, step = 0, step + 1
                     run.finish_step(step, time.perf_counter() - t0, wait, loss, lr, norm)
                 if stop_now:
-                    run.preempt(step)
+                    run.preempt(step, stop_now)
                     break
         if cfg.eval.targets and not run.summary["preempted"]:
             run.summary["eval"] = _evaluate(cfg, ctx, parts, run.out, run.metrics)
