@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -238,3 +239,57 @@ def test_deepspeed_launcher_script(tmp_path):
     meta = json.loads((out / "checkpoints" / "step_2" / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["engine"] == "deepspeed"
     assert _logged_steps(out) == [1, 2]
+
+
+def _launch(tmp_path: Path, out: Path, env_extra: dict[str, str], *overrides, log="log.txt"):
+    """``launch/torchrun.sh`` for 2 CPU ranks in the background (bash execs into torchrun)."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("train:\n  seed: 0\n")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(REPO),
+        NPROC_PER_NODE="2",
+        MASTER_PORT=str(free_port()),
+        **env_extra,
+    )
+    cmd = ["bash", str(REPO / "launch" / "torchrun.sh"), str(cfg), *TINY]
+    cmd += [f"train.output_dir={out}", *overrides]
+    handle = (tmp_path / log).open("w")
+    return subprocess.Popen(
+        cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+    )
+
+
+def _losses(out: Path) -> dict[int, float]:
+    """Loss per step; a step logged again after a restart counts with its last value."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return {rec["step"]: rec["loss"] for rec in map(json.loads, filter(None, lines))}
+
+
+def _rank_of(pid: int) -> int:
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in env if v.startswith(b"RANK=")).split(b"=")[1])
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_killed_worker_restarts_from_the_last_checkpoint_with_the_same_losses(tmp_path):
+    steps = ["train.total_steps=16", "checkpoint.every_steps=2"]
+    ref = _launch(tmp_path, tmp_path / "ref", {}, *steps, log="ref.txt")
+    assert ref.wait(timeout=400) == 0, (tmp_path / "ref.txt").read_text()[-3000:]
+    out = tmp_path / "run"
+    proc = _launch(tmp_path, out, {"MAX_RESTARTS": "1"}, *steps)
+    _wait_for(lambda: 4 in _steps_of(out), proc, 240, "checkpoint step_4")
+    rank1 = next(pid for pid in _children(proc.pid) if _rank_of(pid) == 1)
+    os.kill(rank1, signal.SIGKILL)  # one worker dies; torchrun restarts both
+    assert proc.wait(timeout=400) == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    log = (tmp_path / "log.txt").read_text()
+    resumed = [int(s) for s in re.findall(r"resumed from \S+step_(\d+) at step", log)]
+    assert len(resumed) == 1 and 4 <= resumed[0] < 16, log[-3000:]
+    expected, got = _losses(tmp_path / "ref"), _losses(out)
+    assert sorted(got) == list(range(1, 17))
+    for step in range(resumed[0] + 1, 17):  # the restarted steps equal the uninterrupted run
+        assert got[step] == pytest.approx(expected[step], rel=1e-6), step
+    meta = json.loads((out / "checkpoints" / "step_16" / "meta.json").read_text())
+    assert meta["world_size"] == 2
