@@ -245,14 +245,8 @@ def _launch(tmp_path: Path, out: Path, env_extra: dict[str, str], *overrides, lo
     """``launch/torchrun.sh`` for 2 CPU ranks in the background (bash execs into torchrun)."""
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("train:\n  seed: 0\n")
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=str(REPO),
-        NPROC_PER_NODE="2",
-        MASTER_PORT=str(free_port()),
-        **env_extra,
-    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.update({"NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port()), **env_extra})
     cmd = ["bash", str(REPO / "launch" / "torchrun.sh"), str(cfg), *TINY]
     cmd += [f"train.output_dir={out}", *overrides]
     handle = (tmp_path / log).open("w")
@@ -293,3 +287,21 @@ def test_killed_worker_restarts_from_the_last_checkpoint_with_the_same_losses(tm
         assert got[step] == pytest.approx(expected[step], rel=1e-6), step
     meta = json.loads((out / "checkpoints" / "step_16" / "meta.json").read_text())
     assert meta["world_size"] == 2
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_elastic_job_loses_a_node_and_goes_on_resharded(tmp_path):
+    out, port = tmp_path / "run", str(free_port())
+    env = {"NNODES": "1:2", "NPROC_PER_NODE": "1", "MAX_RESTARTS": "1", "MASTER_PORT": port}
+    steps = ["train.total_steps=40", "checkpoint.every_steps=2"]
+    first = _launch(tmp_path, out, dict(env, RDZV_ID="shrink"), *steps, log="node_a.txt")
+    time.sleep(3)  # node A hosts the rendezvous store; node B is the one that dies
+    second = _launch(tmp_path, out, dict(env, RDZV_ID="shrink"), *steps, log="node_b.txt")
+    _wait_for(lambda: 4 in _steps_of(out), second, 300, "checkpoint step_4")
+    _kill_tree(second)  # node B is lost: its agent and its worker die at once
+    assert first.wait(timeout=400) == 0, (tmp_path / "node_a.txt").read_text()[-3000:]
+    log = (tmp_path / "node_a.txt").read_text()
+    assert "(saved by 2 ranks) on 1 ranks: classifier re-sharded" in log, log[-3000:]
+    meta = json.loads((out / "checkpoints" / "step_40" / "meta.json").read_text())
+    assert meta["world_size"] == 1 and meta["class_layout"] == [[0, 8]]
