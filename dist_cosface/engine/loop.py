@@ -1,10 +1,10 @@
 """The training loop: ``train(cfg, ctx) -> summary``.
 
 One optimizer step = ``optim.grad_accum_steps`` micro-batches. Per step the loop issues, in
-addition to the model's own collectives, ONE all-reduce of a 2-element tensor that carries
-the global gradient norm (each classifier shard counted once) and the "SIGTERM received"
-flag, and reads it on the host: that single synchronisation gives every rank the same
-decision about clipping, fp16 overflow skips, non-finite stops and preemption.
+addition to the model's own collectives, ONE all-reduce of a 3-element tensor that carries
+the global gradient norm (each classifier shard counted once) and the "SIGTERM received" and
+"launcher died" flags, and reads it on the host: that single synchronisation gives every
+rank the same decision about clipping, fp16 overflow skips, non-finite stops and preemption.
 """
 
 from __future__ import annotations
