@@ -191,7 +191,9 @@ def test_corrupted_checkpoint_is_detected_by_checksum(tmp_path):
     # a checkpoint named explicitly is not replaced by another one: it is an error
     with pytest.raises(ValueError, match=r"step_4/classifier_rank0\.pt: CRC32"):
         resolve_checkpoint(ckpts / "step_4", DistContext())
-    with pytest.raises(ValueError, match=r"step_4/classifier_rank0\.pt: CRC32"):
+    load_backbone(ckpts / "step_4")  # evaluation reads (and verifies) the backbone only
+    _flip_byte(ckpts / "step_4" / "backbone.pt")
+    with pytest.raises(ValueError, match=r"step_4/backbone\.pt: CRC32"):
         load_backbone(ckpts / "step_4")
     (ckpts / "step_2" / "meta.json").write_text('{"step": 2, "files"')  # cut short
     with pytest.raises(ValueError, match="no intact checkpoint.*checkpoint.resume=none"):

@@ -99,17 +99,18 @@ def read_meta(ckpt: Path) -> dict:
     return meta
 
 
-def resolve_checkpoint(path: str | Path, ctx: DistContext) -> Path | None:
+def resolve_checkpoint(path: str | Path, ctx: DistContext, only=None) -> Path | None:
     """The checkpoint to resume from ``path`` after verifying its files on all ranks.
 
     ``path`` is a checkpoint folder (it must be intact), or a run / checkpoints folder: the
     newest intact checkpoint there, skipping damaged ones with a warning. None: nothing there.
+    ``only``: the files that must be intact (default: all).
     """
     path = Path(path)
     if (path / "meta.json").is_file():
-        return select_verified([path], ctx, read_meta, strict=True)
+        return select_verified([path], ctx, read_meta, strict=True, only=only)
     root = path / "checkpoints" if complete_checkpoints(path / "checkpoints") else path
-    return select_verified(complete_checkpoints(root), ctx, read_meta, strict=False)
+    return select_verified(complete_checkpoints(root), ctx, read_meta, strict=False, only=only)
 
 
 def rng_state() -> dict:
@@ -289,7 +290,8 @@ def load_backbone(checkpoint_or_run_dir: str | Path) -> tuple[torch.nn.Module, i
     from dist_cosface.models import build_backbone
     from dist_cosface.models.config import ModelConfig
 
-    ckpt = resolve_checkpoint(checkpoint_or_run_dir, DistContext())  # verified, one process
+    # verified in this one process; the classifier shards (maybe GBs) are not needed here
+    ckpt = resolve_checkpoint(checkpoint_or_run_dir, DistContext(), only={"backbone.pt"})
     if ckpt is None:
         raise ValueError(f"no complete checkpoint found at {checkpoint_or_run_dir}")
     meta = read_meta(ckpt)

@@ -85,7 +85,7 @@ def damage(ckpt: Path, files: dict, names: list[str]) -> str | None:
     return None
 
 
-def _my_damage(ckpt: Path, ctx: DistContext, read_meta) -> str | None:
+def _my_damage(ckpt: Path, ctx: DistContext, read_meta, only) -> str | None:
     try:
         meta = read_meta(ckpt)
     except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
@@ -93,7 +93,7 @@ def _my_damage(ckpt: Path, ctx: DistContext, read_meta) -> str | None:
     files = meta.get("files")
     if files is None:  # format 1: nothing recorded to verify against
         return None
-    names = sorted(files)[ctx.rank :: ctx.world_size]
+    names = sorted(n for n in files if only is None or n in only)[ctx.rank :: ctx.world_size]
     return damage(ckpt, files, names)
 
 
@@ -107,17 +107,18 @@ def _all_ranks(ctx: DistContext, value):
 
 
 def select_verified(
-    candidates: list[Path], ctx: DistContext, read_meta, strict: bool
+    candidates: list[Path], ctx: DistContext, read_meta, strict: bool, only=None
 ) -> Path | None:
     """Newest intact checkpoint of ``candidates`` (oldest first), agreed by all ranks.
 
     Rank 0's candidate list is the one used, so ranks that see the folder differently still
     pick the same step. ``strict`` (an explicitly named checkpoint): damage is an error.
+    ``only``: verify just these files (a reader that needs only the backbone).
     """
     order = [str(c) for c in reversed(candidates)]
     order = [Path(c) for c in _all_ranks(ctx, order)[0]]
     for ckpt in order:
-        problems = [p for p in _all_ranks(ctx, _my_damage(ckpt, ctx, read_meta)) if p]
+        problems = [p for p in _all_ranks(ctx, _my_damage(ckpt, ctx, read_meta, only)) if p]
         if not problems:
             return ckpt
         if strict:
