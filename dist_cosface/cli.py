@@ -33,13 +33,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from dist_cosface.config import load_config
     from dist_cosface.distributed import init_distributed, shutdown
     from dist_cosface.engine import train
+    from dist_cosface.engine.signals import watch_launcher
 
     cfg = load_config(args.config, args.overrides)
+    watch_launcher(grace_s=cfg.dist.timeout_s)  # stop when torchrun's agent is killed
     ctx = init_distributed(cfg.dist)
     try:
-        train(cfg, ctx)
+        summary = train(cfg, ctx)
     finally:
         shutdown(ctx)
+    if summary["launcher_lost"]:  # not done: a surviving agent must not count this a success
+        print("stopped because a launcher died; resume from the checkpoint", file=sys.stderr)
+        return 1
     return 0
 
 

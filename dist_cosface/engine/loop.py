@@ -1,10 +1,10 @@
 """The training loop: ``train(cfg, ctx) -> summary``.
 
 One optimizer step = ``optim.grad_accum_steps`` micro-batches. Per step the loop issues, in
-addition to the model's own collectives, ONE all-reduce of a 3-element tensor that carries
-the global gradient norm (each classifier shard counted once), the "SIGTERM received" flag
-and the loader's "bad input data" flag, and reads it on the host: that single
-synchronisation gives every rank the same decision about clipping, fp16 overflow skips,
+addition to the model's own collectives, ONE all-reduce of a 4-element tensor that carries
+the global gradient norm (each classifier shard counted once), the "SIGTERM received" and
+"launcher died" flags and the loader's "bad input data" flag, and reads it on the host: that
+single synchronisation gives every rank the same decision about clipping, fp16 overflow skips,
 non-finite stops, preemption and stops on bad data.
 """
 
@@ -27,8 +27,8 @@ from dist_cosface.data.integrity import raise_data_failure
 from dist_cosface.distributed import DistContext
 from dist_cosface.engine.amp import autocast
 from dist_cosface.engine.checkpoint import (
-    find_latest_checkpoint,
     load_checkpoint,
+    resolve_checkpoint,
     save_checkpoint,
     set_rng_state,
 )
@@ -36,6 +36,7 @@ from dist_cosface.engine.ds import engine_grad_norm, owns_backbone_grads
 from dist_cosface.engine.optim import clip_grads_, global_grad_norm_and_flags, lr_at, set_lr
 from dist_cosface.engine.parts import Parts, build_parts, check_config
 from dist_cosface.engine.progress import ProgressLog
+from dist_cosface.engine.runlock import RunLock
 from dist_cosface.engine.signals import StopRequest
 
 log = logging.getLogger(__name__)
@@ -63,20 +64,21 @@ class EpochStream:
         raise ValueError("the data loader yields no batches (len(loader) == 0?)")
 
 
-def _resolve_resume(cfg, out: Path) -> Path | None:
+def _resolve_resume(cfg, ctx: DistContext, out: Path) -> Path | None:
+    """The verified checkpoint to resume (all ranks agree), or None to start fresh."""
     resume = cfg.checkpoint.resume
     if resume == "none":
         return None
     if resume == "auto":
-        return find_latest_checkpoint(out / "checkpoints")
-    found = find_latest_checkpoint(resume)
+        return resolve_checkpoint(out / "checkpoints", ctx)
+    found = resolve_checkpoint(resume, ctx)
     if found is None:
         raise ValueError(f"checkpoint.resume={resume!r}: no complete checkpoint there")
     return found
 
 
 def _restore(cfg, ctx: DistContext, parts: Parts, out: Path) -> dict:
-    ckpt = _resolve_resume(cfg, out)
+    ckpt = _resolve_resume(cfg, ctx, out)
     if ckpt is None:
         return {"step": 0, "epoch": 0, "position": None, "from": None}
     state = load_checkpoint(
@@ -175,24 +177,24 @@ def _forward_backward(cfg, ctx, parts: Parts, stream: EpochStream) -> tuple[torc
     return loss_sum / accum, wait
 
 
-def _optimizer_step(cfg, ctx, parts: Parts, stop: StopRequest) -> tuple[float, bool, bool]:
-    """Clip and step; returns (grad norm, skipped for fp16 overflow, stop requested)."""
+def _optimizer_step(cfg, ctx, parts: Parts, stop: StopRequest) -> tuple[float, bool, str | None]:
+    """Clip and step; returns (grad norm, skipped for fp16 overflow, why to stop or None)."""
     ds = parts.ds_engine is not None
     head_only = ds and owns_backbone_grads(cfg)  # then DeepSpeed clips the backbone itself
     params = list(parts.head.parameters()) if head_only else parts.params()
     parts.scaler.unscale_(params)
     # a rank's loader that met bad data it must stop for votes here: every rank raises alike
     data_failed = float(getattr(parts.loader, "failure", None) is not None)
-    norm, (stop_votes, data_votes) = global_grad_norm_and_flags(
-        params, ctx, [float(stop.requested), data_failed]
-    )
+    flags = [float(stop.requested), float(stop.launcher_lost), data_failed]
+    norm, (stop_votes, lost_votes, data_votes) = global_grad_norm_and_flags(params, ctx, flags)
     if data_votes > 0:
         raise_data_failure(parts.loader, int(data_votes))
+    reason = ("launcher_lost" if lost_votes > 0 else "sigterm") if stop_votes > 0 else None
     if not math.isfinite(norm):
         for optimizer in parts.optimizers():
             optimizer.zero_grad(set_to_none=True)
         parts.scaler.update(found_inf=True)
-        return norm, True, stop_votes > 0
+        return norm, True, reason
     if cfg.optim.grad_clip is not None:
         clip_grads_(params, norm, cfg.optim.grad_clip)
     parts.head_optim.step()
@@ -205,7 +207,7 @@ def _optimizer_step(cfg, ctx, parts: Parts, stop: StopRequest) -> tuple[float, b
         parts.backbone_optim.step()
         parts.backbone_optim.zero_grad(set_to_none=True)
     parts.scaler.update(found_inf=False)
-    return norm, False, stop_votes > 0
+    return norm, False, reason
 
 
 def _comm_seconds(head) -> float | None:
@@ -219,12 +221,13 @@ def train(cfg, ctx: DistContext, *, backbone=None, loader=None) -> dict:
     """Train per ``cfg``; every rank calls this. ``backbone``/``loader`` override the builders.
 
     Returns a summary: ``step``, ``loss``, ``samples_per_s``, ``grad_norm`` (last log line),
-    ``preempted``, ``resumed_from``,
+    ``preempted``, ``launcher_lost`` (stopped because a rank's launcher died), ``resumed_from``,
     ``checkpoint``, ``eval``. An exception is logged with the rank and re-raised, so the
     launcher sees a non-zero exit and stops the other ranks.
     """
     try:
-        return _train(cfg, ctx, backbone, loader)
+        with RunLock(cfg.train.output_dir, ctx):  # a second job on this folder fails here
+            return _train(cfg, ctx, backbone, loader)
     except Exception:
         log.exception("rank %d: training failed", ctx.rank)
         raise
@@ -272,13 +275,15 @@ class _Run:
         if cfg.eval.targets and ev and step % ev == 0 and step < total:
             self.summary["eval"] = _evaluate(cfg, self.ctx, self.parts, self.out, self.metrics)
 
-    def preempt(self, step: int) -> None:
+    def preempt(self, step: int, reason: str) -> None:
         """SIGTERM agreed by all ranks: make sure this step is checkpointed, then stop."""
         if self.last_saved != step:
             self.checkpoint(step)
         self.summary["preempted"] = True
+        self.summary["launcher_lost"] = reason == "launcher_lost"  # the CLI exits non-zero
         if self.ctx.is_main:
-            print(f"SIGTERM: stopped at step {step}, checkpoint written", flush=True)
+            what = "a launcher died" if reason == "launcher_lost" else "SIGTERM"
+            print(f"{what}: stopped at step {step}, checkpoint written", flush=True)
 
 
 def _start(cfg, ctx: DistContext, backbone, loader) -> tuple[_Run, int]:
@@ -299,6 +304,7 @@ def _start(cfg, ctx: DistContext, backbone, loader) -> tuple[_Run, int]:
         "samples_per_s": None,
         "grad_norm": None,
         "preempted": False,
+        "launcher_lost": False,
         "checkpoint": None,
         "eval": {},
         "resumed_from": str(resumed["from"]) if resumed["from"] else None,
@@ -338,7 +344,7 @@ def _train(cfg, ctx: DistContext, backbone, loader) -> dict:
                     skipped, step = 0, step + 1
                     run.finish_step(step, time.perf_counter() - t0, wait, loss, lr, norm)
                 if stop_now:
-                    run.preempt(step)
+                    run.preempt(step, stop_now)
                     break
         if cfg.eval.targets and not run.summary["preempted"]:
             run.summary["eval"] = _evaluate(cfg, ctx, parts, run.out, run.metrics)
