@@ -3,8 +3,9 @@
 Implementations (``--impls``, default ``torch,naive``): ``torch`` is the head with
 ``kernel="torch"`` (chunked), ``triton`` the head with ``kernel="triton"`` (fused kernels,
 CUDA only), ``naive`` plain autograd. All compute the same distributed CosFace loss over
-``--world-size`` ranks (gloo on CPU, NCCL with one GPU per rank on CUDA). The naive one keeps
-the full local ``[global_batch, num_local_classes]`` logits, softmax statistics all-reduced over the group.
+``--world-size`` ranks (gloo on CPU, NCCL with one GPU per rank on CUDA). The naive one
+keeps the full local ``[global_batch, num_local_classes]`` logits, softmax statistics
+all-reduced over the group.
 
 Each implementation runs in its own freshly spawned ranks. Per rank: one warm-up
 forward+backward, ``--iters`` timed ones (default allocator settings), then one measured
