@@ -7,6 +7,7 @@ spawned gloo ranks whose environment carries the flag; this process only checks 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -87,3 +88,56 @@ def test_two_ranks_on_gloo_match_reference(sample_rate):
         shard = dw[class_start : class_start + grad_w.shape[0]]
         torch.testing.assert_close(grad_w.double(), shard, rtol=1e-4, atol=1e-6, msg=f"rank {rank}")
         start += n
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("margin_type", ["softmax", "nsl", "cosface", "arcface"])
+def test_cuda_triton_head_matches_reference(dtype, margin_type):
+    gen = torch.Generator().manual_seed(11)
+    num_classes, dim, batch = 3001, 512, 130  # partial tiles everywhere
+    weight = torch.randn(num_classes, dim, generator=gen, dtype=torch.float64)
+    x = torch.randn(batch, dim, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (batch,), generator=gen)
+    x[0] = -weight[labels[0]] + 0.05 * x[0]
+    for sample_rate in (1.0, 0.3):
+        head = ShardedClassifier(
+            num_classes, dim, margin_type=margin_type, scale=16.0, margin=0.4,
+            sample_rate=sample_rate, kernel="triton", chunk_size=1024,
+        )  # fmt: skip
+        with torch.no_grad():
+            head.weight.copy_(weight.float())
+        head = head.cuda()
+        xl = x.to("cuda", dtype).requires_grad_()
+        loss = head(xl, labels.cuda())
+        loss.backward()
+        classes = None if sample_rate == 1.0 else head.last_sampled_rows.sort().values.cpu()
+        ref, dx, dw = reference_loss_and_grads(x, weight, labels, margin_type, 16.0, 0.4, classes)
+        got = (loss.double().cpu(), xl.grad.double().cpu(), head.weight.grad.double().cpu())
+        if dtype == torch.float32:
+            for a, b in zip(got, (ref, dx, dw)):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        else:
+            torch.testing.assert_close(got[0], ref, rtol=2e-2, atol=2e-2)
+            for a, b in zip(got[1:], (dx, dw)):
+                assert (a - b).norm() <= 5e-2 * b.norm(), f"{dtype} {margin_type} {sample_rate}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_gpu_checks_script_skips_gpu_steps_on_cpu(tmp_path):
+    env = {**os.environ, "GPU_CHECKS_STEPS": "device bench2m bench10m train dali_cpu"}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "tools" / "gpu_checks.sh"), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = {
+        s["step"]: s["status"] for s in json.loads((tmp_path / "summary.json").read_text())["steps"]
+    }
+    assert steps["device"] == "ok"
+    assert "torch" in (tmp_path / "device.txt").read_text()
+    for name in ("bench2m", "bench10m", "train", "dali_cpu"):
+        assert steps[name] == "skipped: no CUDA device"
+    assert steps["tests"] == "skipped: not selected"
+    assert (tmp_path / "summary.txt").read_text().count("\n") == len(steps)
