@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from dist_cosface.classifier.comm import Comm
-from dist_cosface.classifier.loss import LossPlan, _chunk_weight, _chunks, _mm, _target_stats
+from dist_cosface.classifier.loss import LossPlan, _chunks, _mm, _target_stats
 from dist_cosface.classifier.margins import target_fn_grad
 
 KERNELS = ("auto", "torch", "triton")
@@ -188,9 +188,24 @@ def weight_and_input_grads(
             BLOCK_N=t["BLOCK_N"], BLOCK_C=t["GRAD_BLOCK_C"], BLOCK_K=t["BLOCK_K"],
             BLOCK_D=_next_pow2(d),
         )  # fmt: skip
-        _, w_hat, _ = _chunk_weight(weight, rows, c0, c1, plan)
-        grad_x += _mm(g, w_hat, plan)
+        grad_x += _mm(g, _normalized_rows(weight, rows, inv, c0, c1, plan), plan)
     return grad_x, (grad_w if need_weight_grad else None)
+
+
+def _normalized_rows(
+    weight: torch.Tensor,
+    rows: torch.Tensor | None,
+    inv: torch.Tensor,
+    c0: int,
+    c1: int,
+    plan: LossPlan,
+) -> torch.Tensor:
+    """``W_hat`` of columns [c0, c1) in the compute dtype, from the forward's inverse norms."""
+    w = weight[c0:c1] if rows is None else weight[rows[c0:c1]]
+    w = w.to(plan.compute_dtype, copy=True)
+    if plan.spec.normalized:
+        w.mul_(inv[c0:c1].to(plan.compute_dtype)[:, None])
+    return w
 
 
 def _next_pow2(v: int) -> int:
