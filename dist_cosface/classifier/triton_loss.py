@@ -25,8 +25,16 @@ KERNELS = ("auto", "torch", "triton")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # tile sizes: GPU (H100/H200 class, not tuned on hardware yet) and interpreter (small: the
 # interpreter runs programs one at a time, numpy-backed)
-_GPU_TILES = {"BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_K": 64, "GRAD_BLOCK_C": 32}
-_INTERP_TILES = {"BLOCK_N": 16, "BLOCK_C": 32, "BLOCK_K": 32, "GRAD_BLOCK_C": 32}
+# (the backward keeps a [GRAD_BLOCK_C, D] fp32 accumulator and a [GRAD_BLOCK_N, D] operand per
+# program, hence smaller row blocks and more warps there)
+_GPU_TILES = {
+    "BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_K": 64, "STATS_WARPS": 4,
+    "GRAD_BLOCK_N": 32, "GRAD_BLOCK_C": 32, "GRAD_WARPS": 8,
+}  # fmt: skip
+_INTERP_TILES = {
+    "BLOCK_N": 16, "BLOCK_C": 32, "BLOCK_K": 32, "STATS_WARPS": 4,
+    "GRAD_BLOCK_N": 16, "GRAD_BLOCK_C": 32, "GRAD_WARPS": 4,
+}  # fmt: skip
 
 
 @dataclass
@@ -142,6 +150,7 @@ def forward_statistics(
         HAS_ROWS=rows is not None, NORMALIZED=plan.spec.normalized,
         DOT_FP32=interpreting() or x_scaled.dtype == torch.float32,
         BLOCK_N=t["BLOCK_N"], BLOCK_C=t["BLOCK_C"], BLOCK_K=t["BLOCK_K"],
+        num_warps=t["STATS_WARPS"],
     )  # fmt: skip
     part_max, part_sum, part_neg = parts
     # fixed-order reduction over the splits: deterministic, no atomics
@@ -185,8 +194,8 @@ def weight_and_input_grads(
             g, grad_w, factor32, n, c1 - c0, d, c0,
             HAS_ROWS=rows is not None, NORMALIZED=plan.spec.normalized,
             DOT_FP32=interpreting() or x_scaled.dtype == torch.float32,
-            BLOCK_N=t["BLOCK_N"], BLOCK_C=t["GRAD_BLOCK_C"], BLOCK_K=t["BLOCK_K"],
-            BLOCK_D=_next_pow2(d),
+            BLOCK_N=t["GRAD_BLOCK_N"], BLOCK_C=t["GRAD_BLOCK_C"], BLOCK_K=t["BLOCK_K"],
+            BLOCK_D=_next_pow2(d), num_warps=t["GRAD_WARPS"],
         )  # fmt: skip
         grad_x += _mm(g, _normalized_rows(weight, rows, inv, c0, c1, plan), plan)
     return grad_x, (grad_w if need_weight_grad else None)
