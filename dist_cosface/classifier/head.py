@@ -37,6 +37,13 @@ from dist_cosface.classifier.margins import (
     scale_lower_bound,
 )
 from dist_cosface.classifier.sampling import columns_of_targets, sample_rows, sampling_seed
+from dist_cosface.classifier.triton_loss import (
+    KERNELS,
+    RowStats,
+    RowStatsSink,
+    TritonMarginLoss,
+    use_triton,
+)
 from dist_cosface.classifier.unnormalized import unnormalized_feature_loss
 from dist_cosface.sharding import mark_sharded
 
@@ -80,6 +87,7 @@ class ShardedClassifier(nn.Module):
         scale_p_w: float = 0.9,
         sample_seed: int = 0,
         feature_norm: bool = True,
+        kernel: Literal["auto", "torch", "triton"] = "torch",
     ) -> None:
         super().__init__()
         _check_args(num_classes, embedding_size, margin_type, margin, sample_rate, chunk_size)
@@ -99,6 +107,11 @@ class ShardedClassifier(nn.Module):
             _check_unnormalized_features(margin_type, sample_rate, self.comm.world_size)
         self.sample_rate, self.sample_seed = sample_rate, sample_seed
         self.chunk_size, self.materialize = chunk_size, materialize
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {list(KERNELS)}, got {kernel!r}")
+        self.kernel = kernel
+        # per-row target / hardest-negative cosines of the last forward (Triton path only)
+        self.last_row_stats: RowStats | None = None
         self.class_start, self.num_local_classes = class_range(
             num_classes, self.comm.world_size, self.comm.rank
         )
@@ -130,6 +143,7 @@ class ShardedClassifier(nn.Module):
             scale_p_w=cfg.scale_p_w,
             sample_seed=cfg.sample_seed,
             feature_norm=cfg.feature_norm,
+            kernel=cfg.kernel,
         )
 
     @property
@@ -194,6 +208,13 @@ class ShardedClassifier(nn.Module):
         rows = self._pick_rows(local_labels_all)
         target_col = columns_of_targets(local_labels_all, rows, self.num_local_classes)
         self._mark_touched(rows)
+        if use_triton(self.kernel, x.device, plan.compute_dtype):
+            sink = RowStatsSink()
+            loss = TritonMarginLoss.apply(
+                x.to(plan.compute_dtype), self.weight, rows, target_col, plan, comm, sink
+            )
+            self.last_row_stats = sink.value
+            return loss
         return ShardedMarginLoss.apply(
             x.to(plan.compute_dtype), self.weight, rows, target_col, plan, comm
         )
