@@ -11,6 +11,7 @@ equal scores by lower global gallery index.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -74,8 +75,12 @@ def local_topk(
     *,
     offset: int = 0,
     chunk_size: int = 65536,
+    on_block: Callable[[torch.Tensor], None] | None = None,
 ) -> TopK:
-    """Top-k of ``queries @ gallery.T`` over this rank's gallery slice (global index offset)."""
+    """Top-k of ``queries @ gallery.T`` over this rank's gallery slice (global index offset).
+
+    ``on_block`` sees every ``[Q, chunk]`` score block, for statistics taken in the same pass.
+    """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if chunk_size < 1:
@@ -90,6 +95,8 @@ def local_topk(
     for start in range(0, gallery.shape[0], chunk_size):
         block = gallery[start : start + chunk_size]
         scores = queries @ block.T
+        if on_block is not None:
+            on_block(scores)
         values, cols = _chunk_topk(scores, min(k, block.shape[0]))
         best = merge_topk(
             torch.cat([best.scores, values], dim=1),
