@@ -49,16 +49,21 @@ def _chunk_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     """Top-k columns of one score block with exact index tie-breaking.
 
     ``torch.topk`` picks arbitrarily among values equal to the k-th one; that only matters
-    when a row holds more values >= its k-th value than k. Such rows (rare with real
-    embeddings) are redone: everything above the k-th value plus the lowest-index ties.
+    when some value outside the chosen k equals the k-th, i.e. when the (k+1)-th largest
+    equals the k-th (one extra column of ``topk`` tells, no pass over the block). Such rows
+    (rare with real embeddings) are redone: everything above the k-th value plus the
+    lowest-index ties.
     """
-    values, cols = torch.topk(scores, k, dim=1)
-    kth = values[:, -1:]
-    ambiguous = (scores >= kth).sum(dim=1) > k
+    extra = 1 if scores.shape[1] > k else 0
+    values, cols = torch.topk(scores, k + extra, dim=1)
+    if not extra:
+        return values, cols
+    ambiguous = values[:, k] == values[:, k - 1]
+    values, cols = values[:, :k].contiguous(), cols[:, :k].contiguous()
     if bool(ambiguous.any()):
         rows = ambiguous.nonzero().squeeze(1)
-        block, t = scores[rows], kth[rows]
-        above, tied = block > t, block == t
+        block, kth = scores[rows], values[rows, k - 1 :]
+        above, tied = block > kth, block == kth
         need = k - above.sum(dim=1, keepdim=True)
         take = above | (tied & (tied.cumsum(dim=1) <= need))
         # exactly k True per row: nonzero lists them row by row, columns ascending
