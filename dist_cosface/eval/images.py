@@ -128,6 +128,24 @@ def load_image(ref: ImageRef, image_size: int):
     return align_face(image, points, image_size, where=str(ref))
 
 
+def _load_batch(refs, start, stop, image_size, skipped):
+    from PIL import Image
+
+    from dist_cosface.eval.align import AlignmentError
+
+    batch, bad = [], []
+    for i in range(start, min(stop, len(refs))):
+        try:
+            batch.append(load_image(refs[i], image_size))
+        except AlignmentError:
+            if skipped is None:
+                raise
+            skipped.append(i)
+            bad.append(i - start)
+            batch.append(Image.new("RGB", (image_size, image_size)))
+    return batch, bad
+
+
 @torch.no_grad()
 def embed_images(
     backbone: nn.Module,
@@ -136,8 +154,13 @@ def embed_images(
     device: torch.device | str,
     batch_size: int = 64,
     flip: bool = True,
+    skipped: list[int] | None = None,
 ) -> torch.Tensor:
-    """Unnormalised float32 embeddings ``[len(refs), D]`` on the CPU (image + mirror image)."""
+    """Unnormalised float32 embeddings ``[len(refs), D]`` on the CPU (image + mirror image).
+
+    With a ``skipped`` list, images whose landmarks cannot be aligned get a zero row and
+    their positions are appended to it, instead of raising.
+    """
     was_training = backbone.training
     backbone.eval()
     dtype = _input_dtype(backbone)
@@ -147,11 +170,12 @@ def embed_images(
         if chunks:
             chunks = [backbone(chunks[0].to(device, dtype)).float().cpu()[:0]]
         for start in range(0, len(refs), batch_size):
-            batch = [load_image(r, image_size) for r in refs[start : start + batch_size]]
+            batch, bad = _load_batch(refs, start, start + batch_size, image_size, skipped)
             x = preprocess(batch, image_size).to(device, dtype)
             emb = backbone(x).float()
             if flip:
                 emb = emb + backbone(torch.flip(x, dims=[3])).float()
+            emb[bad] = 0.0
             chunks.append(emb.cpu())
     finally:
         backbone.train(was_training)
