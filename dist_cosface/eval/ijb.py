@@ -279,7 +279,7 @@ def run_ijb(
     from dist_cosface.eval.ranks import gather_rows, run_agreed
 
     ijb = run_agreed(lambda: read_ijb(root, name), group)
-    start, stop = rank_slice(len(ijb.images), group)
+    start, stop = rank_slice(len(ijb.images), group, batch_size)
     skipped: list[int] = []
     local = run_agreed(
         lambda: embed_images(

@@ -182,8 +182,17 @@ def embed_images(
     return torch.cat(chunks)
 
 
-def rank_slice(num_items: int, group: dist.ProcessGroup | None) -> tuple[int, int]:
-    """This rank's contiguous ``[start, stop)`` of a list of ``num_items``."""
+def rank_slice(
+    num_items: int, group: dist.ProcessGroup | None, batch_size: int = 1
+) -> tuple[int, int]:
+    """This rank's contiguous ``[start, stop)`` of a list, made of whole batches.
+
+    Cutting only between batches of ``batch_size`` keeps every image in the same batch
+    whatever the number of ranks: convolution kernels may round differently for other batch
+    shapes, and near-equal scores would then order differently.
+    """
     if group is None:
         return 0, num_items
-    return shard_range(num_items, dist.get_rank(group), dist.get_world_size(group))
+    num_batches = -(-num_items // batch_size)
+    first, last = shard_range(num_batches, dist.get_rank(group), dist.get_world_size(group))
+    return min(first * batch_size, num_items), min(last * batch_size, num_items)

@@ -39,12 +39,12 @@ def counts_that_fit(total: int, counts: tuple[int, ...] = DISTRACTOR_COUNTS) -> 
 class _TopValues:
     """Running largest ``m`` values of every score block seen (flattened)."""
 
-    def __init__(self, m: int):
+    def __init__(self, m: int, dtype: torch.dtype):
         self.m = m
-        self.values = torch.empty(0)
+        self.values = torch.empty(0, dtype=dtype)  # stays empty on a rank with no rows
 
     def __call__(self, scores: torch.Tensor) -> None:
-        flat = torch.cat([self.values.to(scores.dtype), scores.flatten()])
+        flat = torch.cat([self.values, scores.flatten()])
         self.values = torch.topk(flat, min(self.m, flat.numel())).values
 
 
@@ -88,6 +88,7 @@ def identification_metrics(
     Every rank passes all probes and its slice of the distractors, starting at global index
     ``offset``; the first ``n`` distractors (global order) form the set of count ``n``.
     """
+    probes = probes.double()  # float64 scores: see local_topk
     rows, genuine = genuine_pairs(probes, labels)
     if genuine.size == 0:
         raise ValueError("no probe identity has two images: no genuine pairs to identify")
@@ -98,7 +99,7 @@ def identification_metrics(
         local = distractor_shard[: max(0, min(n - offset, distractor_shard.shape[0]))]
         num_impostors = probes.shape[0] * n
         top_m = max(int(math.floor(far * num_impostors)) + 1 for far in fars)
-        impostors = _TopValues(top_m)
+        impostors = _TopValues(top_m, probes.dtype)
         best = local_topk(probes, local, CMC_RANKS, chunk_size=chunk_size, on_block=impostors)
         per_probe = _gather_padded(best.scores, CMC_RANKS, group)
         per_probe = torch.sort(per_probe, dim=1, descending=True).values[:, :CMC_RANKS]
@@ -158,7 +159,7 @@ def run_megaface(
     counts = run_agreed(lambda: _check_counts(counts, total), group)
 
     def embed(refs):
-        start, stop = rank_slice(len(refs), group)
+        start, stop = rank_slice(len(refs), group, batch_size)
         local = embed_images(backbone, refs[start:stop], image_size, device, batch_size, flip)
         return start, torch.nn.functional.normalize(local, dim=1)
 

@@ -85,6 +85,9 @@ def local_topk(
     """Top-k of ``queries @ gallery.T`` over this rank's gallery slice (global index offset).
 
     ``on_block`` sees every ``[Q, chunk]`` score block, for statistics taken in the same pass.
+    Scores are computed in the queries' dtype: float64 queries over a float32 gallery keep
+    the gallery's memory and make the scores' rounding negligible, so results hold even for
+    near-equal scores (which float32 sums may order differently for other chunk shapes).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -98,7 +101,7 @@ def local_topk(
         torch.full((q, k), -1, dtype=torch.int64, device=queries.device),
     )
     for start in range(0, gallery.shape[0], chunk_size):
-        block = gallery[start : start + chunk_size]
+        block = gallery[start : start + chunk_size].to(queries.dtype)  # scores in queries' dtype
         scores = queries @ block.T
         if on_block is not None:
             on_block(scores)

@@ -140,7 +140,7 @@ def run_ytf(
 
     pairs = run_agreed(lambda: read_video_pairs(pairs_path, root), group)
     refs, owner = run_agreed(lambda: frame_refs(pairs.videos, max_frames), group)
-    start, stop = rank_slice(len(refs), group)
+    start, stop = rank_slice(len(refs), group, batch_size)
     local = run_agreed(
         lambda: embed_images(backbone, refs[start:stop], image_size, device, batch_size, flip),
         group,
