@@ -26,6 +26,7 @@ import argparse
 import datetime
 import os
 import pickle
+import queue
 import socket
 import time
 from pathlib import Path
@@ -137,7 +138,16 @@ def run_sharded(args) -> dict:
     ]
     for p in procs:
         p.start()
-    per_rank = [pickle.loads(results.get(timeout=3600)) for _ in procs]
+    per_rank = []
+    while len(per_rank) < len(procs):  # a rank that dies fails the run instead of hanging it
+        try:
+            per_rank.append(pickle.loads(results.get(timeout=5)))
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                for p in procs:
+                    p.kill()
+                raise SystemExit(f"a rank exited with status {dead[0]}") from None
     for p in procs:
         p.join()
     per_rank.sort(key=lambda r: r[0])

@@ -8,8 +8,10 @@ of ranks, so gathered embeddings do not depend on it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,7 +130,7 @@ def load_image(ref: ImageRef, image_size: int):
     return align_face(image, points, image_size, where=str(ref))
 
 
-def _load_batch(refs, start, stop, image_size, skipped):
+def _load_batch(refs, start, stop, image_size, skipped, load):
     from PIL import Image
 
     from dist_cosface.eval.align import AlignmentError
@@ -136,7 +138,7 @@ def _load_batch(refs, start, stop, image_size, skipped):
     batch, bad = [], []
     for i in range(start, min(stop, len(refs))):
         try:
-            batch.append(load_image(refs[i], image_size))
+            batch.append(load(refs[i]) if load else load_image(refs[i], image_size))
         except AlignmentError:
             if skipped is None:
                 raise
@@ -155,11 +157,13 @@ def embed_images(
     batch_size: int = 64,
     flip: bool = True,
     skipped: list[int] | None = None,
+    load: Callable[[Any], Any] | None = None,
 ) -> torch.Tensor:
     """Unnormalised float32 embeddings ``[len(refs), D]`` on the CPU (image + mirror image).
 
     With a ``skipped`` list, images whose landmarks cannot be aligned get a zero row and
-    their positions are appended to it, instead of raising.
+    their positions are appended to it, instead of raising. ``load(item) -> PIL image``
+    replaces :func:`load_image` for lists of other items.
     """
     was_training = backbone.training
     backbone.eval()
@@ -170,7 +174,7 @@ def embed_images(
         if chunks:
             chunks = [backbone(chunks[0].to(device, dtype)).float().cpu()[:0]]
         for start in range(0, len(refs), batch_size):
-            batch, bad = _load_batch(refs, start, start + batch_size, image_size, skipped)
+            batch, bad = _load_batch(refs, start, start + batch_size, image_size, skipped, load)
             x = preprocess(batch, image_size).to(device, dtype)
             emb = backbone(x).float()
             if flip:
