@@ -220,3 +220,21 @@ def test_template_without_usable_image_stops_every_rank(tmp_path):
     line = 1 + 4 * 17  # first image of the 18th template
     expected = f"ijbx_face_tid_mid.txt:{line}: template 120 has no usable image"
     assert all(m is not None and expected in m for m in messages), messages
+
+
+def test_pair_scores_blocks_and_rank_split_match_numpy():
+    from dist_cosface.eval.ijb import TemplateFeatures, pair_scores
+
+    gen = np.random.default_rng(5)
+    feats = numpy_normalize(gen.standard_normal((11, 6)))
+    ids = np.arange(100, 111)
+    pairs = gen.integers(100, 111, size=(40, 2))
+    tf = TemplateFeatures(ids, torch.from_numpy(feats))
+    ref = np.array([feats[a - 100] @ feats[b - 100] for a, b in pairs])
+    for world_size in (1, 2, 3):
+        got = np.full(len(pairs), np.nan)
+        for rank in range(world_size):
+            positions, scores = pair_scores(tf, pairs, rank, world_size, block=4)
+            assert np.isnan(got[positions]).all()  # every pair scored by exactly one rank
+            got[positions] = scores
+        np.testing.assert_allclose(got, ref, atol=1e-12)

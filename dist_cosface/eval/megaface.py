@@ -89,6 +89,8 @@ def identification_metrics(
     ``offset``; the first ``n`` distractors (global order) form the set of count ``n``.
     """
     probes = probes.double()  # float64 scores: see local_topk
+    # keep one float64 score block near 256 MiB whatever the number of probes
+    chunk_size = max(1, min(chunk_size, (1 << 25) // max(1, probes.shape[0])))
     rows, genuine = genuine_pairs(probes, labels)
     if genuine.size == 0:
         raise ValueError("no probe identity has two images: no genuine pairs to identify")
