@@ -44,8 +44,12 @@ class _TopValues:
         self.values = torch.empty(0, dtype=dtype)  # stays empty on a rank with no rows
 
     def __call__(self, scores: torch.Tensor) -> None:
-        flat = torch.cat([self.values, scores.flatten()])
-        self.values = torch.topk(flat, min(self.m, flat.numel())).values
+        # once m values are held, only scores above the smallest of them can enter: one
+        # comparison pass instead of a top-m selection over the whole block
+        full = self.values.numel() >= self.m
+        candidates = scores[scores > self.values[-1]] if full else scores.flatten()
+        flat = torch.cat([self.values, candidates])
+        self.values = torch.topk(flat, min(self.m, flat.numel())).values  # sorted, descending
 
 
 def _gather_padded(values: torch.Tensor, width: int, group) -> torch.Tensor:
