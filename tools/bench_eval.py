@@ -50,6 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=16384, help="gallery rows scored at once")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-faiss", action="store_true", help="skip the faiss baseline")
+    p.add_argument(
+        "--protocols",
+        action="store_true",
+        help="instead: time the MegaFace and IJB scoring steps in this process",
+    )
     return p.parse_args(argv)
 
 
@@ -185,8 +190,73 @@ def run_faiss(args) -> dict:
     }
 
 
+def time_protocols(args) -> None:
+    """MegaFace metrics (--queries probes x --gallery distractors) and IJB scoring steps."""
+    import numpy as np
+
+    from dist_cosface.eval.ijb import IJBSet, identification, pair_scores, template_features
+    from dist_cosface.eval.megaface import identification_metrics
+    from dist_cosface.eval.topk import local_topk
+
+    probes, labels = draw_queries(args), [i // 10 for i in range(args.queries)]
+    gallery = draw_rows(0, args.gallery, args.dim, args.seed)
+    for name, fn in [
+        (
+            "MegaFace identification_metrics (float64)",
+            lambda: identification_metrics(
+                probes,
+                labels,
+                gallery,
+                0,
+                args.gallery,
+                [args.gallery],
+                [1e-6, 1e-3],
+                None,
+                args.chunk,
+            ),
+        ),
+        ("local_topk float32", lambda: local_topk(probes, gallery, 10, chunk_size=args.chunk)),
+        (
+            "local_topk float64",
+            lambda: local_topk(probes.double(), gallery, 10, chunk_size=args.chunk),
+        ),
+    ]:
+        t0 = time.perf_counter()
+        fn()
+        print(f"{name}: {args.queries} x {args.gallery}: {time.perf_counter() - t0:.1f} s")
+    rng = np.random.default_rng(args.seed)
+    n, t, p = 100_000, 5_000, 2_000_000
+    templates = np.sort(rng.integers(0, t, n))
+    pairs = np.stack([rng.integers(0, t, p), rng.integers(0, t, p)], axis=1)
+    ijb = IJBSet(
+        "synthetic",
+        [],
+        templates,
+        templates * 10 + rng.integers(0, 3, n),
+        rng.random(n),
+        ["-"] * n,
+        pairs,
+        rng.random(p) < 0.01,
+    )
+    t0 = time.perf_counter()
+    feats = template_features(torch.randn(n, args.dim), ijb, np.ones(n, bool), True)
+    t1 = time.perf_counter()
+    pair_scores(feats, pairs)
+    t2 = time.perf_counter()
+    gallery_t = {g: g for g in range(0, t, 3)}
+    probes_t = {q: (q - 1 if q % 2 else 10**6 + q) for q in range(1, t, 3)}
+    identification(feats, gallery_t, probes_t)
+    t3 = time.perf_counter()
+    print(f"IJB media pooling, {n} images / {t} templates: {t1 - t0:.1f} s")
+    print(f"IJB pair scores, {p} pairs: {t2 - t1:.1f} s")
+    print(f"IJB 1:N, {len(probes_t)} probes x {len(gallery_t)} gallery templates: {t3 - t2:.1f} s")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.protocols:
+        time_protocols(args)
+        return
     gib = 2.0**30
     print(
         f"gallery {args.gallery} x {args.dim} float32 ({args.gallery * args.dim * 4 / gib:.2f} "
