@@ -41,11 +41,14 @@ def raise_on_any_rank(error: BaseException | None, group: dist.ProcessGroup | No
 
 
 def run_agreed(fn: Callable[[], T], group: dist.ProcessGroup | None) -> T:
-    """Run a rank-local step; a ValueError/TypeError/OSError on any rank stops all ranks."""
+    """Run a rank-local step; an exception on any rank is raised on every rank.
+
+    The failing rank re-raises its own exception, the others a ValueError quoting it.
+    """
     result, error = None, None
     try:
         result = fn()
-    except (ValueError, TypeError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the other ranks must hear of it
         error = exc
     raise_on_any_rank(error, group)
     return result  # type: ignore[return-value]
