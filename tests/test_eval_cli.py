@@ -12,6 +12,7 @@ from tests.eval_sets import pixel_backbone, yaleb
 from tests.multiproc import run_ranks
 from tests.test_eval_ijb import build_ijb_set
 from tests.test_eval_megaface import build_megaface_set
+from tests.test_eval_pairs_dist import yaleb_bin
 from tests.test_eval_ytf import build_ytf_set
 
 
@@ -31,9 +32,14 @@ def _argv(root, out):
         build_megaface_set(root / "mf", yaleb())
         build_ijb_set(root / "ijb", yaleb())
         build_ytf_set(root / "ytf", yaleb())
+        yaleb_bin(root / "yb.bin")
     probes, distractors = root / "mf" / "probes", root / "mf" / "distractors.txt"
     return [
         "ckpt",
+        "--target",
+        str(root / "yb.bin"),
+        "--far",
+        "0.1",
         "--megaface",
         str(probes),
         str(distractors),
@@ -73,10 +79,11 @@ def test_eval_benchmarks_same_on_1_and_2_ranks(tmp_path, capsys):
     assert run_ranks(2, _eval_on_ranks, _argv(tmp_path, two)) == [0, 0]
     single = json.loads((one / "eval.json").read_text())
     double = json.loads((two / "eval.json").read_text())
-    assert set(single) == {"megaface", "ijbx", "ytf"}
+    assert set(single) == {"yb", "megaface", "ijbx", "ytf"} and "yb: accuracy" in out
     assert sorted(single["megaface"]["by_count"]) == ["10", "150"]
     assert (one / "roc_ijbx.png").is_file() and (two / "roc_ijbx.png").is_file()
-    double["ijbx"]["roc_png"] = single["ijbx"]["roc_png"]
+    for key in ("ijbx", "yb"):
+        double[key]["roc_png"] = single[key]["roc_png"]
     assert single == double  # the pixel embedder is per-image exact, so equality is exact
 
 
@@ -88,5 +95,6 @@ def test_eval_needs_something_to_do(capsys):
 def test_too_many_distractors_is_a_clear_error(tmp_path):
     argv = _argv(tmp_path, tmp_path / "out")
     argv[argv.index("150")] = "151"
+    argv[argv.index("--target") : argv.index("--target") + 4] = []
     with pytest.raises(ValueError, match=r"distractor counts \[151\] not in \[1, 150\]"):
         run_eval_command(_args(argv), load_pixel_backbone)

@@ -16,7 +16,7 @@ from tests.eval_sets import pixel_backbone, yaleb
 from tests.multiproc import run_ranks
 
 
-def _yaleb_bin(path):
+def yaleb_bin(path):
     """21 pairs (11 same, 10 different) of Yale B images, alternating, as a .bin."""
     data = yaleb()
     folders = sorted(data.iterdir())[:8]
@@ -36,7 +36,7 @@ def _on_ranks(rank, world_size, cfg, out):
 
 @pytest.mark.multiproc
 def test_all_rank_pair_evaluation_equals_rank0_evaluator(tmp_path):
-    target = _yaleb_bin(tmp_path / "yb.bin")
+    target = yaleb_bin(tmp_path / "yb.bin")
     cfg = EvalConfig(targets=[str(target)], batch_size=4, n_folds=3, fars=[0.1])
     ref = run_evaluation(pixel_backbone(), cfg, "cpu", 32, tmp_path / "one")
     per_rank = run_ranks(3, _on_ranks, cfg, str(tmp_path / "three"))

@@ -28,7 +28,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--target",
         action="append",
         default=[],
-        help=".bin file, pairs file, or folder with pairs.txt (repeatable; rank 0 only)",
+        help=".bin file, pairs file, or folder with pairs.txt (repeatable)",
     )
     add_benchmark_arguments(parser)
     parser.add_argument(
@@ -56,21 +56,13 @@ def run_eval_command(args: argparse.Namespace, load_backbone: LoadBackbone) -> i
 
 
 def _run_all(args: argparse.Namespace, load_backbone: LoadBackbone, ctx) -> int:
-    from dist_cosface.eval.ranks import run_agreed
-
     device = ctx.device if ctx.is_distributed else torch.device(args.device)
     backbone, image_size = load_backbone(args.checkpoint)
     backbone = backbone.to(device)
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.checkpoint) / "eval"
     results = {}
     if args.target:
-        pairs = run_agreed(
-            lambda: (
-                _pair_targets(args, backbone, image_size, device, out_dir) if ctx.is_main else {}
-            ),
-            ctx.group,
-        )
-        results.update(pairs)
+        results.update(_pair_targets(args, backbone, image_size, device, out_dir, ctx))
     results.update(run_benchmarks(args, backbone, image_size, device, ctx.group, out_dir))
     if ctx.is_main:
         write_results(out_dir / "eval.json", results)
@@ -78,8 +70,9 @@ def _run_all(args: argparse.Namespace, load_backbone: LoadBackbone, ctx) -> int:
     return 0
 
 
-def _pair_targets(args, backbone, image_size, device, out_dir) -> dict:
-    from dist_cosface.eval.evaluate import run_evaluation
+def _pair_targets(args, backbone, image_size, device, out_dir, ctx) -> dict:
+    """``--target`` pair sets, their images embedded over all ranks."""
+    from dist_cosface.eval.pairs_dist import run_evaluation_all_ranks
 
     settings = {
         "targets": args.target,
@@ -90,8 +83,8 @@ def _pair_targets(args, backbone, image_size, device, out_dir) -> dict:
     if args.far:
         settings["fars"] = args.far
     cfg = from_mapping(EvalConfig, settings, "eval")
-    results = run_evaluation(backbone, cfg, device, image_size, out_dir)
-    for name, r in results.items():
+    results = run_evaluation_all_ranks(backbone, cfg, device, image_size, out_dir, ctx.group)
+    for name, r in results.items() if ctx.is_main else ():
         tars = ", ".join(f"TAR@FAR={far:g}: {tar:.4f}" for far, tar in r["tar_at_far"].items())
         print(
             f"{name}: accuracy {r['accuracy']:.4f} +- {r['accuracy_std']:.4f}, {tars}, "
