@@ -28,7 +28,7 @@ def preprocess(images: list, image_size: int) -> torch.Tensor:
     return batch.div_(127.5).sub_(1.0)
 
 
-def _input_dtype(backbone: nn.Module) -> torch.dtype:
+def input_dtype(backbone: nn.Module) -> torch.dtype:
     """Feed images in the weights' dtype: a DeepSpeed fp16/bf16 engine holds half weights."""
     for param in backbone.parameters():
         if param.is_floating_point():
@@ -53,7 +53,7 @@ def embed_set(
     """
     was_training = backbone.training
     backbone.eval()
-    dtype = _input_dtype(backbone)
+    dtype = input_dtype(backbone)
     chunks = []
     try:
         for start in range(0, len(vset.images), batch_size):

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_cosface.eval.evaluate import _input_dtype, preprocess
+from dist_cosface.eval.evaluate import input_dtype, preprocess
 from dist_cosface.eval.topk import shard_range
 from dist_cosface.eval.verification_set import decode_image
 
@@ -167,7 +167,7 @@ def embed_images(
     """
     was_training = backbone.training
     backbone.eval()
-    dtype = _input_dtype(backbone)
+    dtype = input_dtype(backbone)
     # an empty slice still yields the embedding width, which gathering needs
     chunks = [torch.zeros((1, 3, image_size, image_size))] if not refs else []
     try:
