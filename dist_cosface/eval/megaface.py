@@ -48,7 +48,7 @@ class _TopValues:
         # comparison pass instead of a top-m selection over the whole block
         full = self.values.numel() >= self.m
         candidates = scores[scores > self.values[-1]] if full else scores.flatten()
-        flat = torch.cat([self.values, candidates])
+        flat = torch.cat([self.values.to(scores.device), candidates])
         self.values = torch.topk(flat, min(self.m, flat.numel())).values  # sorted, descending
 
 
@@ -58,9 +58,9 @@ def _gather_padded(values: torch.Tensor, width: int, group) -> torch.Tensor:
     padded = torch.cat([values, values.new_full(pad_shape, float("-inf"))], dim=-1)
     if group is None:
         return padded
-    parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
+    from dist_cosface.eval.ranks import all_gather_tensor
+
+    return torch.cat(all_gather_tensor(padded, group), dim=-1)
 
 
 def genuine_pairs(embeddings: torch.Tensor, labels: list[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -54,17 +54,29 @@ def run_agreed(fn: Callable[[], T], group: dist.ProcessGroup | None) -> T:
     return result  # type: ignore[return-value]
 
 
+def comm_device(group: dist.ProcessGroup, fallback: torch.device) -> torch.device:
+    """Where the group's tensors must live: NCCL only moves CUDA tensors."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return fallback
+
+
+def all_gather_tensor(tensor: torch.Tensor, group: dist.ProcessGroup) -> list[torch.Tensor]:
+    """Every rank's same-shape ``tensor``, on the caller's device (NCCL-safe for CPU data)."""
+    here = tensor.device
+    sent = tensor.contiguous().to(comm_device(group, here))
+    parts = [torch.empty_like(sent) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, sent, group=group)
+    return [p.to(here) for p in parts]
+
+
 def gather_rows(local: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Concatenate every rank's ``[n_r, ...]`` rows in rank order (``n_r`` may differ)."""
     if group is None:
         return local
-    world_size = dist.get_world_size(group)
     count = torch.tensor([local.shape[0]], dtype=torch.int64, device=local.device)
-    counts = [torch.zeros_like(count) for _ in range(world_size)]
-    dist.all_gather(counts, count, group=group)
-    sizes = [int(c.item()) for c in counts]
+    sizes = [int(c.item()) for c in all_gather_tensor(count, group)]
     padded = local.new_zeros((max(sizes), *local.shape[1:]))
     padded[: local.shape[0]] = local
-    parts = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(parts, padded.contiguous(), group=group)
+    parts = all_gather_tensor(padded, group)
     return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])

@@ -118,11 +118,10 @@ def gather_topk(local: TopK, k: int, group: dist.ProcessGroup | None) -> TopK:
     """Merge every rank's top-k lists into the global top-k (same result on every rank)."""
     if group is None:
         return merge_topk(local.scores, local.indices, k)
-    world = dist.get_world_size(group)
-    scores = [torch.empty_like(local.scores) for _ in range(world)]
-    indices = [torch.empty_like(local.indices) for _ in range(world)]
-    dist.all_gather(scores, local.scores.contiguous(), group=group)
-    dist.all_gather(indices, local.indices.contiguous(), group=group)
+    from dist_cosface.eval.ranks import all_gather_tensor
+
+    scores = all_gather_tensor(local.scores, group)
+    indices = all_gather_tensor(local.indices, group)
     return merge_topk(torch.cat(scores, dim=1), torch.cat(indices, dim=1), k)
 
 
