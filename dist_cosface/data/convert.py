@@ -332,6 +332,8 @@ def convert(src: str | Path, out_dir: str | Path, opts: ConvertOptions) -> Conve
     plan_opts = {
         k: v for k, v in asdict(opts).items() if k not in ("workers", "progress", "overwrite")
     }
+    if not opts.landmarks:  # outputs written before alignment existed still resume
+        del plan_opts["landmarks"], plan_opts["align_size"]
     plan = {
         "source": str(src.resolve()),
         "options": plan_opts,
