@@ -4,7 +4,8 @@ Subcommands import their implementation lazily so ``dist-cosface --help`` stays 
 optional dependencies (DALI, DeepSpeed, onnx) are only needed by the commands that use them.
 
     dist-cosface train CONFIG.yaml [dotted.key=value ...]   (alone, or under torchrun/deepspeed)
-    dist-cosface eval RUN_OR_CHECKPOINT --target FILE ...
+    dist-cosface eval RUN_OR_CHECKPOINT --target FILE ... [--megaface P D] [--ijb ROOT NAME]
+        [--ytf PAIRS FRAMES]                                (alone, or under torchrun)
     dist-cosface export RUN_OR_CHECKPOINT OUT.onnx
     dist-cosface shards SRC OUT_DIR [options]               (image folder or .rec -> shards)
     dist-cosface reshard CHECKPOINT --world-size N --out DIR
@@ -133,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lazy(
         sub,
         "eval",
-        "verification accuracy of a trained backbone",
+        "verification / identification benchmarks of a trained backbone",
         "dist_cosface.eval.cli",
         "add_eval_arguments",
         _cmd_eval,

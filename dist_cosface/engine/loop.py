@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from dist_cosface.config import dump_config
 from dist_cosface.configtools import to_mapping
@@ -129,19 +128,19 @@ def _checkpoint(cfg, ctx, parts: Parts, out: Path, step: int, epoch: int, metric
 
 
 def _evaluate(cfg, ctx, parts: Parts, out: Path, metrics) -> dict:
-    results = {}
-    if ctx.is_main:
-        from dist_cosface.eval import run_evaluation
+    """Every rank embeds its share of the verification images; rank 0 logs and writes."""
+    from dist_cosface.eval.pairs_dist import run_evaluation_all_ranks
 
-        parts.backbone.eval()
-        with torch.no_grad():
-            results = run_evaluation(parts.backbone, cfg.eval, ctx.device, cfg.data.image_size, out)
-        parts.backbone.train()
+    parts.backbone.eval()
+    with torch.no_grad():
+        results = run_evaluation_all_ranks(
+            parts.backbone, cfg.eval, ctx.device, cfg.data.image_size, out, ctx.group
+        )
+    parts.backbone.train()
+    if ctx.is_main:
         for target, res in results.items():
             metrics.on_eval(target, float(res["accuracy"]))
             print(f"eval {target}: accuracy {res['accuracy']:.4f}", flush=True)
-    if ctx.is_distributed:
-        dist.barrier(group=ctx.group)  # other ranks wait for rank 0's evaluation
     return results
 
 

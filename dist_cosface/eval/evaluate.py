@@ -28,7 +28,7 @@ def preprocess(images: list, image_size: int) -> torch.Tensor:
     return batch.div_(127.5).sub_(1.0)
 
 
-def _input_dtype(backbone: nn.Module) -> torch.dtype:
+def input_dtype(backbone: nn.Module) -> torch.dtype:
     """Feed images in the weights' dtype: a DeepSpeed fp16/bf16 engine holds half weights."""
     for param in backbone.parameters():
         if param.is_floating_point():
@@ -53,7 +53,7 @@ def embed_set(
     """
     was_training = backbone.training
     backbone.eval()
-    dtype = _input_dtype(backbone)
+    dtype = input_dtype(backbone)
     chunks = []
     try:
         for start in range(0, len(vset.images), batch_size):
@@ -84,8 +84,13 @@ def save_roc_png(scores: np.ndarray, issame: np.ndarray, path: str | Path, title
     fpr, tpr = roc_curve(scores, issame)
     # A log axis cannot show FAR = 0: draw it at half the smallest non-zero FAR, 1/(2 N_neg).
     floor = 0.5 / int((~np.asarray(issame, dtype=bool)).sum())
+    marker = "."
+    if fpr.size > 4000:  # millions of pairs (IJB-C): ~2000 points evenly spaced on the log axis
+        picks = np.searchsorted(fpr, np.geomspace(floor, 1.0, 2000))
+        keep = np.unique(np.concatenate([[0, fpr.size - 1], np.minimum(picks, fpr.size - 1)]))
+        fpr, tpr, marker = fpr[keep], tpr[keep], None
     fig, ax = plt.subplots(figsize=(5, 4))
-    ax.plot(np.maximum(fpr, floor), tpr, marker=".", label=f"AUC {roc_auc(scores, issame):.4f}")
+    ax.plot(np.maximum(fpr, floor), tpr, marker=marker, label=f"AUC {roc_auc(scores, issame):.4f}")
     ax.set_xscale("log")
     ax.set(xlabel="false accept rate", ylabel="true accept rate", title=title)
     ax.set(xlim=(floor, 1.0), ylim=(0, 1.01))
