@@ -27,8 +27,12 @@ _RENDER_CHUNK = 1024  # images rendered at once (bounds memory for large folders
 
 
 def _renderer(image_size: int, seed: int) -> SyntheticLoader:
-    """Identity ``k``'s pattern depends only on ``(seed, k)``, as in the synthetic loader."""
-    return SyntheticLoader(DataConfig(image_size=image_size, seed=seed), DistContext())
+    """Identity ``k``'s pattern depends only on ``(seed, k)``, as in the synthetic loader.
+
+    Unmirrored, like an aligned face dataset: mirroring is the training loader's augmentation.
+    """
+    cfg = DataConfig(image_size=image_size, seed=seed, random_flip=False)
+    return SyntheticLoader(cfg, DistContext())
 
 
 def _encode_jpegs(

@@ -61,7 +61,7 @@ def embed_set(
     try:
         for start in range(0, len(vset.images), batch_size):
             indices = range(start, min(start + batch_size, len(vset.images)))
-            pil = [decode_image(vset.read_image_bytes(i), f"{vset.source}[{i}]") for i in indices]
+            pil = [decode_image(vset.read_image_bytes(i), vset.image_name(i)) for i in indices]
             x = preprocess(pil, image_size).to(device, dtype)
             emb = backbone(x).float()
             if flip:

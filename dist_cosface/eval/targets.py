@@ -65,7 +65,7 @@ def check_targets(cfg: EvalConfig) -> dict[str, VerificationSet]:
         for vset in sets.values():
             check_set(vset, cfg)
             for i in (0, len(vset.images) - 1):
-                decode_image(vset.read_image_bytes(i), f"{vset.source}[{i}]")
+                decode_image(vset.read_image_bytes(i), vset.image_name(i))
     except ValueError as exc:
         if str(exc).startswith("eval.targets"):
             raise
