@@ -22,13 +22,18 @@ if [[ -e "$OUT" && ! -e "$OUT/.quickstart" && -n "$(ls -A "$OUT")" ]]; then
 fi
 rm -rf "$OUT" && mkdir -p "$OUT" && touch "$OUT/.quickstart"
 CLI=("$PY" -m dist_cosface.cli)
-
+# Independent set-up steps run two at a time (each is one single-threaded process);
+# `wait PID` returns the background step's status, so set -e stops on its failure too.
 "${CLI[@]}" synthetic-faces "$OUT/faces/train" --identities 64 --images-per-identity 32 \
-  --image-size 32
+  --image-size 32 &
+faces=$!
 "${CLI[@]}" synthetic-faces "$OUT/faces/unseen" --identities 40 --images-per-identity 6 \
   --first-identity 64 --image-size 32
+wait "$faces"
+"$PY" tools/make_pairs.py "$OUT/faces/unseen" "$OUT/unseen_pairs.bin" --num-pairs 400 &
+pairs=$!
 "${CLI[@]}" shards "$OUT/faces/train" "$OUT/shards" --shard-size 512 --no-progress
-"$PY" tools/make_pairs.py "$OUT/faces/unseen" "$OUT/unseen_pairs.bin" --num-pairs 400
+wait "$pairs"
 
 if "$PY" -c "import nvidia.dali" 2>/dev/null; then
   BACKEND=dali

@@ -67,6 +67,15 @@ def tiny_cfg(out: Path, *overrides: str):
     return load_config(None, [*base, f"train.output_dir={out}", *EVAL_SETTINGS, *overrides])
 
 
+def run_train(launcher: list[str], run: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``dist-cosface train`` of the tiny synthetic setup as a subprocess (under ``launcher``)."""
+    cmd = [sys.executable, *launcher, "-m", "dist_cosface.cli", "train"]
+    cmd += [str(REPO / "configs" / "quickstart.yaml"), *TINY_OVERRIDES, "data.backend=synthetic"]
+    cmd += ["checkpoint.every_steps=0", f"train.output_dir={run}", *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+
+
 # ------------------------------------------------------------------ start-up checks
 
 
@@ -130,27 +139,12 @@ def test_train_rejects_an_unsafe_target_before_building_anything(tmp_path):
 def test_torchrun_job_with_a_bad_target_fails_at_start_naming_it(tmp_path):
     bad = pairs_folder(tmp_path / "lfw", [jpeg(i) for i in range(4)])
     (bad / "pairs.txt").write_text("0.jpg 1.jpg 1\nthis line is not a pair\n")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "dist_cosface.cli",
-        "train",
-        str(REPO / "configs" / "quickstart.yaml"),
-        *TINY_OVERRIDES,
-        "data.backend=synthetic",
-        "train.total_steps=1000",
-        f"train.output_dir={tmp_path / 'run'}",
-        f"eval.targets=[{bad}]",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run = tmp_path / "run"
+    proc = run_train(torchrun, run, "train.total_steps=1000", f"eval.targets=[{bad}]")
     assert proc.returncode != 0
     assert f"ValueError: eval.targets: {bad / 'pairs.txt'}:2: cannot parse" in proc.stderr
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (run / "metrics.jsonl").exists()
 
 
 # ------------------------------------------------------------- failures after training
@@ -201,22 +195,7 @@ def test_dist_cosface_train_exits_zero_when_its_final_evaluation_fails(tmp_path)
     images[5] = b"corrupt"
     broken = pairs_folder(tmp_path / "cfp", images)
     run = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "dist_cosface.cli",
-        "train",
-        str(REPO / "configs" / "quickstart.yaml"),
-        *TINY_OVERRIDES,
-        "data.backend=synthetic",
-        "train.total_steps=2",
-        "checkpoint.every_steps=0",
-        f"train.output_dir={run}",
-        f"eval.targets=[{broken}]",
-        *EVAL_SETTINGS,
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    proc = run_train([], run, "train.total_steps=2", f"eval.targets=[{broken}]", *EVAL_SETTINGS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "eval cfp: FAILED (ValueError:" in proc.stdout
     assert "evaluation on" in proc.stderr and "5.jpg" in proc.stderr  # the logged error
