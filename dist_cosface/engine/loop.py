@@ -130,7 +130,9 @@ def _evaluate(cfg, ctx, parts: Parts, out: Path, metrics) -> dict:
         results = _evaluate_on_main(cfg, ctx, parts, out)
         for target, res in results.items():
             if "error" in res:
-                print(f"eval {target}: FAILED ({res['error']}); training results are kept")
+                print(
+                    f"eval {target}: FAILED ({res['error']}); training results are kept", flush=True
+                )
                 continue
             metrics.on_eval(target, float(res["accuracy"]))
             print(f"eval {target}: accuracy {res['accuracy']:.4f}", flush=True)
