@@ -50,12 +50,12 @@ RUN="$OUT/run"
 # A chart that cannot be drawn must not fail a finished run.
 "$PY" tools/plot_run.py --metrics-log "$RUN/metrics.jsonl" --out "$RUN/training.png" \
   >/dev/null || echo "quickstart: warning: training chart not written" >&2
-plots=$(ls "$RUN"/*.png 2>/dev/null | tr '\n' ' ' || true)
+plots=$(ls "$RUN"/*.png 2>/dev/null | xargs || true)
 cat <<EOF
 quickstart: done in ${SECONDS} s
   run folder   $RUN (config.yaml, checkpoints/)
   metrics      $RUN/metrics.jsonl
   evaluation   $RUN/eval.json (pairs of 40 identities never seen in training)
-  plots        ${plots:-none}
+  plots        ${plots:-none (see the warnings above)}
   data         $OUT/faces (JPEG folders), $OUT/shards (shards, indexes, manifest.json)
 EOF
