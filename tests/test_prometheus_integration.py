@@ -131,7 +131,8 @@ PER_RANK_BATCH = 32  # data.batch_size of configs/quickstart.yaml, no gradient a
 
 
 def train_command(rank_base: int, out_dir: Path) -> list[str]:
-    """The quickstart run on 2 CPU ranks; far more steps than needed: the test stops it."""
+    """The quickstart model on 2 CPU ranks (in-memory synthetic data instead of the shards
+    launch/quickstart.sh writes); far more steps than needed: the test stops it."""
     return [
         sys.executable,
         "-m",
@@ -150,6 +151,7 @@ def train_command(rank_base: int, out_dir: Path) -> list[str]:
         f"train.output_dir={out_dir}",
         "checkpoint.every_steps=0",
         f"data.batch_size={PER_RANK_BATCH}",
+        "data.backend=synthetic",
     ]
 
 

@@ -37,6 +37,7 @@ def run_once(config: str, steps: int, enabled: bool, out: Path, port: int) -> fl
         "train.log_every=10",
         "checkpoint.every_steps=0",
         "checkpoint.resume=none",
+        "data.backend=synthetic",  # the exporter's cost, not the input pipeline's
         f"metrics.enabled={str(enabled).lower()}",
         f"metrics.port={port}",
         f"train.output_dir={out}",

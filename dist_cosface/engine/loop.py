@@ -33,7 +33,7 @@ from dist_cosface.engine.checkpoint import (
 )
 from dist_cosface.engine.ds import engine_grad_norm, owns_backbone_grads
 from dist_cosface.engine.optim import clip_grads_, global_grad_norm_and_flags, lr_at, set_lr
-from dist_cosface.engine.parts import Parts, build_parts, check_config
+from dist_cosface.engine.parts import Parts, build_parts, check_config, describe_loader
 from dist_cosface.engine.progress import ProgressLog
 from dist_cosface.engine.runlock import RunLock
 from dist_cosface.engine.signals import StopRequest
@@ -129,19 +129,43 @@ def _checkpoint(cfg, ctx, parts: Parts, out: Path, step: int, epoch: int, metric
 
 def _evaluate(cfg, ctx, parts: Parts, out: Path, metrics) -> dict:
     """Every rank embeds its share of the verification images; rank 0 logs and writes."""
-    from dist_cosface.eval.pairs_dist import run_evaluation_all_ranks
-
-    parts.backbone.eval()
-    with torch.no_grad():
-        results = run_evaluation_all_ranks(
-            parts.backbone, cfg.eval, ctx.device, cfg.data.image_size, out, ctx.group
-        )
-    parts.backbone.train()
+    results = _evaluate_all_ranks(cfg, ctx, parts, out)
     if ctx.is_main:
         for target, res in results.items():
+            if "error" in res:
+                print(
+                    f"eval {target}: FAILED ({res['error']}); training results are kept", flush=True
+                )
+                continue
             metrics.on_eval(target, float(res["accuracy"]))
             print(f"eval {target}: accuracy {res['accuracy']:.4f}", flush=True)
     return results
+
+
+def _evaluate_all_ranks(cfg, ctx, parts: Parts, out: Path) -> dict:
+    """Never raises: an evaluation failure must not turn a trained run into a failed one.
+
+    Targets that fail are logged and recorded with an ``error`` entry (in eval.json too).
+    """
+    from dist_cosface.eval.pairs_dist import run_evaluation_all_ranks
+
+    parts.backbone.eval()
+    try:
+        with torch.no_grad():
+            return run_evaluation_all_ranks(
+                parts.backbone,
+                cfg.eval,
+                ctx.device,
+                cfg.data.image_size,
+                out,
+                ctx.group,
+                keep_going=True,
+            )
+    except Exception as exc:  # beyond one target: e.g. eval.json cannot be written
+        log.exception("evaluation failed; checkpoints and metrics.jsonl are kept")
+        return {str(t): {"error": f"{type(exc).__name__}: {exc}"} for t in cfg.eval.targets}
+    finally:
+        parts.backbone.train()
 
 
 def _forward_backward(cfg, ctx, parts: Parts, stream: EpochStream) -> tuple[torch.Tensor, float]:
@@ -290,11 +314,17 @@ def _start(cfg, ctx: DistContext, backbone, loader) -> tuple[_Run, int]:
     from dist_cosface.metrics import build_metrics
 
     check_config(cfg)
+    if ctx.is_main and cfg.eval.targets:
+        from dist_cosface.eval.targets import check_targets
+
+        check_targets(cfg.eval)  # a bad or unsafe eval file fails now, not after training
     out = Path(cfg.train.output_dir)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
     parts = build_parts(cfg, ctx, backbone, loader)
+    if ctx.is_main:
+        print(f"data: {describe_loader(cfg.data, parts.loader)}", flush=True)
     resumed = _restore(cfg, ctx, parts, out)
     step = resumed["step"]
     summary = {

@@ -59,30 +59,61 @@ def run_evaluation_all_ranks(
     out_dir: str | Path,
     group: dist.ProcessGroup | None,
     sets: dict[str, VerificationSet] | None = None,
+    *,
+    keep_going: bool = False,
 ) -> dict[str, dict]:
-    """Collective: every rank calls it and gets the results; rank 0 writes the files."""
+    """Collective: every rank calls it and gets the results; rank 0 writes the files.
+
+    ``keep_going`` has the meaning of :func:`dist_cosface.eval.evaluate.run_evaluation`: a
+    target that fails is recorded as ``{"error", "target"}`` and the others are still evaluated.
+    Every failure inside a collective step is raised on all ranks alike (``run_agreed``), so
+    all ranks record the same entry and stay in step.
+    """
     from dist_cosface.eval.benchmarks import write_results
-    from dist_cosface.eval.evaluate import pair_scores, save_roc_png
-    from dist_cosface.eval.metrics import verification_metrics
+    from dist_cosface.eval.evaluate import failure_entry, load_each_target
     from dist_cosface.eval.ranks import run_agreed
     from dist_cosface.eval.targets import load_targets
 
-    sets = run_agreed(lambda: load_targets(cfg), group) if sets is None else sets
+    results: dict[str, dict] = {}
+    if sets is None:
+        load = (lambda: load_each_target(cfg, results)) if keep_going else lambda: load_targets(cfg)
+        sets = run_agreed(load, group)
     main = group is None or dist.get_rank(group) == 0
     out_dir = Path(out_dir)
-    results = {}
     for name, vset in sets.items():
-        if vset.num_pairs < cfg.n_folds:
-            raise ValueError(f"{vset.source}: {vset.num_pairs} pairs < eval.n_folds={cfg.n_folds}")
-        embeddings = embed_pairs(backbone, vset, image_size, device, cfg, group)
-        scores = pair_scores(embeddings)
-        issame = np.asarray(vset.issame, dtype=bool)
-        results[name] = verification_metrics(scores, issame, cfg.fars, cfg.n_folds)
-        if cfg.roc_png:
-            path = out_dir / f"roc_{name}.png"
-            if main:
-                save_roc_png(scores, issame, path, vset.name)
-            results[name]["roc_png"] = str(path)
+        try:
+            results[name] = _evaluate_set(
+                backbone, vset, cfg, device, image_size, group, main, out_dir / f"roc_{name}.png"
+            )
+        except Exception as exc:
+            if not keep_going:
+                raise
+            results[name] = failure_entry(vset.source or name, exc)
     if main:
         write_results(out_dir / "eval.json", results)
     return results
+
+
+def _evaluate_set(
+    backbone: torch.nn.Module,
+    vset: VerificationSet,
+    cfg: EvalConfig,
+    device: torch.device | str,
+    image_size: int,
+    group: dist.ProcessGroup | None,
+    main: bool,
+    roc_path: Path,
+) -> dict:
+    """Collective: the metrics of one set on every rank; rank 0 draws the ROC PNG."""
+    from dist_cosface.eval.evaluate import add_roc_png, pair_scores
+    from dist_cosface.eval.metrics import verification_metrics
+
+    if vset.num_pairs < cfg.n_folds:
+        raise ValueError(f"{vset.source}: {vset.num_pairs} pairs < eval.n_folds={cfg.n_folds}")
+    embeddings = embed_pairs(backbone, vset, image_size, device, cfg, group)
+    scores = pair_scores(embeddings)
+    issame = np.asarray(vset.issame, dtype=bool)
+    result = verification_metrics(scores, issame, cfg.fars, cfg.n_folds)
+    if cfg.roc_png and main:
+        add_roc_png(result, scores, issame, roc_path, vset)
+    return result

@@ -219,6 +219,8 @@ class PrometheusMetrics(RunMetrics):
                 "metrics.port to a free base port (0 = ephemeral) or metrics.enabled=false"
             ) from exc
         self.port = self._server.server_port
+        # with metrics.port 0 (a free port per rank) this line is how to find the endpoint
+        log.info("rank %d: metrics at http://%s:%d/metrics", self.rank, host, self.port)
 
     def _start_pusher(self) -> None:
         self._pusher = threading.Thread(
