@@ -4,12 +4,13 @@ Subcommands import their implementation lazily so ``dist-cosface --help`` stays 
 optional dependencies (DALI, DeepSpeed, onnx) are only needed by the commands that use them.
 
     dist-cosface train CONFIG.yaml [dotted.key=value ...]   (alone, or under torchrun/deepspeed)
-    dist-cosface eval RUN_OR_CHECKPOINT --target FILE ...
+    dist-cosface eval RUN_OR_CHECKPOINT --target FILE ... [--megaface P D] [--ijb ROOT NAME]
+        [--ytf PAIRS FRAMES]                                (alone, or under torchrun)
     dist-cosface export RUN_OR_CHECKPOINT OUT.onnx
     dist-cosface shards SRC OUT_DIR [options]               (image folder or .rec -> shards)
     dist-cosface reshard CHECKPOINT --world-size N --out DIR
     dist-cosface config CONFIG.yaml [dotted.key=value ...]  (print the resolved config)
-    dist-cosface synthetic-pairs CONFIG.yaml OUT.bin        (verification set, unseen identities)
+    dist-cosface synthetic-faces OUT_DIR [options]          (JPEG identity folders, generated)
 """
 
 from __future__ import annotations
@@ -33,36 +34,49 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from dist_cosface.config import load_config
     from dist_cosface.distributed import init_distributed, shutdown
     from dist_cosface.engine import train
+    from dist_cosface.engine.signals import watch_launcher
 
     cfg = load_config(args.config, args.overrides)
+    watch_launcher(grace_s=cfg.dist.timeout_s)  # stop when torchrun's agent is killed
     ctx = init_distributed(cfg.dist)
     try:
-        train(cfg, ctx)
+        summary = train(cfg, ctx)
     finally:
         shutdown(ctx)
+    if summary["launcher_lost"]:  # not done: a surviving agent must not count this a success
+        print("stopped because a launcher died; resume from the checkpoint", file=sys.stderr)
+        return 1
     return 0
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    import yaml
-
-    from dist_cosface.config import load_config
-    from dist_cosface.configtools import to_mapping
+    from dist_cosface.config import config_to_yaml, load_config
 
     cfg = load_config(args.config, args.overrides)
-    sys.stdout.write(yaml.safe_dump(to_mapping(cfg), sort_keys=False))
+    sys.stdout.write(config_to_yaml(cfg))
     return 0
 
 
-def _cmd_synthetic_pairs(args: argparse.Namespace) -> int:
-    from dist_cosface.config import load_config
-    from dist_cosface.eval.synthetic_set import make_synthetic_verification_set
+def _cmd_synthetic_faces(args: argparse.Namespace) -> int:
+    from dist_cosface.data.synth_shards import write_synthetic_image_folder
 
-    cfg = load_config(args.config)
-    path = make_synthetic_verification_set(
-        cfg.data, args.out, num_identities=args.identities, num_pairs=args.pairs, seed=args.seed
+    try:
+        path = write_synthetic_image_folder(
+            args.out_dir,
+            args.identities,
+            args.images_per_identity,
+            first_identity=args.first_identity,
+            image_size=args.image_size,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        print(f"dist-cosface synthetic-faces: error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {args.identities} x {args.images_per_identity} synthetic face JPEGs "
+        f"(identities {args.first_identity}..{args.first_identity + args.identities - 1}) "
+        f"to {path}"
     )
-    print(f"wrote {args.pairs} pairs of {args.identities} unseen synthetic identities to {path}")
     return 0
 
 
@@ -110,15 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(show)
     show.set_defaults(func=_cmd_config)
 
-    pairs = sub.add_parser(
-        "synthetic-pairs", help="verification .bin of synthetic identities unseen in training"
+    faces = sub.add_parser(
+        "synthetic-faces", help="write generated face JPEGs as OUT_DIR/<identity>/<image>.jpg"
     )
-    pairs.add_argument("config", help="the training config whose data.* section to follow")
-    pairs.add_argument("out", help="output .bin path")
-    pairs.add_argument("--identities", type=int, default=40)
-    pairs.add_argument("--pairs", type=int, default=400)
-    pairs.add_argument("--seed", type=int, default=0)
-    pairs.set_defaults(func=_cmd_synthetic_pairs)
+    faces.add_argument("out_dir", help="folder to create (must not exist)")
+    faces.add_argument("--identities", type=int, default=64)
+    faces.add_argument("--images-per-identity", type=int, default=32)
+    faces.add_argument(
+        "--first-identity",
+        type=int,
+        default=0,
+        help="number of the first identity; disjoint ranges give held-out identities",
+    )
+    faces.add_argument("--image-size", type=int, default=112)
+    faces.add_argument("--seed", type=int, default=0)
+    faces.set_defaults(func=_cmd_synthetic_faces)
 
     _add_lazy(
         sub,
@@ -131,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lazy(
         sub,
         "eval",
-        "verification accuracy of a trained backbone",
+        "verification / identification benchmarks of a trained backbone",
         "dist_cosface.eval.cli",
         "add_eval_arguments",
         _cmd_eval,

@@ -13,7 +13,13 @@ from pathlib import Path
 import yaml
 
 from dist_cosface.classifier.config import ClassifierConfig
-from dist_cosface.configtools import apply_overrides, from_mapping, load_yaml, to_mapping
+from dist_cosface.configtools import (
+    ConfigYamlDumper,
+    apply_overrides,
+    from_mapping,
+    load_yaml,
+    to_mapping,
+)
 from dist_cosface.data.config import DataConfig
 from dist_cosface.distributed import DistConfig
 from dist_cosface.engine.config import CheckpointConfig, OptimConfig, TrainConfig
@@ -43,4 +49,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_mapping(cfg), sort_keys=False))
+    Path(path).write_text(config_to_yaml(cfg))
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML that :func:`load_config` reads back to an equal config."""
+    return yaml.dump(to_mapping(cfg), Dumper=ConfigYamlDumper, sort_keys=False)

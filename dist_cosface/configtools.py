@@ -10,6 +10,8 @@ construction and should raise ValueError naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -24,7 +26,18 @@ class ConfigError(ValueError):
     """A config key or value is invalid; the message names the dotted key."""
 
 
+class _BadValue(ConfigError):
+    """The value has the annotated type but is out of range: no other Union option applies."""
+
+
 def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(option) for option in typing.get_args(tp))
+    if origin is Literal:
+        return " | ".join(repr(v) for v in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -34,12 +47,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        errors = []
         for option in typing.get_args(tp):
             try:
                 return _coerce(value, option, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except _BadValue:
+                raise
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: {value!r} does not match {_type_name(tp)}")
     if tp is type(None):
         if value is not None:
@@ -66,7 +80,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        number = float(value) if abs(value) < 1e308 else math.inf  # no OverflowError
+        if not math.isfinite(number):
+            # YAML's .nan/.inf mean nothing in any of our fields, and NaN slips through
+            # every range check in validate() (a NaN lr used to fail only at step 1)
+            raise _BadValue(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
@@ -107,8 +126,17 @@ def from_mapping(cls: type[T], data: Any, prefix: str = "") -> T:
         except ConfigError:
             raise
         except ValueError as exc:
-            raise ConfigError(f"{where}: {exc}") from exc
+            raise ConfigError(_validation_message(prefix, where, fields, str(exc))) from exc
     return obj
+
+
+def _validation_message(prefix: str, where: str, fields: dict, message: str) -> str:
+    """``optim.lr must be positive`` when the message starts with a field name, else
+    ``optim: <message>``: validators name the field first, the dotted key adds the section."""
+    first = message.split(" ", 1)[0]
+    if prefix and first in fields:
+        return f"{prefix}.{message}"
+    return f"{where}: {message}"
 
 
 def to_mapping(obj: Any) -> Any:
@@ -120,6 +148,71 @@ def to_mapping(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_mapping(v) for k, v in obj.items()}
     return obj
+
+
+class StrictYamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects duplicate mapping keys at any depth (PyYAML keeps the
+    last one silently; keys brought in by a ``<<`` merge may still be overridden) and reads
+    ``1e-3`` as a float, as YAML 1.2 does (YAML 1.1 makes it the string '1e-3')."""
+
+    def construct_document(self, node):
+        _check_unique_keys(self, node, "", set())
+        return super().construct_document(node)
+
+
+class ConfigYamlDumper(yaml.SafeDumper):
+    """Quotes strings that :class:`StrictYamlLoader` would read as floats ('1e5')."""
+
+
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+StrictYamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, "-+0123456789.")
+ConfigYamlDumper.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, "-+0123456789.")
+
+
+def _check_unique_keys(loader: yaml.SafeLoader, node: yaml.Node, path: str, seen: set) -> None:
+    """Walk the node tree before construction (merges not yet applied) naming the full key."""
+    if id(node) in seen:  # an alias of a node already checked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(loader, item, f"{path}[{i}]", seen)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first_line: dict = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key = loader.construct_object(key_node)
+        dotted = f"{path}.{key}" if path else str(key)
+        line = key_node.start_mark.line + 1
+        if key in first_line:
+            raise yaml.constructor.ConstructorError(
+                problem=f"duplicate key {dotted!r} at line {line} (first at line {first_line[key]})"
+            )
+        first_line[key] = line
+        _check_unique_keys(loader, value_node, dotted, seen)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse ``text`` with :class:`StrictYamlLoader`; errors are one line naming ``source``."""
+    loader = StrictYamlLoader(text)
+    loader.name = source
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {_yaml_problem(exc)}") from exc
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        context = f"{exc.context}: " if exc.context else ""
+        return f"{context}{exc.problem}{where}"
+    return " ".join(str(exc).split())
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -137,7 +230,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node[parts[-1]] = parse_yaml(raw, f"override {item!r}") if raw.strip() else ""
     return data
 
 
@@ -146,12 +239,24 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    data = parse_yaml(_read_utf8(path), str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        return raw.decode("utf-8-sig")  # a leading BOM (some Windows editors) is fine
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); "
+            "save the config as UTF-8"
+        ) from exc

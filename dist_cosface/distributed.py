@@ -8,13 +8,18 @@ the default group implicitly.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,11 +95,13 @@ def init_distributed(cfg: DistConfig | None = None) -> DistContext:
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend,
-            timeout=datetime.timedelta(seconds=cfg.timeout_s),
-            device_id=device if device.type == "cuda" else None,
-        )
+        _warn_shared_agent_store()
+        with _exit_if_stuck(cfg.timeout_s, "building the process group"):
+            dist.init_process_group(
+                backend=backend,
+                timeout=datetime.timedelta(seconds=cfg.timeout_s),
+                device_id=device if device.type == "cuda" else None,
+            )
     return DistContext(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
@@ -104,6 +111,43 @@ def init_distributed(cfg: DistConfig | None = None) -> DistContext:
         device=device,
         group=dist.group.WORLD,
     )
+
+
+def _warn_shared_agent_store() -> None:
+    """torchrun shares its rendezvous TCPStore with the workers of every restart round and
+    never clears it, so a restarted group can read the dead round's gloo/NCCL addresses and
+    fail or hang (seen: 2 of 3 restarts). The launchers set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1:
+    then each round's rank 0 serves a fresh store on a fresh port (docs/launching.md)."""
+    restarts = _env_int("TORCHELASTIC_MAX_RESTARTS", 0)
+    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        log.warning(
+            "torchrun --max-restarts=%d with the shared agent store: restarts may hang or fail "
+            "in process-group construction; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+            "(launch/torchrun.sh does)",
+            restarts,
+        )
+
+
+@contextlib.contextmanager
+def _exit_if_stuck(seconds: float, what: str):
+    """Hard-exit the process when the block runs longer than ``seconds``.
+
+    Group construction does not always honour its timeout (a connect to a stale address can
+    retry for much longer); exiting lets the launcher restart or fail the job instead.
+    """
+
+    def expire() -> None:
+        log.error("%s took over %.0f s (dist.timeout_s): exiting", what, seconds)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def context_from_group(group: dist.ProcessGroup | None, device: torch.device) -> DistContext:

@@ -11,6 +11,11 @@ if [[ $# -lt 1 ]]; then
   echo "usage: $0 CONFIG.yaml [dotted.key=value ...]" >&2
   exit 2
 fi
+if [[ "${MAX_RESTARTS:-0}" != 0 || "${NNODES:-}" == *:* ]]; then
+  # the DeepSpeed launcher has no restart loop: torchrun runs the same engine with restarts
+  echo "$0: MAX_RESTARTS / elastic NNODES need launch/torchrun.sh ... train.engine=deepspeed" >&2
+  exit 2
+fi
 args=()
 if [[ -n "${HOSTFILE:-}" ]]; then
   args+=(--hostfile "$HOSTFILE")

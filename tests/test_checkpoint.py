@@ -140,3 +140,82 @@ def test_reshard_tool_round_trip(tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and "no complete checkpoint" in bad.stderr
+
+
+def _halve(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    run = tmp_path / "run"
+    first = _run(run, "train.total_steps=4", "checkpoint.keep_last=2")
+    ckpts = run / "checkpoints"
+    meta = json.loads((ckpts / "step_4" / "meta.json").read_text())
+    assert set(meta["files"]) == {
+        "backbone.pt",
+        "backbone_optim.pt",
+        "classifier_rank0.pt",
+        "trainer_rank0.pt",
+    }
+    record = meta["files"]["classifier_rank0.pt"]
+    assert record["size"] == (ckpts / "step_4" / "classifier_rank0.pt").stat().st_size
+    final_backbone = torch.load(ckpts / "step_4" / "backbone.pt", weights_only=True)
+    _halve(ckpts / "step_4" / "backbone.pt")  # the file a crash or a full disk cut short
+    with caplog.at_level("WARNING"):
+        second = _run(run, "train.total_steps=4", "checkpoint.keep_last=2")
+    damaged = str(ckpts / "step_4" / "backbone.pt")
+    assert any(damaged in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
+    assert second["resumed_from"] == str(ckpts / "step_2") and second["step"] == 4
+    assert second["loss"] == pytest.approx(first["loss"], rel=1e-6)  # exact resume from step 2
+    resumed = torch.load(ckpts / "step_4" / "backbone.pt", weights_only=True)  # rewritten
+    for key, value in final_backbone.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_corrupted_checkpoint_is_detected_by_checksum(tmp_path):
+    from dist_cosface.engine.checkpoint import resolve_checkpoint
+
+    run = tmp_path / "run"
+    _run(run, "train.total_steps=4", "checkpoint.keep_last=2")
+    ckpts = run / "checkpoints"
+    assert resolve_checkpoint(run, DistContext()) == ckpts / "step_4"
+    _flip_byte(ckpts / "step_4" / "classifier_rank0.pt")  # same size, other bytes
+    assert resolve_checkpoint(run, DistContext()) == ckpts / "step_2"
+    # a checkpoint named explicitly is not replaced by another one: it is an error
+    with pytest.raises(ValueError, match=r"step_4/classifier_rank0\.pt: CRC32"):
+        resolve_checkpoint(ckpts / "step_4", DistContext())
+    load_backbone(ckpts / "step_4")  # evaluation reads (and verifies) the backbone only
+    _flip_byte(ckpts / "step_4" / "backbone.pt")
+    with pytest.raises(ValueError, match=r"step_4/backbone\.pt: CRC32"):
+        load_backbone(ckpts / "step_4")
+    (ckpts / "step_2" / "meta.json").write_text('{"step": 2, "files"')  # cut short
+    with pytest.raises(ValueError, match="no intact checkpoint.*checkpoint.resume=none"):
+        resolve_checkpoint(run, DistContext())
+
+
+def _resolve_on_ranks(rank, world, run):
+    import torch.distributed as dist
+
+    from dist_cosface.distributed import context_from_group
+    from dist_cosface.engine.checkpoint import resolve_checkpoint
+
+    return str(resolve_checkpoint(run, context_from_group(dist.group.WORLD, torch.device("cpu"))))
+
+
+@pytest.mark.multiproc
+def test_ranks_agree_on_the_fallback_when_one_rank_finds_the_damage(tmp_path):
+    from tests.multiproc import run_ranks
+
+    run = tmp_path / "run"
+    _run(run, "train.total_steps=4", "checkpoint.keep_last=2")
+    # sorted files are verified round-robin: rank 1 reads trainer_rank0.pt, rank 0 does not
+    _halve(run / "checkpoints" / "step_4" / "trainer_rank0.pt")
+    chosen = run_ranks(2, _resolve_on_ranks, str(run), timeout_s=120)
+    assert chosen == [str(run / "checkpoints" / "step_2")] * 2

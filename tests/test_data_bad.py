@@ -16,6 +16,7 @@ BACKENDS = ["webdataset", "dali"]
 
 
 def _cfg(backend, path, on_bad="skip", **kw):
+    kw.setdefault("max_skip_fraction", 0.5)  # these tiny datasets lose 1 sample in 16
     return DataConfig(
         backend=backend,
         path=str(path),
@@ -38,8 +39,8 @@ def _dataset(path, bad: dict[int, dict], n=16, shard_size=8):
     write_dataset(path, samples, shard_size, num_classes=4)
 
 
-def _epoch(backend, path, on_bad="skip"):
-    loader = build_loader(_cfg(backend, path, on_bad), DistContext())
+def _epoch(backend, path, on_bad="skip", **kw):
+    loader = build_loader(_cfg(backend, path, on_bad, **kw), DistContext())
     batches = list(loader)
     return loader, torch.cat([b[1] for b in batches]), batches
 

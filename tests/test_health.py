@@ -1,9 +1,14 @@
 """Margin-health statistics (classifier/health.py) against a float64 reference on the same
-batch: one process and real gloo groups of 1, 2 and 3 ranks, every margin type, Partial FC."""
+batch: one process and real gloo groups of 1, 2 and 3 ranks, every margin type, Partial FC;
+the Triton kernels (``kernel="triton"``) under Triton's CPU interpreter in subprocesses."""
 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +19,8 @@ from dist_cosface.classifier import ShardedClassifier, scale_lower_bound
 from dist_cosface.classifier.health import MarginHealth
 from tests.multiproc import run_ranks
 
+ROOT = Path(__file__).resolve().parents[1]
+INTERP_ENV = {"TRITON_INTERPRET": "1"}
 NUM_CLASSES, DIM = 23, 6
 MARGINS = ("softmax", "nsl", "cosface", "arcface")
 SCALE, MARGIN = 8.0, 0.4
@@ -98,9 +105,13 @@ def _used_classes(head, group) -> torch.Tensor | None:
     return torch.tensor(sorted(c for part in everyone for c in part))
 
 
-def check_case(rank, group, data, margin_type, dtype, sample_rate=1.0, chunk_size=None):
+def check_case(
+    rank, group, data, margin_type, dtype, sample_rate=1.0, chunk_size=None, kernel="torch"
+):
     sizes, x, labels, weight = data
-    head = _head(weight, group, margin_type, sample_rate=sample_rate, chunk_size=chunk_size)
+    head = _head(
+        weight, group, margin_type, sample_rate=sample_rate, chunk_size=chunk_size, kernel=kernel
+    )
     head.set_step(3)
     head.collect_health = True
     xl = _local(rank, sizes, x).to(dtype).requires_grad_()
@@ -111,7 +122,7 @@ def check_case(rank, group, data, margin_type, dtype, sample_rate=1.0, chunk_siz
     used = _used_classes(head, group)
     ref = reference(x.to(dtype), weight, labels, margin_type, used)
     tol = 1e-10 if dtype == torch.float64 else 2e-5
-    where = f"rank {rank} {margin_type} {dtype} rate={sample_rate} chunk={chunk_size}"
+    where = f"rank {rank} {kernel} {margin_type} {dtype} rate={sample_rate} chunk={chunk_size}"
     for key, value in ref.items():
         assert got[key] == pytest.approx(value, abs=tol), f"{where}: {key}"
     own = weight[head.class_start : head.class_start + head.num_local_classes].norm(dim=1)
@@ -140,7 +151,25 @@ def all_cases(rank, group, world):
     check_collectives_unchanged(rank, group, data)
 
 
-def check_collectives_unchanged(rank, group, data):
+def triton_cases(rank, group, world):
+    """The Triton path's statistics (fp32: the kernels take no float64) against the same
+    reference; must run with ``TRITON_INTERPRET=1`` set before triton's first import."""
+    from tests.triton_interp_cases import require_interpreter
+
+    require_interpreter()
+    data = _batch(world)
+    for margin_type in MARGINS:
+        check_case(rank, group, data, margin_type, torch.float32, kernel="triton")
+    check_case(rank, group, data, "arcface", torch.float32, sample_rate=0.3, kernel="triton")
+    check_collectives_unchanged(rank, group, data, kernel="triton")
+
+
+def _triton_ranks_main(rank, world):
+    triton_cases(rank, dist.group.WORLD, world)
+    return "ok"
+
+
+def check_collectives_unchanged(rank, group, data, kernel="torch"):
     """Statistics ride in the loss's existing all-reduces: same count, wider tensors."""
     if group is None:
         return
@@ -154,7 +183,7 @@ def check_collectives_unchanged(rank, group, data):
 
     shapes = {}
     for want in (False, True):
-        head = _head(weight, group, "cosface")
+        head = _head(weight, group, "cosface", kernel=kernel)
         head.collect_health = want
         calls.clear()
         dist.all_reduce = counting
@@ -185,6 +214,27 @@ def test_one_process_matches_reference():
 @pytest.mark.multiproc
 def test_one_two_and_three_gloo_ranks_match_reference():
     assert run_ranks(3, _ranks_main, timeout_s=240) == ["ok"] * 3
+
+
+def test_triton_kernels_match_reference_in_interpreter():
+    pytest.importorskip("triton")
+    code = "from tests.test_health import triton_cases; triton_cases(0, None, 1); print('ok')"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, **INTERP_ENV, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-6000:]}"
+    assert proc.stdout.strip().endswith("ok")
+
+
+@pytest.mark.multiproc
+def test_triton_kernels_on_two_gloo_ranks_match_reference():
+    pytest.importorskip("triton")
+    assert run_ranks(2, _triton_ranks_main, env=INTERP_ENV, timeout_s=600) == ["ok"] * 2
 
 
 def test_loss_and_gradients_do_not_depend_on_collecting():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -138,6 +139,38 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(tmp_path):
     assert f"SIGTERM: stopped at step {steps[0]}" in (tmp_path / "log.txt").read_text()
 
 
+def _alive(pid: int) -> bool:
+    """Running (a zombie that nobody reaped yet has exited)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_workers_stop_when_their_torchrun_agent_is_killed(tmp_path):
+    out = tmp_path / "run"
+    proc = _torchrun(tmp_path, out, "train.total_steps=100000", "checkpoint.every_steps=0")
+    _wait_for(lambda: len(_logged_steps(out)) >= 2, proc, 240, "two training steps")
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    os.kill(proc.pid, signal.SIGKILL)  # the agent dies; its workers are reparented
+    proc.wait(timeout=30)
+    end = time.monotonic() + 180  # polling is 1 s; then one step and a checkpoint
+    while any(_alive(pid) for pid in workers) and time.monotonic() < end:
+        time.sleep(0.5)
+    still = [pid for pid in workers if _alive(pid)]
+    for pid in still:
+        os.kill(pid, signal.SIGKILL)
+    log = (tmp_path / "log.txt").read_text()
+    assert not still, f"workers {still} kept running without their agent:\n{log[-3000:]}"
+    assert "launcher (pid" in log and "a launcher died: stopped at step" in log, log[-3000:]
+    steps = _steps_of(out)  # stopped cleanly: both ranks wrote the same final checkpoint
+    assert len(steps) == 1 and 2 <= steps[0] < 100000
+
+
 @pytest.mark.multiproc
 def test_two_nodes_on_one_machine(tmp_path):
     out = tmp_path / "run"
@@ -206,3 +239,69 @@ def test_deepspeed_launcher_script(tmp_path):
     meta = json.loads((out / "checkpoints" / "step_2" / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["engine"] == "deepspeed"
     assert _logged_steps(out) == [1, 2]
+
+
+def _launch(tmp_path: Path, out: Path, env_extra: dict[str, str], *overrides, log="log.txt"):
+    """``launch/torchrun.sh`` for 2 CPU ranks in the background (bash execs into torchrun)."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("train:\n  seed: 0\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.update({"NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port()), **env_extra})
+    cmd = ["bash", str(REPO / "launch" / "torchrun.sh"), str(cfg), *TINY]
+    cmd += [f"train.output_dir={out}", *overrides]
+    handle = (tmp_path / log).open("w")
+    return subprocess.Popen(
+        cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+    )
+
+
+def _losses(out: Path) -> dict[int, float]:
+    """Loss per step; a step logged again after a restart counts with its last value."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return {rec["step"]: rec["loss"] for rec in map(json.loads, filter(None, lines))}
+
+
+def _rank_of(pid: int) -> int:
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in env if v.startswith(b"RANK=")).split(b"=")[1])
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_killed_worker_restarts_from_the_last_checkpoint_with_the_same_losses(tmp_path):
+    steps = ["train.total_steps=16", "checkpoint.every_steps=2"]
+    ref = _launch(tmp_path, tmp_path / "ref", {}, *steps, log="ref.txt")
+    assert ref.wait(timeout=400) == 0, (tmp_path / "ref.txt").read_text()[-3000:]
+    out = tmp_path / "run"
+    proc = _launch(tmp_path, out, {"MAX_RESTARTS": "1"}, *steps)
+    _wait_for(lambda: 4 in _steps_of(out), proc, 240, "checkpoint step_4")
+    rank1 = next(pid for pid in _children(proc.pid) if _rank_of(pid) == 1)
+    os.kill(rank1, signal.SIGKILL)  # one worker dies; torchrun restarts both
+    assert proc.wait(timeout=400) == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    log = (tmp_path / "log.txt").read_text()
+    resumed = [int(s) for s in re.findall(r"resumed from \S+step_(\d+) at step", log)]
+    assert len(resumed) == 1 and 4 <= resumed[0] < 16, log[-3000:]
+    expected, got = _losses(tmp_path / "ref"), _losses(out)
+    assert sorted(got) == list(range(1, 17))
+    for step in range(resumed[0] + 1, 17):  # the restarted steps equal the uninterrupted run
+        assert got[step] == pytest.approx(expected[step], rel=1e-6), step
+    meta = json.loads((out / "checkpoints" / "step_16" / "meta.json").read_text())
+    assert meta["world_size"] == 2
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_elastic_job_loses_a_node_and_goes_on_resharded(tmp_path):
+    out, port = tmp_path / "run", str(free_port())
+    env = {"NNODES": "1:2", "NPROC_PER_NODE": "1", "MAX_RESTARTS": "1", "MASTER_PORT": port}
+    steps = ["train.total_steps=40", "checkpoint.every_steps=2"]
+    first = _launch(tmp_path, out, dict(env, RDZV_ID="shrink"), *steps, log="node_a.txt")
+    time.sleep(3)  # node A hosts the rendezvous store; node B is the one that dies
+    second = _launch(tmp_path, out, dict(env, RDZV_ID="shrink"), *steps, log="node_b.txt")
+    _wait_for(lambda: 4 in _steps_of(out), second, 300, "checkpoint step_4")
+    _kill_tree(second)  # node B is lost: its agent and its worker die at once
+    assert first.wait(timeout=400) == 0, (tmp_path / "node_a.txt").read_text()[-3000:]
+    log = (tmp_path / "node_a.txt").read_text()
+    assert "(saved by 2 ranks) on 1 ranks: classifier re-sharded" in log, log[-3000:]
+    meta = json.loads((out / "checkpoints" / "step_40" / "meta.json").read_text())
+    assert meta["world_size"] == 1 and meta["class_layout"] == [[0, 8]]

@@ -91,6 +91,8 @@ def test_served_values_match_the_calls(metrics):
     m.on_eval("cfp_fp", 0.91)
     m.on_bad_samples(3)
     m.on_bad_samples(7)
+    assert value(scrape(m.port), "dist_cosface_bad_shards", node="n1", rank="0") == 0
+    m.on_bad_shards(2)
     s = scrape(m.port)
     lab = {"node": "n1", "rank": "0"}
     assert value(s, "dist_cosface_samples_total", **lab) == 5 * 64 + 10
@@ -110,6 +112,7 @@ def test_served_values_match_the_calls(metrics):
     assert value(s, "dist_cosface_eval_accuracy", target="lfw", **lab) == 0.9875
     assert value(s, "dist_cosface_eval_accuracy", target="cfp_fp", **lab) == 0.91
     assert value(s, "dist_cosface_skipped_samples_total", **lab) == 7
+    assert value(s, "dist_cosface_bad_shards", **lab) == 2
     assert value(s, "dist_cosface_step", **lab) == 6
     assert before <= value(s, "dist_cosface_last_step_timestamp_seconds", **lab) <= time.time()
     info = {"world_size": "8", "num_classes": "1000", "model": "iresnet50", **lab}
@@ -150,6 +153,7 @@ def test_disabled_is_a_silent_no_op():
     m.on_checkpoint(1.0)
     m.on_eval("lfw", 0.5)
     m.on_bad_samples(1)
+    m.on_bad_shards(1)
     m.close()
 
 

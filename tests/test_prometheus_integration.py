@@ -131,7 +131,8 @@ PER_RANK_BATCH = 32  # data.batch_size of configs/quickstart.yaml, no gradient a
 
 
 def train_command(rank_base: int, out_dir: Path) -> list[str]:
-    """The quickstart run on 2 CPU ranks; far more steps than needed: the test stops it."""
+    """The quickstart model on 2 CPU ranks (in-memory synthetic data instead of the shards
+    launch/quickstart.sh writes); far more steps than needed: the test stops it."""
     return [
         sys.executable,
         "-m",
@@ -150,6 +151,7 @@ def train_command(rank_base: int, out_dir: Path) -> list[str]:
         f"train.output_dir={out_dir}",
         "checkpoint.every_steps=0",
         f"data.batch_size={PER_RANK_BATCH}",
+        "data.backend=synthetic",
     ]
 
 
@@ -231,7 +233,7 @@ def test_two_rank_run_is_scraped_alerts_load_and_dashboard_queries_parse(tmp_pat
         # the alert rules were loaded and evaluate without errors against live data
         groups = api(url, "rules")["data"]["groups"]
         rules = [r for g in groups for r in g["rules"]]
-        assert len(rules) == 9 and all(r["health"] in ("ok", "unknown") for r in rules), rules
+        assert len(rules) == 10 and all(r["health"] in ("ok", "unknown") for r in rules), rules
 
         # every dashboard expression is valid PromQL for this server, with variables filled in
         dash = json.loads((MONITORING / "grafana" / "dist_cosface.json").read_text())

@@ -1,8 +1,11 @@
-"""Benchmark the sharded classifier head against a naive materializing implementation.
+"""Benchmark the sharded classifier head (torch and Triton kernels) against a naive one.
 
-Both compute the same distributed CosFace loss over ``--world-size`` ranks (gloo on CPU,
-NCCL with one GPU per rank on CUDA). The naive one is plain autograd: the full local
-``[global_batch, num_local_classes]`` logits, softmax statistics all-reduced over the group.
+Implementations (``--impls``, default ``torch,naive``): ``torch`` is the head with
+``kernel="torch"`` (chunked), ``triton`` the head with ``kernel="triton"`` (fused kernels,
+CUDA only), ``naive`` plain autograd. All compute the same distributed CosFace loss over
+``--world-size`` ranks (gloo on CPU, NCCL with one GPU per rank on CUDA). The naive one
+keeps the full local ``[global_batch, num_local_classes]`` logits, softmax statistics
+all-reduced over the group.
 
 Each implementation runs in its own freshly spawned ranks. Per rank: one warm-up
 forward+backward, ``--iters`` timed ones (default allocator settings), then one measured
@@ -17,16 +20,21 @@ Memory growth = peak during the measured forward+backward minus memory held just
   CUDA: torch.cuda.max_memory_allocated() minus memory_allocated(), after a peak reset.
 The largest value over ranks is reported.
 
+FLOP counts, both printed: 6*N*K*D for the three GEMMs of the maths (logits, dX, dW) and
+8*N*K*D counting the backward's recompute of the logits; on CUDA also the percentage of a
+bf16 GEMM peak measured in the same run. ``--json PATH`` writes every figure as JSON.
+
 Examples:
   python tools/bench_classifier.py --world-size 2 --num-classes 400000 --dim 128 --batch 256
   python tools/bench_classifier.py --device cuda --world-size 1 --num-classes 2000000 \\
-      --dim 512 --batch 1024 --dtype bfloat16
+      --dim 512 --batch 1024 --dtype bfloat16 --impls torch,triton --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import socket
 import sys
@@ -38,6 +46,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 H100_H200_BF16_DENSE_TFLOPS = 989.0  # NVIDIA datasheet, SXM, dense (no sparsity)
+IMPLS = ("torch", "triton", "naive")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -69,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--iters", type=int, default=3, help="timed iterations (default 3)")
     p.add_argument(
+        "--impls",
+        default="torch,naive",
+        help="comma-separated: torch, triton, naive (default torch,naive)",
+    )
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -82,6 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if min(args.world_size, args.num_classes, args.dim, args.batch, args.iters) < 1:
         p.error("sizes and --iters must be positive")
+    args.impls = [name.strip() for name in args.impls.split(",") if name.strip()]
+    unknown = sorted(set(args.impls) - set(IMPLS))
+    if unknown or not args.impls:
+        p.error(f"--impls must name some of {list(IMPLS)}, got {unknown or 'nothing'}")
     return args
 
 
@@ -169,7 +188,11 @@ def _measure(args, impl: str, rank: int, device: torch.device, group) -> dict:
     from dist_cosface.classifier import ShardedClassifier
 
     head = ShardedClassifier(
-        args.num_classes, args.dim, process_group=group, chunk_size=args.chunk_size
+        args.num_classes,
+        args.dim,
+        process_group=group,
+        chunk_size=args.chunk_size,
+        kernel="triton" if impl == "triton" else "torch",
     )
     head.reset_parameters(seed=0)  # same weights in the head's and the baseline's processes
     head = head.to(device)
@@ -177,7 +200,7 @@ def _measure(args, impl: str, rank: int, device: torch.device, group) -> dict:
     gen = torch.Generator().manual_seed(rank)
     emb = torch.randn(args.batch, args.dim, generator=gen).to(device, dtype).requires_grad_()
     labels = torch.randint(0, args.num_classes, (args.batch,), generator=gen).to(device)
-    run = head if impl == "head" else (lambda e, y: naive_loss(head, e, y))
+    run = (lambda e, y: naive_loss(head, e, y)) if impl == "naive" else head
 
     def step() -> float:
         head.weight.grad, emb.grad = None, None
@@ -239,7 +262,7 @@ def _rank_main(rank: int, args, impl: str, port: int, results) -> None:
     )
     try:
         out = _measure(args, impl, rank, device, dist.group.WORLD)
-        if cuda and rank == 0 and impl == "head":
+        if cuda and rank == 0:
             out["bf16_peak"] = measure_bf16_peak(device)
         if rank == 0:
             results.put(out)
@@ -248,7 +271,10 @@ def _rank_main(rank: int, args, impl: str, port: int, results) -> None:
 
 
 def run_impl(args, impl: str) -> dict:
-    """Fresh ranks for one implementation (so no allocator state carries over)."""
+    """Fresh ranks for one implementation (so no allocator state carries over).
+
+    A failing implementation (e.g. out of memory) is reported as ``{"error": ...}``.
+    """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with socket.socket() as sock:
@@ -263,47 +289,76 @@ def run_impl(args, impl: str) -> dict:
     for proc in procs:
         proc.join()
     if any(proc.exitcode != 0 for proc in procs):
-        raise SystemExit(f"{impl}: a rank failed (exit codes {[p.exitcode for p in procs]})")
+        return {"error": f"a rank failed (exit codes {[p.exitcode for p in procs]})"}
     return results.get(timeout=10)
 
 
-def report(args, head: dict, naive: dict) -> None:
+def figures(args, results: dict[str, dict]) -> dict:
+    """Per implementation: ms, both TFLOP/s counts, % of the measured bf16 peak, memory."""
     n = args.batch * args.world_size
     k = -(-args.num_classes // args.world_size)
-    mib = 2**20
+    flops = {"maths_6NKD": 6 * n * k * args.dim, "with_recompute_8NKD": 8 * n * k * args.dim}
+    peaks = [r["bf16_peak"] for r in results.values() if "bf16_peak" in r]
+    peak = max(peaks) if peaks else None
+    base = results.get("torch", {})
+    out = {"config": {key: value for key, value in vars(args).items() if key != "json"}}
+    out.update(flops_per_rank=flops, bf16_peak_tflops=peak, impls={})
+    for name, res in results.items():
+        if "error" in res:
+            out["impls"][name] = res
+            continue
+        row = {"loss": res["loss"], "ms": res["seconds"] * 1e3, "growth_mib": res["growth"] / 2**20}
+        for label, count in flops.items():
+            row[f"tflops_{label}"] = count / res["seconds"] / 1e12
+            if peak:
+                row[f"pct_peak_{label}"] = 100 * row[f"tflops_{label}"] / peak
+        if "seconds" in base and name != "torch":
+            row["time_vs_torch"] = res["seconds"] / base["seconds"]
+            row["growth_vs_torch"] = res["growth"] / max(base["growth"], 1)
+            row["loss_diff_vs_torch"] = abs(res["loss"] - base["loss"])
+        out["impls"][name] = row
+    return out
+
+
+def report(args, fig: dict) -> None:
     print(
         f"C={args.num_classes} D={args.dim} B/rank={args.batch} world={args.world_size} "
         f"device={args.device} dtype={args.dtype} chunk={args.chunk_size or 'auto'}"
     )
-    print(f"{'impl':<8}{'loss':>12}{'fwd+bwd ms':>13}{'peak growth MiB':>18}{'TFLOP/s':>10}")
-    for name, res, flops in (
-        ("head", head, 8 * n * k * args.dim),
-        ("naive", naive, 6 * n * k * args.dim),
-    ):
-        tflops = flops / res["seconds"] / 1e12
+    print("TFLOP/s columns: 6NKD = 3 GEMMs of the maths; 8NKD = with the logits recompute")
+    header = f"{'impl':<8}{'loss':>12}{'fwd+bwd ms':>12}{'growth MiB':>12}"
+    print(header + f"{'TF/s 6NKD':>11}{'TF/s 8NKD':>11}{'%pk 6NKD':>10}{'%pk 8NKD':>10}")
+    for name, row in fig["impls"].items():
+        if "error" in row:
+            print(f"{name:<8} FAILED: {row['error']}")
+            continue
+        pct = [row.get(f"pct_peak_{k}") for k in ("maths_6NKD", "with_recompute_8NKD")]
         print(
-            f"{name:<8}{res['loss']:>12.5f}{res['seconds'] * 1e3:>13.1f}"
-            f"{res['growth'] / mib:>18.1f}{tflops:>10.3f}"
+            f"{name:<8}{row['loss']:>12.5f}{row['ms']:>12.1f}{row['growth_mib']:>12.1f}"
+            f"{row['tflops_maths_6NKD']:>11.2f}{row['tflops_with_recompute_8NKD']:>11.2f}"
+            + "".join(f"{p:>10.1f}" if p is not None else f"{'-':>10}" for p in pct)
         )
-    print(f"time ratio head/naive:        {head['seconds'] / naive['seconds']:.3f}")
-    print(f"peak-growth ratio head/naive: {head['growth'] / naive['growth']:.3f}")
-    print(f"loss difference:              {abs(head['loss'] - naive['loss']):.2e}")
-    print("flops per rank: head 8*N*K*D (fwd + recompute + 2 bwd matmuls), naive 6*N*K*D")
-    if "bf16_peak" in head:
-        achieved = 8 * n * k * args.dim / head["seconds"] / 1e12
+        if "time_vs_torch" in row:
+            print(
+                f"{'':<8}vs torch: time x{row['time_vs_torch']:.3f}, growth "
+                f"x{row['growth_vs_torch']:.3f}, |loss diff| {row['loss_diff_vs_torch']:.2e}"
+            )
+    if fig["bf16_peak_tflops"]:
         print(
-            f"bf16 matmul peak measured: {head['bf16_peak']:.1f} TFLOP/s "
-            f"(datasheet H100/H200 SXM dense: {H100_H200_BF16_DENSE_TFLOPS:.0f}); "
-            f"head reaches {achieved / head['bf16_peak']:.1%} of measured peak"
+            f"bf16 GEMM peak measured in this run: {fig['bf16_peak_tflops']:.1f} TFLOP/s "
+            f"(datasheet H100/H200 SXM dense: {H100_H200_BF16_DENSE_TFLOPS:.0f})"
         )
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout works too
-    head = run_impl(args, "head")
-    naive = run_impl(args, "naive")
-    report(args, head, naive)
+    fig = figures(args, {impl: run_impl(args, impl) for impl in args.impls})
+    report(args, fig)
+    if args.json:
+        Path(args.json).write_text(json.dumps(fig, indent=2) + "\n")
+    if all("error" in row for row in fig["impls"].values()):
+        raise SystemExit("every implementation failed")
 
 
 if __name__ == "__main__":

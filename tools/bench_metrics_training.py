@@ -52,6 +52,7 @@ def run_once(
         f"train.log_every={log_every}",
         "checkpoint.every_steps=0",
         "checkpoint.resume=none",
+        "data.backend=synthetic",  # the exporter's cost, not the input pipeline's
         *SETTINGS[setting],
         f"metrics.port={port}",
         f"train.output_dir={out}",

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Union
 
+from dist_cosface.classifier.margins import check_margin
+
 
 @dataclass
 class ClassifierConfig:
@@ -19,6 +21,9 @@ class ClassifierConfig:
     materialize: bool = False  # fast path: keep the full local logits when they fit
     # False: the paper's unnormalized-feature ablation, logits ||x|| (cos - m); one process only
     feature_norm: bool = True
+    # loss kernels: "auto" = Triton on CUDA when it imports, else torch; "triton" needs CUDA.
+    # The default stays "torch" until tools/gpu_checks.sh has passed on a GPU (docs/classifier.md)
+    kernel: Literal["auto", "torch", "triton"] = "torch"
 
     def validate(self) -> None:
         if self.num_classes < 2:
@@ -31,5 +36,6 @@ class ClassifierConfig:
             raise ValueError(f"scale must be positive or 'auto', got {self.scale}")
         if not 0.0 < self.scale_p_w < 1.0:
             raise ValueError(f"scale_p_w must be in (0, 1), got {self.scale_p_w}")
-        if self.margin < 0:
-            raise ValueError(f"margin must be >= 0, got {self.margin}")
+        if self.kernel not in ("auto", "torch", "triton"):
+            raise ValueError(f"kernel must be one of auto/torch/triton, got {self.kernel!r}")
+        check_margin(self.margin_type, self.margin, self.num_classes)

@@ -20,7 +20,6 @@ labels) and 2 all-reduces; backward 1 reduce-scatter.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -32,8 +31,14 @@ from dist_cosface.classifier.comm import Comm, GatherBatch, gather_labels
 from dist_cosface.classifier.config import ClassifierConfig
 from dist_cosface.classifier.health import MarginHealth, RowStats, RowStatsSlot, margin_health
 from dist_cosface.classifier.loss import LossPlan, ShardedMarginLoss
-from dist_cosface.classifier.margins import MARGIN_TYPES, MarginSpec, scale_lower_bound
+from dist_cosface.classifier.margins import (
+    MARGIN_TYPES,
+    MarginSpec,
+    check_margin,
+    scale_lower_bound,
+)
 from dist_cosface.classifier.sampling import columns_of_targets, sample_rows, sampling_seed
+from dist_cosface.classifier.triton_loss import KERNELS, TritonMarginLoss, use_triton
 from dist_cosface.classifier.unnormalized import unnormalized_feature_loss
 from dist_cosface.sharding import mark_sharded
 
@@ -77,6 +82,7 @@ class ShardedClassifier(nn.Module):
         scale_p_w: float = 0.9,
         sample_seed: int = 0,
         feature_norm: bool = True,
+        kernel: Literal["auto", "torch", "triton"] = "torch",
     ) -> None:
         super().__init__()
         _check_args(num_classes, embedding_size, margin_type, margin, sample_rate, chunk_size)
@@ -96,6 +102,9 @@ class ShardedClassifier(nn.Module):
             _check_unnormalized_features(margin_type, sample_rate, self.comm.world_size)
         self.sample_rate, self.sample_seed = sample_rate, sample_seed
         self.chunk_size, self.materialize = chunk_size, materialize
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {list(KERNELS)}, got {kernel!r}")
+        self.kernel = kernel
         self.class_start, self.num_local_classes = class_range(
             num_classes, self.comm.world_size, self.comm.rank
         )
@@ -136,6 +145,7 @@ class ShardedClassifier(nn.Module):
             scale_p_w=cfg.scale_p_w,
             sample_seed=cfg.sample_seed,
             feature_norm=cfg.feature_norm,
+            kernel=cfg.kernel,
         )
 
     @property
@@ -203,7 +213,12 @@ class ShardedClassifier(nn.Module):
         if self.training:
             self._mark_seen(rows)
         slot = RowStatsSlot() if self.collect_health else None
-        loss = ShardedMarginLoss.apply(
+        loss_fn = (
+            TritonMarginLoss
+            if use_triton(self.kernel, x.device, plan.compute_dtype)
+            else ShardedMarginLoss
+        )
+        loss = loss_fn.apply(
             x.to(plan.compute_dtype), self.weight, rows, target_col, plan, comm, slot
         )
         self.last_row_stats = slot.value if slot is not None else None
@@ -363,8 +378,7 @@ def _check_args(
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if margin_type not in MARGIN_TYPES:
         raise ValueError(f"margin_type must be one of {list(MARGIN_TYPES)}, got {margin_type!r}")
-    if not 0.0 <= margin < math.pi:
-        raise ValueError(f"margin must be in [0, pi), got {margin!r}")
+    check_margin(margin_type, margin, num_classes)
     if not 0.0 < sample_rate <= 1.0:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):

@@ -113,6 +113,33 @@ def _target_stats(
     return torch.where(owned, cos, zero), torch.where(owned, logit, zero)
 
 
+def global_log_sum_exp(
+    comm: Comm,
+    row_max: torch.Tensor,
+    row_sum: torch.Tensor,
+    tgt_logit: torch.Tensor,
+    tgt_cos: torch.Tensor,
+    local_neg: torch.Tensor,
+    plan: LossPlan,
+    row_stats: RowStatsSlot | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lse [N], target logit [N])`` of the global batch from this rank's shares.
+
+    ``row_sum`` is relative to ``row_max``; ``tgt_logit`` / ``tgt_cos`` are 0 where another
+    rank owns the target; ``local_neg`` is the local hardest negative logit. The two
+    all-reduces carry the margin-health rows only when ``row_stats`` asks for them (shared
+    by the torch and Triton paths).
+    """
+    want = row_stats is not None
+    global_max, global_neg = reduce_row_max(comm, row_max, local_neg if want else None)
+    sum_exp, global_tgt_logit, global_tgt_cos = reduce_row_sums(
+        comm, row_sum * torch.exp(row_max - global_max), tgt_logit, tgt_cos if want else None
+    )
+    if want:
+        row_stats.value = RowStats(global_tgt_cos, global_neg / plan.spec.logit_scale)
+    return global_max + sum_exp.log(), global_tgt_logit
+
+
 class ShardedMarginLoss(torch.autograd.Function):
     """Mean over the global batch of ``logsumexp_j(logit_j) - logit_target``.
 
@@ -175,14 +202,9 @@ class ShardedMarginLoss(torch.autograd.Function):
                 logits.sub_(new_max[:, None])
             run_sum.add_(logits.exp_().sum(dim=1))
             run_max = new_max
-        want = row_stats is not None
-        global_max, global_neg = reduce_row_max(comm, run_max, run_neg if want else None)
-        sum_exp, global_tgt_logit, global_tgt_cos = reduce_row_sums(
-            comm, run_sum * torch.exp(run_max - global_max), tgt_logit, tgt_cos if want else None
+        lse, global_tgt_logit = global_log_sum_exp(
+            comm, run_max, run_sum, tgt_logit, tgt_cos, run_neg, plan, row_stats
         )
-        if want:
-            row_stats.value = RowStats(global_tgt_cos, global_neg / plan.spec.logit_scale)
-        lse = global_max + sum_exp.log()
         ctx.save_for_backward(x_scaled, weight, rows, target_col, tgt_cos, tgt_logit, lse)
         ctx.plan, ctx.kept = plan, kept
         return (lse - global_tgt_logit).mean()

@@ -31,6 +31,28 @@ class MarginSpec:
         return self.scale if self.normalized else 1.0
 
 
+def check_margin(margin_type: str, margin: float, num_classes: int) -> None:
+    """Raise ValueError unless ``margin`` is usable for ``margin_type`` with ``num_classes``.
+
+    The one rule shared by ``classifier.*`` config validation and ``ShardedClassifier``.
+    CosFace: ``0 <= m <= C / (C - 1)``, the largest margin for which C classes can still be
+    separated at all (Wang et al. 2018, sec. 3.4: the weight vectors' best arrangement is a
+    simplex with pairwise cosine ``-1 / (C - 1)``). ArcFace: ``0 <= m < pi``, an angle.
+    NSL and softmax ignore the margin; it only has to be a finite number >= 0.
+    """
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        raise ValueError(f"margin must be a number, got {margin!r}")
+    if not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+    if margin_type == "cosface" and margin > num_classes / (num_classes - 1):
+        raise ValueError(
+            f"margin must be <= C/(C-1) = {num_classes / (num_classes - 1):.4g} for cosface "
+            f"with C={num_classes} classes (no separating solution beyond it), got {margin!r}"
+        )
+    if margin_type == "arcface" and margin >= math.pi:
+        raise ValueError(f"margin must be an angle in [0, pi) for arcface, got {margin!r}")
+
+
 def target_fn(spec: MarginSpec, cos: torch.Tensor) -> torch.Tensor:
     """``f(c)``: the target class's value before scaling (fp32 in, fp32 out)."""
     if spec.margin_type == "cosface":

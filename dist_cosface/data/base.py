@@ -3,7 +3,9 @@
 A backend yields an endless, deterministic stream of batches for ``(epoch, start_batch)``;
 this class takes exactly ``len(self)`` of them, so every rank runs the same number of steps
 even when a rank's part is smaller or samples were skipped (a rank that ran dry while others
-wait in a collective would hang the job).
+wait in a collective would hang the job). Losses go to a :class:`BadDataLog`; a rank whose
+backend dies keeps handing out placeholder batches until the shared decision stops every rank
+(see ``data/integrity.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+
+from dist_cosface.data.integrity import BadDataLog
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -35,6 +39,31 @@ class TrainLoader:
         self.epoch = 0
         self.position = 0  # batches of ``epoch`` already handed out
         self.stats: dict[str, int] = {"skipped_samples": 0}
+        self.bad: BadDataLog | None = None  # set by loaders that read files (track_bad_data)
+        self.group = None  # process group of the epoch-end reduction (None: one process)
+        self.sync_device = torch.device("cpu")
+        self.out_device = torch.device("cpu")
+
+    def track_bad_data(self, cfg, ctx, shards) -> None:
+        """Count losses against the manifest's sample count; static ones are logged once."""
+        self.bad = BadDataLog(
+            cfg.on_bad_sample, cfg.max_skip_fraction, shards.manifest.num_samples, ctx.rank
+        )
+        self.bad.add_static(
+            shards.skipped_samples, shards.bad_shards, shards.problems, announce=ctx.rank == 0
+        )
+        self.group, self.sync_device = ctx.group, ctx.device
+        self._sync_stats()
+
+    @property
+    def failure(self) -> str | None:
+        """This rank's reason to stop the run (voted on by the loop), or None."""
+        return None if self.bad is None else self.bad.failure
+
+    def _sync_stats(self) -> None:
+        if self.bad is not None:
+            self.stats["skipped_samples"] = self.bad.total_samples
+            self.stats["bad_shards"] = self.bad.bad_shards
 
     def __len__(self) -> int:
         return self.num_batches
@@ -59,15 +88,37 @@ class TrainLoader:
         if self.position >= self.num_batches:  # finished epoch not followed by set_epoch
             self.epoch, self.position = self.epoch + 1, 0
         stream = self._batches(self.epoch, self.position)
+        self._dead = False
         try:
             while self.position < self.num_batches:
-                batch = next(stream)
+                batch = self._next_batch(stream)
                 self.position += 1
+                self._sync_stats()
+                if self.failure is not None and self.group is None:
+                    raise ValueError(f"bad input data: {self.failure}")
                 yield batch
         finally:
             close = getattr(stream, "close", None)
             if close is not None:
                 close()
+        if self.bad is not None:  # every rank gets here after the same number of batches
+            self.bad.end_epoch(self.epoch, self.group, self.sync_device)
+
+    def _next_batch(self, stream) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stream's next batch; in a group, a dead stream gives placeholders (see module)."""
+        if not self._dead:
+            try:
+                return next(stream)
+            except (ValueError, RuntimeError, OSError) as exc:
+                if self.group is None or self.bad is None:
+                    raise
+                self.bad.fail(f"the {type(self).__name__} stopped: {exc}")
+                self._dead = True
+        # zeros, never trained on: the loop's vote stops every rank before the optimizer step
+        cfg = self.cfg
+        size, dtype = cfg.image_size, DTYPES[cfg.output_dtype]
+        images = torch.zeros(cfg.batch_size, 3, size, size, dtype=dtype, device=self.out_device)
+        return images, torch.zeros(cfg.batch_size, dtype=torch.int64, device=self.out_device)
 
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless stream of the epoch's batches starting at batch ``start``."""

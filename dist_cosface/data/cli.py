@@ -40,6 +40,12 @@ def add_shards_arguments(parser: argparse.ArgumentParser) -> None:
         help=".rec only: labels must be below this (default: largest label + 1)",
     )
     parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    parser.add_argument(
+        "--landmarks",
+        default="",
+        help="align while converting: file of 'relative/path x1 y1 ... x5 y5' lines (folder SRC)",
+    )
+    parser.add_argument("--align-size", type=int, default=112, help="side of the aligned crops")
 
 
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:
@@ -54,6 +60,8 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         overwrite=args.overwrite,
         num_classes=args.num_classes,
         progress=False if args.no_progress else None,
+        landmarks=args.landmarks,
+        align_size=args.align_size,
     )
 
 

@@ -20,6 +20,9 @@ class DataConfig:
     random_flip: bool = True
     output_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     on_bad_sample: Literal["skip", "stop"] = "skip"
+    # skip mode: stop the run when more than this share of an epoch's samples (the manifest's
+    # count) is lost to bad shards or samples (1 = never); every loss is logged and counted
+    max_skip_fraction: float = 0.01
     # dali: where images are decoded; auto = "mixed" (nvJPEG) on a CUDA device, else "cpu"
     dali_device: Literal["auto", "cpu", "mixed"] = "auto"
     dali_prefetch: int = 2
@@ -37,6 +40,8 @@ class DataConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:  # also false for NaN
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
         if self.dali_prefetch < 1:
             raise ValueError(f"dali_prefetch must be >= 1, got {self.dali_prefetch}")
         if self.synthetic_num_classes < 2:
@@ -51,3 +56,7 @@ class DataConfig:
             raise ValueError(f"synthetic_noise must be >= 0, got {self.synthetic_noise}")
         if self.backend != "synthetic" and not self.path:
             raise ValueError(f"data.path is required for backend {self.backend!r}")
+        if self.path.startswith("pipe:"):
+            from dist_cosface.data.streams import pipe_argv
+
+            pipe_argv(self.path)  # shell syntax fails at config load, not on the first read

@@ -47,6 +47,8 @@ class ConvertOptions:
     overwrite: bool = False  # start clean instead of resuming
     num_classes: int = 0  # RecordIO only: labels must be < this (0: max label + 1)
     progress: bool | None = None  # None: only when stderr is a terminal
+    landmarks: str = ""  # folder only: file of "relative/path x1 y1 ... x5 y5"; aligns images
+    align_size: int = 112  # side of the aligned crops (the 112 template, scaled)
 
     def validate(self) -> None:
         if self.shard_size < 1:
@@ -57,6 +59,8 @@ class ConvertOptions:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.align_size < 8:
+            raise ValueError(f"align_size must be >= 8, got {self.align_size}")
         if self.image_format not in ("keep", "jpeg") or self.on_bad not in ("skip", "stop"):
             raise ValueError(f"bad image_format/on_bad: {self.image_format}/{self.on_bad}")
 
@@ -99,6 +103,7 @@ class ShardJob:
     rec_offsets: dict[int, int]
     samples: list[tuple[int, SourceSample]]  # (global position, sample)
     options: ConvertOptions
+    landmarks: dict[str, tuple[float, ...] | None] | None = None  # sample ref -> 5 points
 
 
 @dataclass
@@ -220,6 +225,22 @@ def _encode(data: bytes, opts: ConvertOptions) -> tuple[bytes, str]:
         return data, ext
 
 
+def _align(data: bytes, points, opts: ConvertOptions, where: str) -> bytes:
+    from dist_cosface.eval.align import align_encoded
+
+    return align_encoded(data, points, opts.align_size, where)
+
+
+def _landmarks_by_ref(src: Path, samples: list[SourceSample], opts: ConvertOptions) -> dict | None:
+    """``--landmarks``: each folder sample's 5 points (None where the file has none)."""
+    if not opts.landmarks:
+        return None
+    from dist_cosface.eval.align import read_landmarks_file
+
+    table = read_landmarks_file(opts.landmarks)
+    return {s.ref: table.get(Path(s.ref).relative_to(src).as_posix()) for s in samples}
+
+
 def write_shard(job: ShardJob) -> tuple[int, ShardInfo, Problems, list[str]]:
     """Worker: write one complete shard; returns its info, problems and image extensions."""
     problems = Problems(job.options.on_bad)
@@ -235,6 +256,13 @@ def write_shard(job: ShardJob) -> tuple[int, ShardInfo, Problems, list[str]]:
                 where = f"{job.rec_path} record {sample.ref}"
                 payload = recordio.read_payload(rec, job.rec_offsets[int(sample.ref)], where)
                 data = recordio.unpack_image(payload, where).image
+            if job.landmarks is not None:
+                try:
+                    data = _align(data, job.landmarks.get(sample.ref), job.options, where)
+                except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad images
+                    kind = getattr(exc, "kind", "corrupt image")
+                    problems.report(kind, where, getattr(exc, "detail", str(exc)))
+                    continue
             try:
                 encoded, ext = _encode(data, job.options)
             except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad images
@@ -296,11 +324,16 @@ def convert(src: str | Path, out_dir: str | Path, opts: ConvertOptions) -> Conve
         samples, label_map, rec_offsets = scan_recordio(src, opts.num_classes, problems)
     else:
         raise ValueError(f"{src}: not an image folder or a .rec file")
+    if opts.landmarks and kind != "folder":
+        raise ValueError(f"{src}: --landmarks needs an image folder source")
+    landmarks = _landmarks_by_ref(src, samples, opts)
     num_classes = opts.num_classes or (max(label_map.values()) + 1)
     groups = plan_shards(samples, opts)
     plan_opts = {
         k: v for k, v in asdict(opts).items() if k not in ("workers", "progress", "overwrite")
     }
+    if not opts.landmarks:  # outputs written before alignment existed still resume
+        del plan_opts["landmarks"], plan_opts["align_size"]
     plan = {
         "source": str(src.resolve()),
         "options": plan_opts,
@@ -317,7 +350,10 @@ def convert(src: str | Path, out_dir: str | Path, opts: ConvertOptions) -> Conve
             results[i] = _load_done(done_path)
         else:
             members = [(pos, samples[pos]) for pos in group]
-            jobs.append(ShardJob(i, str(out_dir), kind, str(src), rec_offsets, members, opts))
+            marks = landmarks and {s.ref: landmarks[s.ref] for _, s in members}
+            jobs.append(
+                ShardJob(i, str(out_dir), kind, str(src), rec_offsets, members, opts, marks)
+            )
     reused = len(results)
     _run_jobs(jobs, opts, results)
 

@@ -10,6 +10,7 @@ order reproducible; resuming at batch ``k`` runs and drops the first ``k`` batch
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -31,7 +32,9 @@ def dali_device(cfg: DataConfig, ctx: DistContext) -> str:
 
 class DaliLoader(TrainLoader):
     def __init__(self, cfg: DataConfig, ctx: DistContext, shards: ShardSet | None = None):
-        shards = shards or open_shards(cfg.path, cfg.on_bad_sample)
+        # the index files are checked against their tars here: a stale or swapped .idx is
+        # named before DALI, which reads by the index's offsets, ever sees it
+        shards = shards or open_shards(cfg.path, cfg.on_bad_sample, cfg.max_skip_fraction)
         if shards.index_paths and not all(shards.index_paths):
             raise ValueError(f"data.path={cfg.path!r}: the dali backend reads local shards only")
         per_rank = shards.num_samples // ctx.world_size
@@ -41,10 +44,11 @@ class DaliLoader(TrainLoader):
         self.out_device = ctx.device if self.decode_device == "mixed" else torch.device("cpu")
         if self.decode_device == "mixed" and self.out_device.index is None:
             self.out_device = torch.device("cuda", torch.cuda.current_device())
-        self.stats["skipped_samples"] = shards.skipped_samples
-        self.stats["bad_shards"] = len(shards.problems)
+        self.track_bad_data(cfg, ctx, shards)
 
-    def _build(self, epoch: int):
+    def _build(self, epoch: int, decode: bool = True):
+        """The epoch's pipeline; ``decode=False``: the same reader (same seed, same order)
+        returning the encoded images, to find an image DALI could not decode."""
         from nvidia.dali import fn, pipeline_def, types
 
         cfg = self.cfg
@@ -70,6 +74,8 @@ class DaliLoader(TrainLoader):
                 missing_component_behavior="skip",
                 name="reader",
             )
+            if not decode:
+                return encoded, cls
             # hw_decoder_load: share of JPEGs sent to the A100/H100-class hardware decoder
             extra = {"hw_decoder_load": 0.65} if gpu else {}
             images = fn.decoders.image(
@@ -97,16 +103,15 @@ class DaliLoader(TrainLoader):
         labels = torch.zeros(len(cls), dtype=torch.int64)
         bad = torch.zeros(len(cls), dtype=torch.bool)
         for i in range(len(cls)):
+            raw = np.asarray(cls[i]).tobytes()
             try:
-                label = int(np.asarray(cls[i]).tobytes().decode().strip())
+                label = int(raw.decode().strip())
             except (ValueError, UnicodeDecodeError):
                 label = -1
             if not 0 <= label < self.num_classes:
-                if self.cfg.on_bad_sample == "stop":
-                    raise ValueError(
-                        f"{cls[i].source_info()}: label {np.asarray(cls[i]).tobytes()[:20]!r} "
-                        f"outside [0, {self.num_classes})"
-                    )
+                # source_info is "shard.tar:offset:key.cls": shard and key of the sample
+                problem = f"label {raw[:20]!r} outside [0, {self.num_classes})"
+                self.bad.record(cls[i].source_info(), problem)
                 bad[i] = True
             labels[i] = label
         return labels, bad
@@ -124,27 +129,56 @@ class DaliLoader(TrainLoader):
         feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.out_device))
         return out
 
-    def _run(self, pipe):
+    def _run(self, pipe, epoch: int, index: int):
         # DALI cannot skip an undecodable image; the converters decode every image first,
         # so this only meets shards changed or damaged after conversion
         try:
             return pipe.run()
         except RuntimeError as exc:
-            shards = ", ".join(self.shards.urls[:4]) + (" ..." if len(self.shards.urls) > 4 else "")
-            raise ValueError(f"DALI failed reading/decoding a batch from {shards}: {exc}") from exc
+            where = self._find_undecodable(epoch, index)
+            if not where:
+                shards = self.shards.urls
+                where = "one of " + ", ".join(shards[:4]) + (" ..." if len(shards) > 4 else "")
+            raise ValueError(
+                f"DALI failed reading/decoding batch {index} of epoch {epoch} ({where}): {exc}"
+            ) from exc
+
+    def _find_undecodable(self, epoch: int, index: int) -> str:
+        """``shard.tar:offset:key.ext`` of the first image near batch ``index`` that Pillow
+        cannot decode either ('' if none): replays the epoch's reader without decoding."""
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        last = index + self.cfg.dali_prefetch + 1  # DALI may fail while prefetching ahead
+        pipe = self._build(epoch, decode=False)
+        try:
+            for batch in range(last + 1):
+                encoded, _ = pipe.run()
+                for i in range(len(encoded) if batch >= index - 1 else 0):
+                    try:
+                        with Image.open(io.BytesIO(np.asarray(encoded[i]).tobytes())) as img:
+                            img.load()
+                    except Exception:  # noqa: BLE001 - PIL raises many types for bad images
+                        return encoded[i].source_info()
+        except RuntimeError:
+            return ""
+        finally:
+            del pipe
+        return ""
 
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         pipe = self._build(epoch)
         dtype = DTYPES[self.cfg.output_dtype]
         try:
-            for _ in range(start):  # exact resume: same seed, so drop the consumed batches
-                self._run(pipe)
-            while True:
-                images, cls = self._run(pipe)
+            for index in range(start):  # exact resume: same seed, so drop the consumed batches
+                self._run(pipe, epoch, index)
+            for index in itertools.count(start):
+                images, cls = self._run(pipe, epoch, index)
                 labels, bad = self._labels(cls)
                 out = self._to_torch(images).to(dtype)
-                out, labels, replaced = repair_batch(out, labels, bad, "dali batch")
-                self.stats["skipped_samples"] += replaced
+                out, labels, _ = repair_batch(out, labels, bad, "dali batch")
                 yield out, labels.to(self.out_device, non_blocking=True)
         finally:
             del pipe

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +23,24 @@ LABELS_NAME = "labels.json"
 MANIFEST_FORMAT = "dist_cosface.shards/v1"
 INDEX_VERSION = "v1.2"
 IMAGE_EXTS = ("jpg", "png", "pgm", "ppm", "pnm", "bmp", "tif", "webp")
+# A file a manifest names (shard, label map) is a plain file name beside the manifest: it is
+# joined to paths, URLs and ``pipe:`` commands, so anything that could leave the folder or mean
+# something to a shell (separators, "..", spaces, quotes, ; | & $ ...) is refused.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+PLAIN_NAME_RULE = "1-200 of A-Z a-z 0-9 . _ -, starting with a letter or digit, no '..'"
+
+
+def check_plain_name(name: object, what: str, where: str, suffix: str = "") -> str:
+    """``name`` if it is a plain file name (ending in ``suffix``), else ValueError naming it."""
+    if (
+        not isinstance(name, str)
+        or not PLAIN_NAME.fullmatch(name)
+        or ".." in name
+        or not name.endswith(suffix)
+    ):
+        rule = PLAIN_NAME_RULE + (f", ending in {suffix}" if suffix else "")
+        raise ValueError(f"{where}: {what} {name!r} is not a plain file name ({rule})")
+    return name
 
 
 def shard_stem(index: int) -> str:
@@ -148,6 +167,11 @@ class Manifest:
             manifest = cls(shards=shards, **raw)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{where}: malformed manifest: {exc}") from exc
+        for shard in manifest.shards:
+            check_plain_name(shard.name, "shard name", where, suffix=".tar")
+            if not isinstance(shard.num_samples, int) or shard.num_samples < 0:
+                raise ValueError(f"{where}: shard {shard.name}: num_samples {shard.num_samples!r}")
+        check_plain_name(manifest.label_map, "label_map", where)
         total = sum(s.num_samples for s in manifest.shards)
         if total != manifest.num_samples:
             raise ValueError(f"{where}: num_samples={manifest.num_samples} but shards hold {total}")

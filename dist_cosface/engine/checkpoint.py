@@ -10,15 +10,18 @@ Layout of ``<output_dir>/checkpoints/step_<N>/``::
     classifier_rank<r>.pt   weight shard + row-aligned optimizer state + its class range
     trainer_rank<r>.pt      RNG states and the data loader position of rank r
 
-Everything is written into ``step_<N>.tmp-write`` first; after a barrier rank 0 adds
-meta.json and renames the folder, so a job killed mid-write never leaves a folder that looks
-complete. Every file loads with ``torch.load(weights_only=True)``.
+Everything is written into ``step_<N>.tmp-write`` first; every rank fsyncs its files and
+records their sizes and CRC32s; after a barrier rank 0 writes meta.json (with all the records
+under ``files``), fsyncs the folder and renames it, so a job killed mid-write never leaves a
+folder that looks complete, and resume verifies the files against the records
+(``ckpt_files.select_verified``). Every file loads with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -30,11 +33,18 @@ import torch.distributed as dist
 
 from dist_cosface.configtools import from_mapping
 from dist_cosface.distributed import DistContext
+from dist_cosface.engine.ckpt_files import (
+    fsync_dir,
+    merge_records,
+    select_verified,
+    write_rank_records,
+)
 from dist_cosface.engine.rows import gather_rows
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json records every file's size and CRC32
+_READABLE_VERSIONS = (1, 2)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -46,7 +56,10 @@ def _barrier(ctx: DistContext) -> None:
 def _load(path: Path) -> dict:
     if not path.is_file():
         raise ValueError(f"checkpoint file missing: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError) as exc:  # a damaged file: name it
+        raise ValueError(f"checkpoint file {path} cannot be read: {exc}") from exc
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -77,10 +90,27 @@ def read_meta(ckpt: Path) -> dict:
     meta_path = Path(ckpt) / "meta.json"
     if not meta_path.is_file():
         raise ValueError(f"{ckpt} is not a complete checkpoint (no meta.json)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{meta_path}: not valid JSON ({exc})") from exc
+    if meta.get("format_version") not in _READABLE_VERSIONS:
         raise ValueError(f"{meta_path}: unsupported format_version {meta.get('format_version')}")
     return meta
+
+
+def resolve_checkpoint(path: str | Path, ctx: DistContext, only=None) -> Path | None:
+    """The checkpoint to resume from ``path`` after verifying its files on all ranks.
+
+    ``path`` is a checkpoint folder (it must be intact), or a run / checkpoints folder: the
+    newest intact checkpoint there, skipping damaged ones with a warning. None: nothing there.
+    ``only``: the files that must be intact (default: all).
+    """
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return select_verified([path], ctx, read_meta, strict=True, only=only)
+    root = path / "checkpoints" if complete_checkpoints(path / "checkpoints") else path
+    return select_verified(complete_checkpoints(root), ctx, read_meta, strict=False, only=only)
 
 
 def rng_state() -> dict:
@@ -151,12 +181,16 @@ def save_checkpoint(
         tmp / f"classifier_rank{ctx.rank}.pt",
     )
     torch.save({"rng": rng_state(), "loader": loader_state}, tmp / f"trainer_rank{ctx.rank}.pt")
+    mine = [f"classifier_rank{ctx.rank}.pt", f"trainer_rank{ctx.rank}.pt"]
     if ds_engine is not None:
         ds_engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
     if ctx.is_main:
         torch.save(backbone.state_dict(), tmp / "backbone.pt")
+        mine.append("backbone.pt")
         if backbone_optim is not None:
             torch.save(backbone_optim.state_dict(), tmp / "backbone_optim.pt")
+            mine.append("backbone_optim.pt")
+    write_rank_records(tmp, ctx.rank, mine)  # each rank fsyncs and checksums its own files
     _barrier(ctx)
     if ctx.is_main:
         full_meta = dict(
@@ -166,17 +200,29 @@ def save_checkpoint(
             world_size=ctx.world_size,
             class_layout=layout,
             complete=True,
+            files=merge_records(tmp, ctx.world_size),
         )
-        (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        _publish(tmp, final, full_meta)
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob("step_*.tmp-write"):  # left by a run killed while writing
             shutil.rmtree(stale, ignore_errors=True)
     _barrier(ctx)
     return final
+
+
+def _publish(tmp: Path, final: Path, meta: dict) -> None:
+    """meta.json last, everything on disk, then the atomic rename (and its directory entry)."""
+    meta_path = tmp / "meta.json"
+    with open(meta_path, "w") as handle:
+        handle.write(json.dumps(meta, indent=1))
+        handle.flush()
+        os.fsync(handle.fileno())
+    fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    fsync_dir(final.parent)
 
 
 def load_classifier_rows(ckpt: Path, meta: dict, start: int, count: int) -> dict:
@@ -244,7 +290,8 @@ def load_backbone(checkpoint_or_run_dir: str | Path) -> tuple[torch.nn.Module, i
     from dist_cosface.models import build_backbone
     from dist_cosface.models.config import ModelConfig
 
-    ckpt = find_latest_checkpoint(checkpoint_or_run_dir)
+    # verified in this one process; the classifier shards (maybe GBs) are not needed here
+    ckpt = resolve_checkpoint(checkpoint_or_run_dir, DistContext(), only={"backbone.pt"})
     if ckpt is None:
         raise ValueError(f"no complete checkpoint found at {checkpoint_or_run_dir}")
     meta = read_meta(ckpt)

@@ -1,10 +1,11 @@
 """The training loop: ``train(cfg, ctx) -> summary``.
 
 One optimizer step = ``optim.grad_accum_steps`` micro-batches. Per step the loop issues, in
-addition to the model's own collectives, ONE all-reduce of a 2-element tensor that carries
-the global gradient norm (each classifier shard counted once) and the "SIGTERM received"
-flag, and reads it on the host: that single synchronisation gives every rank the same
-decision about clipping, fp16 overflow skips, non-finite stops and preemption.
+addition to the model's own collectives, ONE all-reduce of a 4-element tensor that carries
+the global gradient norm (each classifier shard counted once), the "SIGTERM received" and
+"launcher died" flags and the loader's "bad input data" flag, and reads it on the host: that
+single synchronisation gives every rank the same decision about clipping, fp16 overflow skips,
+non-finite stops, preemption and stops on bad data.
 """
 
 from __future__ import annotations
@@ -18,22 +19,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from dist_cosface.config import dump_config
 from dist_cosface.configtools import to_mapping
+from dist_cosface.data.integrity import raise_data_failure
 from dist_cosface.distributed import DistContext
 from dist_cosface.engine.amp import autocast
 from dist_cosface.engine.checkpoint import (
-    find_latest_checkpoint,
     load_checkpoint,
+    resolve_checkpoint,
     save_checkpoint,
     set_rng_state,
 )
 from dist_cosface.engine.ds import engine_grad_norm, owns_backbone_grads
 from dist_cosface.engine.optim import clip_grads_, global_grad_norm_and_flags, lr_at, set_lr
-from dist_cosface.engine.parts import Parts, build_parts, check_config
+from dist_cosface.engine.parts import Parts, build_parts, check_config, describe_loader
 from dist_cosface.engine.progress import ProgressLog
+from dist_cosface.engine.runlock import RunLock
 from dist_cosface.engine.signals import StopRequest
 
 log = logging.getLogger(__name__)
@@ -61,20 +63,21 @@ class EpochStream:
         raise ValueError("the data loader yields no batches (len(loader) == 0?)")
 
 
-def _resolve_resume(cfg, out: Path) -> Path | None:
+def _resolve_resume(cfg, ctx: DistContext, out: Path) -> Path | None:
+    """The verified checkpoint to resume (all ranks agree), or None to start fresh."""
     resume = cfg.checkpoint.resume
     if resume == "none":
         return None
     if resume == "auto":
-        return find_latest_checkpoint(out / "checkpoints")
-    found = find_latest_checkpoint(resume)
+        return resolve_checkpoint(out / "checkpoints", ctx)
+    found = resolve_checkpoint(resume, ctx)
     if found is None:
         raise ValueError(f"checkpoint.resume={resume!r}: no complete checkpoint there")
     return found
 
 
 def _restore(cfg, ctx: DistContext, parts: Parts, out: Path) -> dict:
-    ckpt = _resolve_resume(cfg, out)
+    ckpt = _resolve_resume(cfg, ctx, out)
     if ckpt is None:
         return {"step": 0, "epoch": 0, "position": None, "from": None}
     state = load_checkpoint(
@@ -125,20 +128,44 @@ def _checkpoint(cfg, ctx, parts: Parts, out: Path, step: int, epoch: int, metric
 
 
 def _evaluate(cfg, ctx, parts: Parts, out: Path, metrics) -> dict:
-    results = {}
+    """Every rank embeds its share of the verification images; rank 0 logs and writes."""
+    results = _evaluate_all_ranks(cfg, ctx, parts, out)
     if ctx.is_main:
-        from dist_cosface.eval import run_evaluation
-
-        parts.backbone.eval()
-        with torch.no_grad():
-            results = run_evaluation(parts.backbone, cfg.eval, ctx.device, cfg.data.image_size, out)
-        parts.backbone.train()
         for target, res in results.items():
+            if "error" in res:
+                print(
+                    f"eval {target}: FAILED ({res['error']}); training results are kept", flush=True
+                )
+                continue
             metrics.on_eval(target, float(res["accuracy"]))
             print(f"eval {target}: accuracy {res['accuracy']:.4f}", flush=True)
-    if ctx.is_distributed:
-        dist.barrier(group=ctx.group)  # other ranks wait for rank 0's evaluation
     return results
+
+
+def _evaluate_all_ranks(cfg, ctx, parts: Parts, out: Path) -> dict:
+    """Never raises: an evaluation failure must not turn a trained run into a failed one.
+
+    Targets that fail are logged and recorded with an ``error`` entry (in eval.json too).
+    """
+    from dist_cosface.eval.pairs_dist import run_evaluation_all_ranks
+
+    parts.backbone.eval()
+    try:
+        with torch.no_grad():
+            return run_evaluation_all_ranks(
+                parts.backbone,
+                cfg.eval,
+                ctx.device,
+                cfg.data.image_size,
+                out,
+                ctx.group,
+                keep_going=True,
+            )
+    except Exception as exc:  # beyond one target: e.g. eval.json cannot be written
+        log.exception("evaluation failed; checkpoints and metrics.jsonl are kept")
+        return {str(t): {"error": f"{type(exc).__name__}: {exc}"} for t in cfg.eval.targets}
+    finally:
+        parts.backbone.train()
 
 
 def _forward_backward(cfg, ctx, parts: Parts, stream: EpochStream) -> tuple[torch.Tensor, float]:
@@ -175,18 +202,24 @@ def _forward_backward(cfg, ctx, parts: Parts, stream: EpochStream) -> tuple[torc
     return loss_sum / accum, wait
 
 
-def _optimizer_step(cfg, ctx, parts: Parts, stop: StopRequest) -> tuple[float, bool, bool]:
-    """Clip and step; returns (grad norm, skipped for fp16 overflow, stop requested)."""
+def _optimizer_step(cfg, ctx, parts: Parts, stop: StopRequest) -> tuple[float, bool, str | None]:
+    """Clip and step; returns (grad norm, skipped for fp16 overflow, why to stop or None)."""
     ds = parts.ds_engine is not None
     head_only = ds and owns_backbone_grads(cfg)  # then DeepSpeed clips the backbone itself
     params = list(parts.head.parameters()) if head_only else parts.params()
     parts.scaler.unscale_(params)
-    norm, (stop_votes,) = global_grad_norm_and_flags(params, ctx, [float(stop.requested)])
+    # a rank's loader that met bad data it must stop for votes here: every rank raises alike
+    data_failed = float(getattr(parts.loader, "failure", None) is not None)
+    flags = [float(stop.requested), float(stop.launcher_lost), data_failed]
+    norm, (stop_votes, lost_votes, data_votes) = global_grad_norm_and_flags(params, ctx, flags)
+    if data_votes > 0:
+        raise_data_failure(parts.loader, int(data_votes))
+    reason = ("launcher_lost" if lost_votes > 0 else "sigterm") if stop_votes > 0 else None
     if not math.isfinite(norm):
         for optimizer in parts.optimizers():
             optimizer.zero_grad(set_to_none=True)
         parts.scaler.update(found_inf=True)
-        return norm, True, stop_votes > 0
+        return norm, True, reason
     if cfg.optim.grad_clip is not None:
         clip_grads_(params, norm, cfg.optim.grad_clip)
     parts.head_optim.step()
@@ -199,7 +232,7 @@ def _optimizer_step(cfg, ctx, parts: Parts, stop: StopRequest) -> tuple[float, b
         parts.backbone_optim.step()
         parts.backbone_optim.zero_grad(set_to_none=True)
     parts.scaler.update(found_inf=False)
-    return norm, False, stop_votes > 0
+    return norm, False, reason
 
 
 def _comm_seconds(head) -> float | None:
@@ -213,12 +246,13 @@ def train(cfg, ctx: DistContext, *, backbone=None, loader=None) -> dict:
     """Train per ``cfg``; every rank calls this. ``backbone``/``loader`` override the builders.
 
     Returns a summary: ``step``, ``loss``, ``samples_per_s``, ``grad_norm`` (last log line),
-    ``preempted``, ``resumed_from``,
+    ``preempted``, ``launcher_lost`` (stopped because a rank's launcher died), ``resumed_from``,
     ``checkpoint``, ``eval``. An exception is logged with the rank and re-raised, so the
     launcher sees a non-zero exit and stops the other ranks.
     """
     try:
-        return _train(cfg, ctx, backbone, loader)
+        with RunLock(cfg.train.output_dir, ctx):  # a second job on this folder fails here
+            return _train(cfg, ctx, backbone, loader)
     except Exception:
         log.exception("rank %d: training failed", ctx.rank)
         raise
@@ -266,13 +300,15 @@ class _Run:
         if cfg.eval.targets and ev and step % ev == 0 and step < total:
             self.summary["eval"] = _evaluate(cfg, self.ctx, self.parts, self.out, self.metrics)
 
-    def preempt(self, step: int) -> None:
+    def preempt(self, step: int, reason: str) -> None:
         """SIGTERM agreed by all ranks: make sure this step is checkpointed, then stop."""
         if self.last_saved != step:
             self.checkpoint(step)
         self.summary["preempted"] = True
+        self.summary["launcher_lost"] = reason == "launcher_lost"  # the CLI exits non-zero
         if self.ctx.is_main:
-            print(f"SIGTERM: stopped at step {step}, checkpoint written", flush=True)
+            what = "a launcher died" if reason == "launcher_lost" else "SIGTERM"
+            print(f"{what}: stopped at step {step}, checkpoint written", flush=True)
 
 
 def _start(cfg, ctx: DistContext, backbone, loader) -> tuple[_Run, int]:
@@ -280,11 +316,17 @@ def _start(cfg, ctx: DistContext, backbone, loader) -> tuple[_Run, int]:
     from dist_cosface.metrics import build_metrics
 
     check_config(cfg)
+    if ctx.is_main and cfg.eval.targets:
+        from dist_cosface.eval.targets import check_targets
+
+        check_targets(cfg.eval)  # a bad or unsafe eval file fails now, not after training
     out = Path(cfg.train.output_dir)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
     parts = build_parts(cfg, ctx, backbone, loader)
+    if ctx.is_main:
+        print(f"data: {describe_loader(cfg.data, parts.loader)}", flush=True)
     resumed = _restore(cfg, ctx, parts, out)
     step = resumed["step"]
     summary = {
@@ -293,6 +335,7 @@ def _start(cfg, ctx: DistContext, backbone, loader) -> tuple[_Run, int]:
         "samples_per_s": None,
         "grad_norm": None,
         "preempted": False,
+        "launcher_lost": False,
         "checkpoint": None,
         "eval": {},
         "resumed_from": str(resumed["from"]) if resumed["from"] else None,
@@ -333,7 +376,7 @@ def _train(cfg, ctx: DistContext, backbone, loader) -> dict:
                     skipped, step = 0, step + 1
                     run.finish_step(step, time.perf_counter() - t0, wait, loss, lr, norm)
                 if stop_now:
-                    run.preempt(step)
+                    run.preempt(step, stop_now)
                     break
         if cfg.eval.targets and not run.summary["preempted"]:
             run.summary["eval"] = _evaluate(cfg, ctx, parts, run.out, run.metrics)
@@ -362,6 +405,8 @@ def _log(progress: ProgressLog, metrics, parts: Parts, step, loss, lr, norm) -> 
     stats = getattr(parts.loader, "stats", None) or {}
     if "skipped_samples" in stats:
         metrics.on_bad_samples(int(stats["skipped_samples"]))
+    if "bad_shards" in stats:
+        metrics.on_bad_shards(int(stats["bad_shards"]))
     health = _margin_health(parts.head)
     if health:
         metrics.on_margin_health(health)

@@ -48,6 +48,17 @@ def check_config(cfg) -> None:
         )
 
 
+def describe_loader(data_cfg, loader) -> str:
+    """One line telling the user which loader feeds the run (DALI / webdataset / synthetic)."""
+    text = type(loader).__name__
+    decode = getattr(loader, "decode_device", None)  # DALI: "cpu" or "mixed" (nvJPEG)
+    if decode is not None:
+        text += f" ({decode} decoding)"
+    if data_cfg.backend != "synthetic":
+        text += f" from {data_cfg.path}"
+    return f"{text}, {len(loader)} batches of {data_cfg.batch_size} per rank per epoch"
+
+
 def build_parts(cfg, ctx: DistContext, backbone=None, loader=None) -> Parts:
     from dist_cosface.classifier import ShardedClassifier, build_classifier_optimizer
     from dist_cosface.data import build_loader

@@ -20,7 +20,13 @@ from pathlib import Path
 
 import torch
 
-from dist_cosface.engine.checkpoint import find_latest_checkpoint, load_classifier_rows, read_meta
+from dist_cosface.engine.checkpoint import (
+    FORMAT_VERSION,
+    find_latest_checkpoint,
+    load_classifier_rows,
+    read_meta,
+)
+from dist_cosface.engine.ckpt_files import merge_records
 from dist_cosface.engine.rows import slice_payload
 
 
@@ -76,7 +82,10 @@ def reshard_checkpoint(checkpoint: str | Path, out_dir: str | Path, world_size: 
     for rank, shard in enumerate(shards):
         torch.save(shard, tmp / f"classifier_rank{rank}.pt")
     meta.update(
-        world_size=world_size, class_layout=[[s["class_start"], s["num_local"]] for s in shards]
+        world_size=world_size,
+        class_layout=[[s["class_start"], s["num_local"]] for s in shards],
+        format_version=FORMAT_VERSION,
+        files=merge_records(tmp, 0),  # the copy's own files, recorded afresh
     )
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks complete
     tmp.rename(out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from dist_cosface.configtools import from_mapping
+from dist_cosface.eval.benchmarks import add_benchmark_arguments, run_benchmarks, write_results
 from dist_cosface.eval.config import EvalConfig
 
 LoadBackbone = Callable[[str], tuple[nn.Module, int]]
@@ -25,9 +27,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target",
         action="append",
-        required=True,
+        default=[],
         help=".bin file, pairs file, or folder with pairs.txt (repeatable)",
     )
+    add_benchmark_arguments(parser)
     parser.add_argument(
         "--out-dir", default=None, help="eval.json and ROC PNGs go here (default: CHECKPOINT/eval)"
     )
@@ -39,7 +42,37 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval_command(args: argparse.Namespace, load_backbone: LoadBackbone) -> int:
-    from dist_cosface.eval.evaluate import run_evaluation
+    """Pair verification on rank 0, then the benchmarks on all ranks (under torchrun)."""
+    if not (args.target or args.megaface or args.ijb or args.ytf):
+        print("dist-cosface eval: give --target, --megaface, --ijb or --ytf", file=sys.stderr)
+        return 2
+    from dist_cosface.distributed import init_distributed, shutdown
+
+    ctx = init_distributed()
+    try:
+        return _run_all(args, load_backbone, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _run_all(args: argparse.Namespace, load_backbone: LoadBackbone, ctx) -> int:
+    device = ctx.device if ctx.is_distributed else torch.device(args.device)
+    backbone, image_size = load_backbone(args.checkpoint)
+    backbone = backbone.to(device)
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.checkpoint) / "eval"
+    results = {}
+    if args.target:
+        results.update(_pair_targets(args, backbone, image_size, device, out_dir, ctx))
+    results.update(run_benchmarks(args, backbone, image_size, device, ctx.group, out_dir))
+    if ctx.is_main:
+        write_results(out_dir / "eval.json", results)
+        print(f"results: {out_dir / 'eval.json'}")
+    return 0
+
+
+def _pair_targets(args, backbone, image_size, device, out_dir, ctx) -> dict:
+    """``--target`` pair sets, their images embedded over all ranks."""
+    from dist_cosface.eval.pairs_dist import run_evaluation_all_ranks
 
     settings = {
         "targets": args.target,
@@ -50,18 +83,14 @@ def run_eval_command(args: argparse.Namespace, load_backbone: LoadBackbone) -> i
     if args.far:
         settings["fars"] = args.far
     cfg = from_mapping(EvalConfig, settings, "eval")
-    backbone, image_size = load_backbone(args.checkpoint)
-    backbone = backbone.to(args.device)
-    out_dir = Path(args.out_dir) if args.out_dir else Path(args.checkpoint) / "eval"
-    results = run_evaluation(backbone, cfg, args.device, image_size, out_dir)
-    for name, r in results.items():
+    results = run_evaluation_all_ranks(backbone, cfg, device, image_size, out_dir, ctx.group)
+    for name, r in results.items() if ctx.is_main else ():
         tars = ", ".join(f"TAR@FAR={far:g}: {tar:.4f}" for far, tar in r["tar_at_far"].items())
         print(
             f"{name}: accuracy {r['accuracy']:.4f} +- {r['accuracy_std']:.4f}, {tars}, "
             f"AUC {r['roc_auc']:.4f} ({r['num_pairs']} pairs)"
         )
-    print(f"results: {out_dir / 'eval.json'}")
-    return 0
+    return results
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,10 @@ from torch import nn
 
 from dist_cosface.eval.config import EvalConfig
 from dist_cosface.eval.metrics import roc_auc, roc_curve, verification_metrics
-from dist_cosface.eval.targets import load_target, load_targets
+from dist_cosface.eval.targets import add_target, check_set, load_target, load_targets
 from dist_cosface.eval.verification_set import VerificationSet, decode_image
+
+log = logging.getLogger(__name__)
 
 
 def preprocess(images: list, image_size: int) -> torch.Tensor:
@@ -28,7 +31,7 @@ def preprocess(images: list, image_size: int) -> torch.Tensor:
     return batch.div_(127.5).sub_(1.0)
 
 
-def _input_dtype(backbone: nn.Module) -> torch.dtype:
+def input_dtype(backbone: nn.Module) -> torch.dtype:
     """Feed images in the weights' dtype: a DeepSpeed fp16/bf16 engine holds half weights."""
     for param in backbone.parameters():
         if param.is_floating_point():
@@ -53,12 +56,12 @@ def embed_set(
     """
     was_training = backbone.training
     backbone.eval()
-    dtype = _input_dtype(backbone)
+    dtype = input_dtype(backbone)
     chunks = []
     try:
         for start in range(0, len(vset.images), batch_size):
             indices = range(start, min(start + batch_size, len(vset.images)))
-            pil = [decode_image(vset.read_image_bytes(i), f"{vset.source}[{i}]") for i in indices]
+            pil = [decode_image(vset.read_image_bytes(i), vset.image_name(i)) for i in indices]
             x = preprocess(pil, image_size).to(device, dtype)
             emb = backbone(x).float()
             if flip:
@@ -84,8 +87,13 @@ def save_roc_png(scores: np.ndarray, issame: np.ndarray, path: str | Path, title
     fpr, tpr = roc_curve(scores, issame)
     # A log axis cannot show FAR = 0: draw it at half the smallest non-zero FAR, 1/(2 N_neg).
     floor = 0.5 / int((~np.asarray(issame, dtype=bool)).sum())
+    marker = "."
+    if fpr.size > 4000:  # millions of pairs (IJB-C): ~2000 points evenly spaced on the log axis
+        picks = np.searchsorted(fpr, np.geomspace(floor, 1.0, 2000))
+        keep = np.unique(np.concatenate([[0, fpr.size - 1], np.minimum(picks, fpr.size - 1)]))
+        fpr, tpr, marker = fpr[keep], tpr[keep], None
     fig, ax = plt.subplots(figsize=(5, 4))
-    ax.plot(np.maximum(fpr, floor), tpr, marker=".", label=f"AUC {roc_auc(scores, issame):.4f}")
+    ax.plot(np.maximum(fpr, floor), tpr, marker=marker, label=f"AUC {roc_auc(scores, issame):.4f}")
     ax.set_xscale("log")
     ax.set(xlabel="false accept rate", ylabel="true accept rate", title=title)
     ax.set(xlim=(floor, 1.0), ylim=(0, 1.01))
@@ -112,15 +120,46 @@ def evaluate(
     roc_auc, num_pairs.
     """
     vset = target if isinstance(target, VerificationSet) else load_target(target)
-    if vset.num_pairs < cfg.n_folds:
-        raise ValueError(f"{vset.source}: {vset.num_pairs} pairs < eval.n_folds={cfg.n_folds}")
+    check_set(vset, cfg)
     embeddings = embed_set(backbone, vset, image_size, device, cfg.batch_size, cfg.flip)
     scores = pair_scores(embeddings)
     issame = np.asarray(vset.issame, dtype=bool)
     result = verification_metrics(scores, issame, cfg.fars, cfg.n_folds)
     if roc_path is not None:
-        result["roc_png"] = str(save_roc_png(scores, issame, roc_path, vset.name))
+        add_roc_png(result, scores, issame, roc_path, vset)
     return result
+
+
+def add_roc_png(result: dict, scores, issame, roc_path: str | Path, vset: VerificationSet) -> None:
+    """Write the ROC PNG and record it in ``result``; a failed plot is recorded, never raised."""
+    try:
+        result["roc_png"] = str(save_roc_png(scores, issame, roc_path, vset.name))
+    except Exception as exc:  # a picture never costs the numbers (matplotlib, disk, ...)
+        result["roc_png_error"] = _describe(exc)
+        log.warning(
+            "%s: ROC plot not written (%s); metrics kept", vset.source, result["roc_png_error"]
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def failure_entry(target: object, exc: Exception) -> dict:
+    """The eval.json entry of a target that could not be evaluated (the error is logged)."""
+    log.error("evaluation on %s failed: %s", target, _describe(exc), exc_info=exc)
+    return {"error": _describe(exc), "target": str(target)}
+
+
+def load_each_target(cfg: EvalConfig, failures: dict[str, dict]) -> dict[str, VerificationSet]:
+    """Like ``load_targets``, but a target that fails to load goes to ``failures``."""
+    sets: dict[str, VerificationSet] = {}
+    for target in cfg.targets:
+        try:
+            add_target(sets, load_target(target), target)
+        except Exception as exc:
+            failures[str(target)] = failure_entry(target, exc)
+    return sets
 
 
 def run_evaluation(
@@ -130,14 +169,30 @@ def run_evaluation(
     image_size: int,
     out_dir: str | Path,
     sets: dict[str, VerificationSet] | None = None,
+    *,
+    keep_going: bool = False,
 ) -> dict[str, dict]:
-    """Evaluate on every target; writes ``roc_<name>.png`` and ``eval.json`` in ``out_dir``."""
-    sets = load_targets(cfg) if sets is None else sets
+    """Evaluate on every target; writes ``roc_<name>.png`` and ``eval.json`` in ``out_dir``.
+
+    With ``keep_going`` (training's final evaluation: a finished run must not fail because of
+    it), a target that cannot be loaded or evaluated is logged and recorded as
+    ``{"error": ..., "target": ...}`` and the other targets are still evaluated; without it
+    the first failure raises. A ROC plot that fails is never fatal (``roc_png_error``).
+    """
+    from dist_cosface.data.shards import atomic_write_text
+
     out_dir = Path(out_dir)
-    results = {}
+    results: dict[str, dict] = {}
+    if sets is None:
+        sets = load_each_target(cfg, results) if keep_going else load_targets(cfg)
     for name, vset in sets.items():
         roc_path = out_dir / f"roc_{name}.png" if cfg.roc_png else None
-        results[name] = evaluate(backbone, vset, cfg, device, image_size, roc_path)
+        try:
+            results[name] = evaluate(backbone, vset, cfg, device, image_size, roc_path)
+        except Exception as exc:
+            if not keep_going:
+                raise
+            results[name] = failure_entry(vset.source or name, exc)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(out_dir / "eval.json", json.dumps(results, indent=2))
     return results

@@ -31,6 +31,11 @@ class VerificationSet:
     def num_pairs(self) -> int:
         return len(self.issame)
 
+    def image_name(self, index: int) -> str:
+        """For error messages: the image's file, or its position in the set's file."""
+        item = self.images[index]
+        return str(item) if isinstance(item, Path) else f"{self.source}[{index}]"
+
     def read_image_bytes(self, index: int) -> bytes:
         item = self.images[index]
         if isinstance(item, Path):

@@ -58,6 +58,7 @@ EXPORTED_NAMES = (
     f"{PREFIX}_checkpoint_duration_seconds_sum",
     f"{PREFIX}_checkpoint_duration_seconds_count",
     f"{PREFIX}_skipped_samples_total",
+    f"{PREFIX}_bad_shards",
     f"{PREFIX}_eval_accuracy",
     f"{PREFIX}_step",
     f"{PREFIX}_last_step_timestamp_seconds",
@@ -99,6 +100,9 @@ class RunMetrics:
 
     def on_bad_samples(self, total: int) -> None:
         """The loader's cumulative count of skipped (undecodable) samples."""
+
+    def on_bad_shards(self, total: int) -> None:
+        """How many shards the loader found bad so far (dropped, short or unreadable)."""
 
     def on_margin_health(self, health: dict[str, float]) -> None:
         """At log steps: ``MarginHealth.to_floats()`` of the classifier (host floats)."""
@@ -201,6 +205,9 @@ class PrometheusMetrics(RunMetrics):
         self._skipped = make(
             Counter, "skipped_samples", "Samples the loader skipped (undecodable/corrupt)"
         ).labels(**self._values)
+        self._bad_shards = make(
+            Gauge, "bad_shards", "Shards the loader found bad (dropped, short or unreadable)"
+        ).labels(**self._values)
         self._eval = make(
             Gauge, "eval_accuracy", "Verification accuracy by target", extra=("target",)
         )
@@ -219,6 +226,8 @@ class PrometheusMetrics(RunMetrics):
                 "metrics.port to a free base port (0 = ephemeral) or metrics.enabled=false"
             ) from exc
         self.port = self._server.server_port
+        # with metrics.port 0 (a free port per rank) this line is how to find the endpoint
+        log.info("rank %d: metrics at http://%s:%d/metrics", self.rank, host, self.port)
 
     def _start_pusher(self) -> None:
         self._pusher = threading.Thread(
@@ -298,6 +307,9 @@ class PrometheusMetrics(RunMetrics):
         if delta > 0:
             self._skipped.inc(delta)
         self._skipped_seen = total
+
+    def on_bad_shards(self, total: int) -> None:
+        self._bad_shards.set(total)
 
     def on_margin_health(self, health: dict[str, float]) -> None:
         self._margin_health.set(health)

@@ -1,0 +1,82 @@
+"""Collectives of the distributed evaluation: agreeing on failures, gathering per-rank rows.
+
+Every evaluation phase that can fail on one rank only (a missing image in its slice) ends with
+:func:`raise_on_any_rank`, so the failure stops every rank with the same message instead of
+leaving the others waiting in the next collective until the process-group timeout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def world(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """(rank, world_size) in ``group``; (0, 1) without a group."""
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def raise_on_any_rank(error: BaseException | None, group: dist.ProcessGroup | None) -> None:
+    """Collective: raise on every rank if any rank passes an error (lowest rank's message)."""
+    if group is None:
+        if error is not None:
+            raise error
+        return
+    messages: list = [None] * dist.get_world_size(group)
+    text = None if error is None else f"{type(error).__name__}: {error}"
+    dist.all_gather_object(messages, text, group=group)
+    for rank, message in enumerate(messages):
+        if message is None:
+            continue
+        if error is not None:
+            raise error
+        raise ValueError(f"rank {rank} failed: {message}")
+
+
+def run_agreed(fn: Callable[[], T], group: dist.ProcessGroup | None) -> T:
+    """Run a rank-local step; an exception on any rank is raised on every rank.
+
+    The failing rank re-raises its own exception, the others a ValueError quoting it.
+    """
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the other ranks must hear of it
+        error = exc
+    raise_on_any_rank(error, group)
+    return result  # type: ignore[return-value]
+
+
+def comm_device(group: dist.ProcessGroup, fallback: torch.device) -> torch.device:
+    """Where the group's tensors must live: NCCL only moves CUDA tensors."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return fallback
+
+
+def all_gather_tensor(tensor: torch.Tensor, group: dist.ProcessGroup) -> list[torch.Tensor]:
+    """Every rank's same-shape ``tensor``, on the caller's device (NCCL-safe for CPU data)."""
+    here = tensor.device
+    sent = tensor.contiguous().to(comm_device(group, here))
+    parts = [torch.empty_like(sent) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, sent, group=group)
+    return [p.to(here) for p in parts]
+
+
+def gather_rows(local: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Concatenate every rank's ``[n_r, ...]`` rows in rank order (``n_r`` may differ)."""
+    if group is None:
+        return local
+    count = torch.tensor([local.shape[0]], dtype=torch.int64, device=local.device)
+    sizes = [int(c.item()) for c in all_gather_tensor(count, group)]
+    padded = local.new_zeros((max(sizes), *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    parts = all_gather_tensor(padded, group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])

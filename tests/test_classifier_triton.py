@@ -1,0 +1,143 @@
+"""The Triton LMCL kernels (``classifier.kernel: triton``) on CPU through Triton's interpreter.
+
+The interpreter must be selected (``TRITON_INTERPRET=1``) before the kernel module is
+imported, so the numerical cases run in subprocesses (tests/triton_interp_cases.py) and in
+spawned gloo ranks whose environment carries the flag; this process only checks dispatch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_cosface.classifier import ClassifierConfig, ShardedClassifier
+from dist_cosface.classifier.triton_loss import use_triton
+from dist_cosface.configtools import ConfigError, from_mapping
+from tests.multiproc import run_ranks
+from tests.test_classifier import reference_loss_and_grads
+from tests.triton_interp_cases import two_rank_case
+
+pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[1]
+INTERP_ENV = {"TRITON_INTERPRET": "1"}
+
+
+def _run_cases(group: str) -> None:
+    env = {**os.environ, **INTERP_ENV, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.triton_interp_cases", group],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, f"{group} failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
+    assert f"group {group}: ok" in proc.stdout
+
+
+@pytest.mark.parametrize("group", ["margins", "partial_fc", "half", "row_stats"])
+def test_kernels_match_reference_in_interpreter(group):
+    _run_cases(group)
+
+
+@pytest.mark.slow
+def test_kernels_wide_and_many_class_shapes_in_interpreter():
+    _run_cases("shapes")
+
+
+def test_dispatch_and_validation():
+    cpu = torch.device("cpu")
+    assert not use_triton("auto", cpu, torch.float32)  # auto: torch on CPU
+    assert not use_triton("torch", cpu, torch.float32)
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            use_triton("triton", cpu, torch.float32)
+        head = ShardedClassifier(10, 4, kernel="triton")
+        with pytest.raises(ValueError, match="kernel=triton needs a CUDA device"):
+            head(torch.randn(3, 4), torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="kernel"):
+        ShardedClassifier(10, 4, kernel="cuda")
+    cfg = from_mapping(ClassifierConfig, {"kernel": "triton"})
+    assert ShardedClassifier.from_config(cfg, 4, None).kernel == "triton"
+    with pytest.raises((ConfigError, ValueError), match="kernel"):
+        from_mapping(ClassifierConfig, {"kernel": "cuda"}).validate()
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5])
+def test_two_ranks_on_gloo_match_reference(sample_rate):
+    results = run_ranks(2, two_rank_case, sample_rate, env=INTERP_ENV, timeout_s=600)
+    x, labels, weight = results[0][:3]
+    classes = None
+    if sample_rate < 1.0:
+        classes = torch.tensor(sorted(c for r in results for c in r[7]))
+    ref, dx, dw = reference_loss_and_grads(x, weight, labels, "arcface", 8.0, 0.4, classes)
+    start = 0
+    for rank, (*_, loss, grad_x, grad_w, class_start, _rows) in enumerate(results):
+        n = grad_x.shape[0]
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+        # gradient convention of head.py: world_size times the local embeddings' gradient
+        torch.testing.assert_close(grad_x.double(), 2 * dx[start : start + n], rtol=1e-4, atol=1e-6)
+        shard = dw[class_start : class_start + grad_w.shape[0]]
+        torch.testing.assert_close(grad_w.double(), shard, rtol=1e-4, atol=1e-6, msg=f"rank {rank}")
+        start += n
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("margin_type", ["softmax", "nsl", "cosface", "arcface"])
+def test_cuda_triton_head_matches_reference(dtype, margin_type):
+    gen = torch.Generator().manual_seed(11)
+    num_classes, dim, batch = 3001, 512, 130  # partial tiles everywhere
+    weight = torch.randn(num_classes, dim, generator=gen, dtype=torch.float64)
+    x = torch.randn(batch, dim, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (batch,), generator=gen)
+    x[0] = -weight[labels[0]] + 0.05 * x[0]
+    for sample_rate in (1.0, 0.3):
+        head = ShardedClassifier(
+            num_classes, dim, margin_type=margin_type, scale=16.0, margin=0.4,
+            sample_rate=sample_rate, kernel="triton", chunk_size=1024,
+        )  # fmt: skip
+        with torch.no_grad():
+            head.weight.copy_(weight.float())
+        head = head.cuda()
+        xl = x.to("cuda", dtype).requires_grad_()
+        loss = head(xl, labels.cuda())
+        loss.backward()
+        classes = None if sample_rate == 1.0 else head.last_sampled_rows.sort().values.cpu()
+        ref, dx, dw = reference_loss_and_grads(x, weight, labels, margin_type, 16.0, 0.4, classes)
+        got = (loss.double().cpu(), xl.grad.double().cpu(), head.weight.grad.double().cpu())
+        if dtype == torch.float32:
+            for a, b in zip(got, (ref, dx, dw)):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        else:
+            torch.testing.assert_close(got[0], ref, rtol=2e-2, atol=2e-2)
+            for a, b in zip(got[1:], (dx, dw)):
+                assert (a - b).norm() <= 5e-2 * b.norm(), f"{dtype} {margin_type} {sample_rate}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_gpu_checks_script_skips_gpu_steps_on_cpu(tmp_path):
+    env = {**os.environ, "GPU_CHECKS_STEPS": "device bench2m bench10m train dali_cpu"}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "tools" / "gpu_checks.sh"), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = {
+        s["step"]: s["status"] for s in json.loads((tmp_path / "summary.json").read_text())["steps"]
+    }
+    assert steps["device"] == "ok"
+    assert "torch" in (tmp_path / "device.txt").read_text()
+    for name in ("bench2m", "bench10m", "train", "dali_cpu"):
+        assert steps[name] == "skipped: no CUDA device"
+    assert steps["tests"] == "skipped: not selected"
+    assert (tmp_path / "summary.txt").read_text().count("\n") == len(steps)
