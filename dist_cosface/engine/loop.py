@@ -251,11 +251,21 @@ def train(cfg, ctx: DistContext, *, backbone=None, loader=None) -> dict:
     launcher sees a non-zero exit and stops the other ranks.
     """
     try:
+        _check_inputs(cfg, ctx)  # before the lock: a bad config leaves no run folder behind
         with RunLock(cfg.train.output_dir, ctx):  # a second job on this folder fails here
             return _train(cfg, ctx, backbone, loader)
     except Exception:
         log.exception("rank %d: training failed", ctx.rank)
         raise
+
+
+def _check_inputs(cfg, ctx: DistContext) -> None:
+    """Fail in seconds on what would otherwise fail late: config, evaluation targets."""
+    check_config(cfg)
+    if ctx.is_main and cfg.eval.targets:
+        from dist_cosface.eval.targets import check_targets
+
+        check_targets(cfg.eval)  # a bad or unsafe eval file fails now, not after training
 
 
 @dataclass
@@ -315,11 +325,6 @@ def _start(cfg, ctx: DistContext, backbone, loader) -> tuple[_Run, int]:
     """Build everything, resume if asked; returns the run and its first step."""
     from dist_cosface.metrics import build_metrics
 
-    check_config(cfg)
-    if ctx.is_main and cfg.eval.targets:
-        from dist_cosface.eval.targets import check_targets
-
-        check_targets(cfg.eval)  # a bad or unsafe eval file fails now, not after training
     out = Path(cfg.train.output_dir)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)

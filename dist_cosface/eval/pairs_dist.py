@@ -34,7 +34,7 @@ def embed_pairs(
     start, stop = rank_slice(len(vset.images), group, cfg.batch_size)
 
     def load(i: int):
-        return decode_image(vset.read_image_bytes(i), f"{vset.source}[{i}]")
+        return decode_image(vset.read_image_bytes(i), vset.image_name(i))
 
     local = run_agreed(
         lambda: embed_images(
@@ -116,4 +116,6 @@ def _evaluate_set(
     result = verification_metrics(scores, issame, cfg.fars, cfg.n_folds)
     if cfg.roc_png and main:
         add_roc_png(result, scores, issame, roc_path, vset)
+    elif cfg.roc_png:
+        result["roc_png"] = str(roc_path)  # where rank 0 draws it; only rank 0's results are kept
     return result
