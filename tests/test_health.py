@@ -290,12 +290,15 @@ def test_no_statistics_without_collecting_or_in_eval_mode():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_half_precision_matches_reference_with_no_extra_sync(dtype):
+def test_cuda_half_precision_matches_reference_with_no_extra_sync(dtype, kernel):
     import warnings
 
+    if kernel == "triton":
+        pytest.importorskip("triton")
     sizes, x, labels, weight = _batch(1)
-    head = _head(weight.float(), None, "cosface").cuda()
+    head = _head(weight.float(), None, "cosface", kernel=kernel).cuda()
     syncs = {}
     for want in (False, True):
         head.collect_health = want
