@@ -65,13 +65,16 @@ def unique_label_dataset(out: Path, n: int, shard_size: int) -> Manifest:
 
 def reference_faces(folder: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of a face folder as the loaders should produce it (PIL, [-1, 1])."""
-    from dist_cosface.data.wds_loader import decode_image
+    import numpy as np
+    from PIL import Image
 
     names = sorted(p.name for p in folder.iterdir() if p.is_dir())
     images, labels = [], []
     for label, name in enumerate(names):
         for path in sorted((folder / name).iterdir()):
-            images.append(decode_image(path.read_bytes(), size).float() / 127.5 - 1)
+            with Image.open(path) as img:
+                rgb = np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR))
+            images.append(torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1)
             labels.append(label)
     return torch.stack(images), torch.tensor(labels)
 

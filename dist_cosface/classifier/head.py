@@ -40,6 +40,7 @@ from dist_cosface.classifier.margins import (
 from dist_cosface.classifier.sampling import columns_of_targets, sample_rows, sampling_seed
 from dist_cosface.classifier.triton_loss import KERNELS, TritonMarginLoss, use_triton
 from dist_cosface.classifier.unnormalized import unnormalized_feature_loss
+from dist_cosface.seeding import stable_seed
 from dist_cosface.sharding import mark_sharded
 
 _INIT_BLOCK = 65536  # rows per init RNG block: the full matrix does not depend on world size
@@ -163,8 +164,9 @@ class ShardedClassifier(nn.Module):
     def set_step(self, step: int) -> None:
         """Key Partial FC sampling to the optimizer step (call before each step's forwards).
 
-        The i-th forward after ``set_step(t)`` samples with ``(sample_seed, t, i, rank)``, so a
-        run resumed at step t repeats the original negatives exactly.
+        The i-th forward after ``set_step(t)`` samples with
+        ``stable_seed(sample_seed, t, i, class_start)``, so a run resumed at step t repeats the
+        original negatives exactly.
         """
         self.step, self._micro_step = int(step), 0
 
@@ -179,7 +181,7 @@ class ShardedClassifier(nn.Module):
         end = self.class_start + self.num_local_classes
         parts = []
         for block in range(self.class_start // _INIT_BLOCK, (end - 1) // _INIT_BLOCK + 1):
-            gen = torch.Generator().manual_seed(hash((seed, block)) & (2**63 - 1))
+            gen = torch.Generator().manual_seed(stable_seed(seed, block))
             rows = torch.randn(_INIT_BLOCK, self.embedding_size, generator=gen) * 0.01
             lo = max(self.class_start - block * _INIT_BLOCK, 0)
             hi = min(end - block * _INIT_BLOCK, _INIT_BLOCK)

@@ -10,10 +10,11 @@ import math
 
 import torch
 
+from dist_cosface.seeding import stable_seed
+
 
 def sampling_seed(seed: int, step: int, micro_step: int, class_start: int) -> int:
-    # tuple-of-int hashing is not randomized per process (PYTHONHASHSEED only affects str)
-    return hash((seed, step, micro_step, class_start)) & (2**63 - 1)
+    return stable_seed(seed, step, micro_step, class_start)
 
 
 def sample_rows(

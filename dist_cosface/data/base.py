@@ -19,15 +19,6 @@ from dist_cosface.data.integrity import BadDataLog
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def stable_seed(*values: int) -> int:
-    """A stable 63-bit seed from several integers (Python's hash() is salted per process)."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = ((h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
 class TrainLoader:
     """Iterable of ``(images [B, 3, S, S], labels [B] int64)`` with exact-resume state."""
 

@@ -28,11 +28,14 @@ from dist_cosface.data.shards import (
     atomic_write_text,
     shard_stem,
 )
+from dist_cosface.imageio import (
+    PIL_FORMAT_EXTENSION,
+    PNM_MODE_EXTENSION,
+    is_image_file,
+    keep_mode,
+)
 
 PLAN_NAME = "_plan.json"
-_PIL_EXT = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp"}
-_PNM_EXT = {"1": "pbm", "L": "pgm", "RGB": "ppm"}
-_FOLDER_EXTS = {".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pnm", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 @dataclass
@@ -138,7 +141,7 @@ def scan_folder(src: Path, problems: Problems) -> tuple[list[SourceSample], dict
         for path in sorted(entry.rglob("*")):
             if path.is_dir():
                 continue
-            if path.suffix.lower() in _FOLDER_EXTS:
+            if is_image_file(path):
                 images.append(path)
             else:
                 problems.report("non-image file", str(path))
@@ -213,11 +216,11 @@ def _encode(data: bytes, opts: ConvertOptions) -> tuple[bytes, str]:
         img.load()
         if opts.image_format == "jpeg":
             out = io.BytesIO()
-            img.convert("L" if img.mode in ("1", "L", "I;16", "I") else "RGB").save(
-                out, "JPEG", quality=opts.jpeg_quality
-            )
+            img.convert(keep_mode(img.mode)).save(out, "JPEG", quality=opts.jpeg_quality)
             return out.getvalue(), "jpg"
-        ext = _PIL_EXT.get(img.format) or (img.format == "PPM" and _PNM_EXT.get(img.mode))
+        ext = PIL_FORMAT_EXTENSION.get(img.format) or (
+            img.format == "PPM" and PNM_MODE_EXTENSION.get(img.mode)
+        )
         if not ext:
             raise ValueError(
                 f"format {img.format}/{img.mode} not supported; use --image-format jpeg"

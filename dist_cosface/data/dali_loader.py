@@ -15,10 +15,12 @@ from collections.abc import Iterator
 
 import torch
 
-from dist_cosface.data.base import DTYPES, TrainLoader, repair_batch, stable_seed
+from dist_cosface.data.base import DTYPES, TrainLoader, repair_batch
 from dist_cosface.data.config import DataConfig
-from dist_cosface.data.dataset import IMAGE_EXT_SET, ShardSet, open_shards
+from dist_cosface.data.dataset import ShardSet, open_shards
 from dist_cosface.distributed import DistContext
+from dist_cosface.imageio import DALI_EXTENSIONS, PIXEL_SCALE
+from dist_cosface.seeding import stable_seed
 
 
 def dali_device(cfg: DataConfig, ctx: DistContext) -> str:
@@ -65,7 +67,7 @@ class DaliLoader(TrainLoader):
             encoded, cls = fn.readers.webdataset(
                 paths=self.shards.urls,
                 index_paths=self.shards.index_paths,
-                ext=[IMAGE_EXT_SET, "cls"],
+                ext=[DALI_EXTENSIONS, "cls"],
                 case_sensitive_extensions=False,
                 shard_id=(self.rank + epoch) % self.world_size,
                 num_shards=self.world_size,
@@ -87,8 +89,8 @@ class DaliLoader(TrainLoader):
                 images,
                 dtype=types.FLOAT16 if cfg.output_dtype == "float16" else types.FLOAT,
                 output_layout="CHW",
-                mean=[127.5] * 3,
-                std=[127.5] * 3,
+                mean=[PIXEL_SCALE] * 3,
+                std=[PIXEL_SCALE] * 3,
                 mirror=mirror,
             )
             return images, cls

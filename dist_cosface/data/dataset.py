@@ -16,8 +16,7 @@ from pathlib import Path
 
 from dist_cosface.data.shards import MANIFEST_NAME, IndexEntry, Manifest, read_index
 from dist_cosface.data.streams import open_stream
-
-IMAGE_EXT_SET = "jpg;jpeg;png;pgm;ppm;pbm;pnm;bmp;tif;webp"
+from dist_cosface.imageio import image_key
 
 
 @dataclass
@@ -117,9 +116,8 @@ def _check_local_shard(tar: Path, expected: int) -> tuple[int, int, int, str]:
     problem = verify_index(tar, entries)
     if problem:
         return 0, 0, 0, problem
-    images = set(IMAGE_EXT_SET.split(";"))
     incomplete = [
-        e.key for e in entries if "cls" not in e.components or not images & set(e.components)
+        e.key for e in entries if "cls" not in e.components or image_key(e.components) is None
     ]
     usable = len(entries) - len(incomplete)
     if incomplete:

@@ -22,7 +22,6 @@ MANIFEST_NAME = "manifest.json"
 LABELS_NAME = "labels.json"
 MANIFEST_FORMAT = "dist_cosface.shards/v1"
 INDEX_VERSION = "v1.2"
-IMAGE_EXTS = ("jpg", "png", "pgm", "ppm", "pnm", "bmp", "tif", "webp")
 # A file a manifest names (shard, label map) is a plain file name beside the manifest: it is
 # joined to paths, URLs and ``pipe:`` commands, so anything that could leave the folder or mean
 # something to a shell (separators, "..", spaces, quotes, ; | & $ ...) is refused.

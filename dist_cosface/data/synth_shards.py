@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from dist_cosface.data.base import stable_seed
 from dist_cosface.data.config import DataConfig
 from dist_cosface.data.shards import (
     LABELS_NAME,
@@ -22,6 +21,7 @@ from dist_cosface.data.shards import (
 )
 from dist_cosface.data.synthetic import SyntheticLoader
 from dist_cosface.distributed import DistContext
+from dist_cosface.seeding import stable_seed
 
 _RENDER_CHUNK = 1024  # images rendered at once (bounds memory for large folders)
 

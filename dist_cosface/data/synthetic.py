@@ -13,9 +13,10 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from dist_cosface.data.base import DTYPES, TrainLoader, stable_seed
+from dist_cosface.data.base import DTYPES, TrainLoader
 from dist_cosface.data.config import DataConfig
 from dist_cosface.distributed import DistContext
+from dist_cosface.seeding import stable_seed
 
 _PATTERN_RES = 8  # identity patterns are drawn at this resolution, then upsampled
 _MAX_SHIFT = 4  # pixels of jitter

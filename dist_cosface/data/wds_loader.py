@@ -11,31 +11,19 @@ their batch (``repair_batch``), so batch boundaries never depend on decoding.
 
 from __future__ import annotations
 
-import io
 import multiprocessing
 import random
 from collections.abc import Iterator
 
 import torch
 
-from dist_cosface.data.base import DTYPES, TrainLoader, repair_batch, stable_seed
+from dist_cosface.data.base import DTYPES, TrainLoader, repair_batch
 from dist_cosface.data.config import DataConfig
-from dist_cosface.data.dataset import IMAGE_EXT_SET, ShardSet, balanced_groups, open_shards
+from dist_cosface.data.dataset import ShardSet, balanced_groups, open_shards
 from dist_cosface.data.streams import open_stream
 from dist_cosface.distributed import DistContext
-
-_IMAGE_EXTS = IMAGE_EXT_SET.split(";")
-
-
-def decode_image(data: bytes, size: int) -> torch.Tensor:
-    """Encoded bytes -> uint8 [3, size, size] (RGB, resized without keeping aspect)."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        rgb = img.convert("RGB").resize((size, size), Image.BILINEAR)
-        return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
-
+from dist_cosface.imageio import decode_resized, image_key, to_unit_range
+from dist_cosface.seeding import stable_seed
 
 INCOMPLETE = "sample without .cls or image"
 
@@ -43,7 +31,7 @@ INCOMPLETE = "sample without .cls or image"
 def _parse_label(sample: dict, num_classes: int) -> tuple[int | None, str]:
     """(label, problem) from a raw sample; problem is '' when the sample is usable."""
     raw = sample.get("cls")
-    if raw is None or not any(ext in sample for ext in _IMAGE_EXTS):
+    if raw is None or image_key(sample) is None:
         return None, INCOMPLETE
     try:
         label = int(bytes(raw).decode().strip())
@@ -153,9 +141,8 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         labels = torch.tensor([label for _, label in batch], dtype=torch.int64)
         bad = torch.zeros(len(batch), dtype=torch.bool)
         for i, (sample, _) in enumerate(batch):
-            ext = next(e for e in _IMAGE_EXTS if e in sample)
             try:
-                images[i] = decode_image(sample[ext], size)
+                images[i] = decode_resized(sample[image_key(sample)], size)
             except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad images
                 where = f"{sample['__url__']} key {sample['__key__']}"
                 events.append((where, f"corrupt image ({exc})", 1, ""))
@@ -217,7 +204,7 @@ class WebDatasetLoader(TrainLoader):
             for images, labels, events in batches:
                 for where, problem, lost, shard in events:
                     self.bad.record(where, problem, int(lost), shard)
-                yield (images.to(torch.float32) / 127.5 - 1.0).to(dtype), labels
+                yield to_unit_range(images).to(dtype), labels
         finally:
             # stop the endless workers now: left to a later garbage collection (an exception's
             # traceback keeps them referenced) their shutdown stalls whatever runs then

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_cosface.imageio import keep_mode
+
 # Template of the 112x112 crops used by ArcFace/CosFace-era training sets (insightface).
 TEMPLATE_112 = np.array(
     [
@@ -92,8 +94,7 @@ def align_encoded(data: bytes, points, size: int, where: str) -> bytes:
 
     with Image.open(io.BytesIO(data)) as image:
         image.load()
-        mode = "L" if image.mode in ("1", "L", "I;16", "I") else "RGB"
-        aligned = align_face(image.convert(mode), points, size, where)
+        aligned = align_face(image.convert(keep_mode(image.mode)), points, size, where)
     out = io.BytesIO()
     aligned.save(out, "PNG")
     return out.getvalue()

@@ -13,22 +13,15 @@ from torch import nn
 from dist_cosface.eval.config import EvalConfig
 from dist_cosface.eval.metrics import roc_auc, roc_curve, verification_metrics
 from dist_cosface.eval.targets import add_target, check_set, load_target, load_targets
-from dist_cosface.eval.verification_set import VerificationSet, decode_image
+from dist_cosface.eval.verification_set import VerificationSet
+from dist_cosface.imageio import decode_image, to_uint8, to_unit_range
 
 log = logging.getLogger(__name__)
 
 
 def preprocess(images: list, image_size: int) -> torch.Tensor:
     """RGB PIL images -> ``[B, 3, S, S]`` float in [-1, 1], as the training loaders produce."""
-    from PIL import Image
-
-    arrays = []
-    for image in images:
-        if image.size != (image_size, image_size):
-            image = image.resize((image_size, image_size), Image.BILINEAR)
-        arrays.append(np.asarray(image, dtype=np.uint8))
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-    return batch.div_(127.5).sub_(1.0)
+    return to_unit_range(torch.stack([to_uint8(image, image_size) for image in images]))
 
 
 def input_dtype(backbone: nn.Module) -> torch.dtype:

@@ -20,9 +20,7 @@ from torch import nn
 
 from dist_cosface.eval.evaluate import input_dtype, preprocess
 from dist_cosface.eval.topk import shard_range
-from dist_cosface.eval.verification_set import decode_image
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pnm", ".bmp", ".tif", ".tiff", ".webp"}
+from dist_cosface.imageio import decode_image, is_image_file
 
 
 @dataclass(frozen=True)
@@ -50,7 +48,7 @@ class ImageRef:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
 
 
 def list_identity_folders(root: str | Path) -> tuple[list[ImageRef], list[int], list[str]]:

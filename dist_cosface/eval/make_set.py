@@ -6,8 +6,7 @@ import random
 from pathlib import Path
 
 from dist_cosface.eval.bin_file import write_bin
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+from dist_cosface.imageio import is_image_file
 
 
 def _list_identities(image_folder: Path, identities: list[str] | None) -> dict[str, list[Path]]:
@@ -21,7 +20,7 @@ def _list_identities(image_folder: Path, identities: list[str] | None) -> dict[s
         folder = image_folder / name
         if not folder.is_dir():
             raise ValueError(f"{image_folder}: identity folder {name!r} not found")
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in folder.iterdir() if is_image_file(p))
         if files:
             found[name] = files
     return found

@@ -29,7 +29,7 @@ def embed_pairs(
     """L2-normalised embeddings of every image of the set, on every rank."""
     from dist_cosface.eval.images import embed_images, rank_slice
     from dist_cosface.eval.ranks import gather_rows, run_agreed
-    from dist_cosface.eval.verification_set import decode_image
+    from dist_cosface.imageio import decode_image
 
     start, stop = rank_slice(len(vset.images), group, cfg.batch_size)
 

@@ -7,7 +7,8 @@ from pathlib import Path
 from dist_cosface.eval.bin_file import load_bin
 from dist_cosface.eval.config import EvalConfig
 from dist_cosface.eval.pairs_file import load_pairs
-from dist_cosface.eval.verification_set import VerificationSet, decode_image
+from dist_cosface.eval.verification_set import VerificationSet
+from dist_cosface.imageio import decode_image
 
 
 def _open_target(path: Path) -> VerificationSet:

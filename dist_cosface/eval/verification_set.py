@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from PIL import Image
 
 
 @dataclass
@@ -44,14 +39,3 @@ class VerificationSet:
             except OSError as exc:
                 raise ValueError(f"{self.source}: cannot read image {item}: {exc}") from exc
         return item
-
-
-def decode_image(data: bytes, source: str = "") -> Image.Image:
-    """Decode encoded bytes to an RGB PIL image (error names ``source``)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        image = Image.open(io.BytesIO(data))
-        return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"{source}: cannot decode image: {exc}") from exc

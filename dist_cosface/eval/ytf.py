@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dist_cosface.eval.images import IMAGE_SUFFIXES, ImageRef
+from dist_cosface.eval.images import ImageRef
+from dist_cosface.imageio import is_image_file
 
 
 @dataclass
@@ -87,9 +88,7 @@ def frame_refs(videos: list[Path], max_frames: int) -> tuple[list[ImageRef], np.
     """Frames of every video (at most ``max_frames``, evenly spaced) and their video index."""
     refs, owner = [], []
     for i, folder in enumerate(videos):
-        frames = sorted(
-            p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        frames = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
         if not frames:
             raise ValueError(f"{folder}: no frames")
         if len(frames) > max_frames:

@@ -1,8 +1,8 @@
 """Face folders decoded once into one uint8 tensor, a fixed identity split, verification pairs.
 
-Layout: ``<root>/<identity>/<image>`` (PGM / JPEG / PNG, grey or colour). Images are converted
-to grey, resized to ``size x size`` and kept in memory, so every configuration in a process
-trains from the same cache without touching the disk again.
+Layout: ``<root>/<identity>/<image>`` (any format ``dist_cosface.imageio`` lists, grey or
+colour). Images are converted to grey, resized to ``size x size`` and kept in memory, so
+every configuration in a process trains from the same cache without touching the disk again.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_IMAGE_SUFFIXES = {".pgm", ".jpg", ".jpeg", ".png", ".bmp"}
+from dist_cosface.imageio import IMAGE_EXTENSIONS, decode_image, is_image_file, to_uint8
 
 
 @dataclass
@@ -41,22 +41,18 @@ def _natural_key(name: str) -> list:
 
 def load_faces(root: str | Path, size: int) -> FaceSet:
     """Decode every image under ``root/<identity>/`` to grey ``size x size`` uint8."""
-    from PIL import Image
-
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"face folder not found: {root}")
     identities = sorted((p.name for p in root.iterdir() if p.is_dir()), key=_natural_key)
     images, labels = [], []
     for label, name in enumerate(identities):
-        files = sorted(f for f in (root / name).iterdir() if f.suffix.lower() in _IMAGE_SUFFIXES)
+        files = sorted(f for f in (root / name).iterdir() if is_image_file(f))
         for path in files:
-            with Image.open(path) as img:
-                grey = img.convert("L").resize((size, size), Image.BILINEAR)
-            images.append(torch.from_numpy(np.asarray(grey, dtype=np.uint8).copy()))
+            images.append(to_uint8(decode_image(path.read_bytes(), str(path), mode="L"), size)[0])
             labels.append(label)
     if not images:
-        raise ValueError(f"no images ({sorted(_IMAGE_SUFFIXES)}) under {root}/<identity>/")
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<identity>/")
     return FaceSet(torch.stack(images)[:, None], torch.tensor(labels), identities)
 
 

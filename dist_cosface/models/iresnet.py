@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dist_cosface.models.geometry import downsampled_size
+
 STAGE_CHANNELS = (64, 128, 256, 512)
 DEPTH_LAYERS = {
     18: (2, 2, 2, 2),
@@ -21,13 +23,6 @@ DEPTH_LAYERS = {
 
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
-
-
-def downsampled_size(size: int, num_halvings: int) -> int:
-    """Spatial size after ``num_halvings`` stride-2 3x3 convs with padding 1 (ceil(size/2))."""
-    for _ in range(num_halvings):
-        size = (size + 1) // 2
-    return size
 
 
 class IBasicBlock(nn.Module):

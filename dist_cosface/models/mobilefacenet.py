@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dist_cosface.models.geometry import downsampled_size
+
 # (expansion t, output channels c, repeats n, first stride s), as in the paper's Table 1.
 BOTTLENECK_SETTINGS = (
     (2, 64, 5, 2),
@@ -56,14 +58,6 @@ class Bottleneck(nn.Module):
         return x + out if self.use_residual else out
 
 
-def final_feature_size(input_size: int) -> int:
-    """Spatial size after the stem and the three strided bottleneck groups (4 halvings)."""
-    size = input_size
-    for _ in range(4):
-        size = (size + 1) // 2  # 3x3 stride-2 conv with padding 1
-    return size
-
-
 class MobileFaceNet(nn.Module):
     def __init__(self, embedding_size: int = 128, input_size: int = 112, dropout: float = 0.0):
         super().__init__()
@@ -75,7 +69,8 @@ class MobileFaceNet(nn.Module):
                 in_ch = out_ch
         layers.append(conv_bn(in_ch, 512, 1))
         self.features = nn.Sequential(*layers)
-        final = final_feature_size(input_size)
+        # the stem and the three strided bottleneck groups halve the map 4 times
+        final = downsampled_size(input_size, 4)
         # The GDC kernel covers the final map exactly (no padding), so its output is 1x1.
         self.gdc = conv_bn(512, 512, final, groups=512, act=False, padding=0)
         self.dropout = nn.Dropout(dropout)
