@@ -12,6 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from dist_cosface.data import DataConfig, build_loader
+from dist_cosface.data.dataset import open_shards
+from dist_cosface.distributed import DistContext
 from dist_cosface.imageio import (
     DALI_EXTENSIONS,
     IMAGE_EXTENSIONS,
@@ -22,6 +25,7 @@ from dist_cosface.imageio import (
     to_unit_range,
 )
 from dist_cosface.seeding import stable_seed
+from tests.test_data_common import write_dataset
 
 # PIL writer per extension: every listed format must round-trip through decode_image
 _WRITE = {
@@ -90,3 +94,25 @@ def test_stable_seed_is_the_same_in_processes_with_different_hash_salts():
     seeds = [stable_seed(*v) for v in values]
     assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**63 for s in seeds)
     assert stable_seed(1, 2) != stable_seed(2, 1)  # order matters
+
+
+@pytest.mark.parametrize("backend", ["webdataset", "dali"])
+def test_shard_checks_and_loaders_agree_on_upper_case_and_tiff_components(tmp_path, backend):
+    keys = ["JPG", "Png", "tiff", "TIF", "pgm", "jpeg", "CLS"]
+    samples = []
+    for label, key in enumerate(keys * 2):
+        fmt, mode = _WRITE[key.lower()] if key != "CLS" else ("PNG", "RGB")
+        ext = key if key != "CLS" else "png"
+        cls = "CLS" if key == "CLS" else "cls"
+        samples.append({ext: _encoded(fmt, mode), cls: str(label).encode()})
+    write_dataset(tmp_path, samples, 7, len(samples))
+    shards = open_shards(str(tmp_path), "stop")
+    assert shards.counts == [7, 7] and not shards.problems
+    cfg = DataConfig(backend=backend, path=str(tmp_path), batch_size=14, image_size=8,
+                     num_workers=1, random_flip=False, shuffle_buffer=4)  # fmt: skip
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    loader = build_loader(cfg, DistContext())
+    images, labels = next(iter(loader))
+    assert sorted(labels.tolist()) == list(range(len(samples)))
+    assert loader.stats["skipped_samples"] == 0 and float(images.abs().max()) <= 1

@@ -116,8 +116,11 @@ def _check_local_shard(tar: Path, expected: int) -> tuple[int, int, int, str]:
     problem = verify_index(tar, entries)
     if problem:
         return 0, 0, 0, problem
+    # both loaders match components case-insensitively (webdataset lower-cases the keys,
+    # DALI reads with case_sensitive_extensions=False), so the check must too
+    components = [{c.lower() for c in e.components} for e in entries]
     incomplete = [
-        e.key for e in entries if "cls" not in e.components or image_key(e.components) is None
+        e.key for e, c in zip(entries, components) if "cls" not in c or image_key(c) is None
     ]
     usable = len(entries) - len(incomplete)
     if incomplete:
