@@ -283,7 +283,7 @@ def test_bad_shard_on_one_rank_stops_both_at_epoch_end(tmp_path, on_bad):
 
 def _train_on_ranks(rank, world_size, out, path):
     from dist_cosface.engine import train
-    from tests.test_engine import tiny_config
+    from tests.tiny import tiny_config
 
     cfg = tiny_config(
         out,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_cosface.classifier import ShardedClassifier
-from tests.test_classifier import MARGINS, make_head, reference_loss_and_grads
+from tests.classifier_ref import MARGINS, make_head, reference_loss_and_grads
 
 SCALE, MARGIN = 16.0, 0.4
 
