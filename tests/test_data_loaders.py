@@ -8,8 +8,7 @@ import torch
 from dist_cosface.data import DataConfig, build_loader
 from dist_cosface.data.convert import ConvertOptions, convert
 from dist_cosface.distributed import DistContext, context_from_group
-from tests.multiproc import run_ranks
-from tests.test_data_common import (
+from tests.data_common import (
     ORL,
     YALEB,
     assert_faces_match,
@@ -17,6 +16,7 @@ from tests.test_data_common import (
     reference_faces,
     unique_label_dataset,
 )
+from tests.multiproc import run_ranks
 
 BACKENDS = ["webdataset", "dali"]
 
@@ -211,3 +211,13 @@ def test_epoch_end_state_matches_engine_use():
     assert not torch.equal(first, nxt)
     with pytest.raises(ValueError, match="batches_consumed=9"):
         restored.load_state_dict({"epoch": 0, "batches_consumed": 9})
+
+
+def test_unique_label_dataset_index_matches_dali_tool(tmp_path):
+    """Our single-pass index equals what DALI's own wds2idx writes for the same tar."""
+    wds2idx = pytest.importorskip("wds2idx")
+    unique_label_dataset(tmp_path, 5, 5)
+    tar = tmp_path / "shard-000000.tar"
+    with wds2idx.IndexCreator(str(tar), str(tmp_path / "ref.idx"), verbose=False) as creator:
+        creator.create_index()
+    assert (tmp_path / "ref.idx").read_text() == tar.with_suffix(".idx").read_text()
