@@ -4,7 +4,7 @@
 environment (tests/test_classifier_triton.py spawns it): the interpreter must be chosen
 before the kernel module is imported, so these cases never run inside pytest's process.
 Every case compares the head with ``kernel="triton"`` against the float64 reference of
-tests/test_classifier.py (loss, dX, dW) or against the torch path of the same head.
+tests/classifier_ref.py (loss, dX, dW) or against the torch path of the same head.
 """
 
 from __future__ import annotations
