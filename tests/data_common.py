@@ -91,20 +91,25 @@ def assert_faces_match(images, labels, refs, ref_labels, tol: float) -> None:
 BACKENDS = ["webdataset", "dali"]
 
 
+def loader_config(backend, path, **kw) -> DataConfig:
+    """A single-worker, unflipped loader config (batch 8, 32 px); ``kw`` overrides."""
+    base = dict(
+        backend=backend,
+        path=str(path),
+        batch_size=8,
+        image_size=32,
+        num_workers=1,
+        random_flip=False,
+        shuffle_buffer=16,
+    )
+    return DataConfig(**{**base, **kw})
+
+
 def bad_data_config(backend, path, on_bad="skip", **kw):
     """A loader config for the tiny datasets below: 16 px, batch 4, skip by default."""
     kw.setdefault("max_skip_fraction", 0.5)  # these tiny datasets lose 1 sample in 16
-    return DataConfig(
-        backend=backend,
-        path=str(path),
-        batch_size=4,
-        image_size=16,
-        num_workers=1,
-        random_flip=False,
-        shuffle_buffer=8,
-        on_bad_sample=on_bad,
-        **kw,
-    )
+    small = dict(batch_size=4, image_size=16, shuffle_buffer=8, on_bad_sample=on_bad)
+    return loader_config(backend, path, **small, **kw)
 
 
 def good_sample(i, label=None):
