@@ -16,7 +16,7 @@ from dist_cosface.engine import load_backbone, train
 from dist_cosface.engine.checkpoint import find_latest_checkpoint
 from dist_cosface.engine.reshard import merge_classifier, split_classifier
 from dist_cosface.engine.rows import concat_payloads, gather_rows
-from tests.test_engine import tiny_config
+from tests.tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from dist_cosface.classifier import ShardedClassifier, build_classifier_optimizer
+from tests.classifier_ref import reference_loss_and_grads
 from tests.multiproc import run_ranks
-from tests.test_classifier import reference_loss_and_grads
 
 NUM_CLASSES, DIM = 23, 6  # 23 is prime: never divisible by the world size
 COLLECTIVES = (

@@ -19,8 +19,8 @@ import torch
 from dist_cosface.classifier import ClassifierConfig, ShardedClassifier
 from dist_cosface.classifier.triton_loss import use_triton
 from dist_cosface.configtools import ConfigError, from_mapping
+from tests.classifier_ref import reference_loss_and_grads
 from tests.multiproc import run_ranks
-from tests.test_classifier import reference_loss_and_grads
 from tests.triton_interp_cases import two_rank_case
 
 pytest.importorskip("triton")

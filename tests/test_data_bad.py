@@ -7,46 +7,23 @@ import json
 import pytest
 import torch
 
-from dist_cosface.data import DataConfig, build_loader
-from dist_cosface.distributed import DistContext, context_from_group
+from dist_cosface.data import build_loader
+from dist_cosface.distributed import context_from_group
+from tests.data_common import (
+    BACKENDS,
+    bad_data_config,
+    good_sample,
+    jpeg_bytes,
+    one_epoch,
+    small_dataset,
+)
 from tests.multiproc import run_ranks
-from tests.test_data_common import jpeg_bytes, write_dataset
-
-BACKENDS = ["webdataset", "dali"]
-
-
-def _cfg(backend, path, on_bad="skip", **kw):
-    kw.setdefault("max_skip_fraction", 0.5)  # these tiny datasets lose 1 sample in 16
-    return DataConfig(
-        backend=backend,
-        path=str(path),
-        batch_size=4,
-        image_size=16,
-        num_workers=1,
-        random_flip=False,
-        shuffle_buffer=8,
-        on_bad_sample=on_bad,
-        **kw,
-    )
-
-
-def _good(i, label=None):
-    return {"jpg": jpeg_bytes(i), "cls": str(i % 4 if label is None else label).encode()}
-
-
-def _dataset(path, bad: dict[int, dict], n=16, shard_size=8):
-    samples = [bad.get(i, _good(i)) for i in range(n)]
-    write_dataset(path, samples, shard_size, num_classes=4)
-
-
-def _epoch(backend, path, on_bad="skip", **kw):
-    loader = build_loader(_cfg(backend, path, on_bad, **kw), DistContext())
-    batches = list(loader)
-    return loader, torch.cat([b[1] for b in batches]), batches
-
 
 BAD_SAMPLES = {
-    "label out of range": ({3: _good(3, label=9)}, r"shard-000000.tar.*000003.*outside \[0, 4\)"),
+    "label out of range": (
+        {3: good_sample(3, label=9)},
+        r"shard-000000.tar.*000003.*outside \[0, 4\)",
+    ),
     "unparsable label": ({5: {"jpg": jpeg_bytes(5), "cls": b"five"}}, r"shard-000000.tar.*000005"),
 }
 
@@ -55,72 +32,72 @@ BAD_SAMPLES = {
 @pytest.mark.parametrize("case", sorted(BAD_SAMPLES))
 def test_bad_label_skip_or_stop(tmp_path, backend, case):
     bad, message = BAD_SAMPLES[case]
-    _dataset(tmp_path, bad)
-    loader, labels, batches = _epoch(backend, tmp_path)
+    small_dataset(tmp_path, bad)
+    loader, labels, batches = one_epoch(backend, tmp_path)
     assert len(batches) == 4 and all(b[0].shape[0] == 4 for b in batches)
     assert int(labels.min()) >= 0 and int(labels.max()) < 4
     assert loader.stats["skipped_samples"] >= 1
     with pytest.raises(ValueError, match=message):
-        _epoch(backend, tmp_path, "stop")
+        one_epoch(backend, tmp_path, "stop")
 
 
 def test_corrupt_jpeg_webdataset(tmp_path):
     jpg = jpeg_bytes(6)
-    _dataset(tmp_path, {6: {"jpg": jpg[: len(jpg) // 3], "cls": b"2"}})
-    loader, labels, batches = _epoch("webdataset", tmp_path)
+    small_dataset(tmp_path, {6: {"jpg": jpg[: len(jpg) // 3], "cls": b"2"}})
+    loader, labels, batches = one_epoch("webdataset", tmp_path)
     assert len(batches) == 4 and loader.stats["skipped_samples"] == 1
     with pytest.raises(ValueError, match=r"shard-000000.tar key 000006: corrupt image"):
-        _epoch("webdataset", tmp_path, "stop")
+        one_epoch("webdataset", tmp_path, "stop")
 
 
 def test_corrupt_jpeg_dali_stops_with_shards_named(tmp_path):
-    _dataset(tmp_path, {6: {"jpg": b"\xff\xd8garbage", "cls": b"2"}})
+    small_dataset(tmp_path, {6: {"jpg": b"\xff\xd8garbage", "cls": b"2"}})
     with pytest.raises(ValueError, match=r"DALI failed reading/decoding .*shard-000000.tar"):
-        _epoch("dali", tmp_path)
+        one_epoch("dali", tmp_path)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sample_without_cls(tmp_path, backend):
-    _dataset(tmp_path, {9: {"jpg": jpeg_bytes(9)}})
-    loader, labels, batches = _epoch(backend, tmp_path)
+    small_dataset(tmp_path, {9: {"jpg": jpeg_bytes(9)}})
+    loader, labels, batches = one_epoch(backend, tmp_path)
     assert loader.stats["skipped_samples"] == 1 and len(batches) == 3  # 15 usable // 4
     with pytest.raises(ValueError, match=r"shard-000001.tar: key 000009: sample without .cls"):
-        _epoch(backend, tmp_path, "stop")
+        one_epoch(backend, tmp_path, "stop")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_truncated_tar(tmp_path, backend):
-    _dataset(tmp_path, {}, n=24)
+    small_dataset(tmp_path, {}, n=24)
     tar = tmp_path / "shard-000001.tar"
     tar.write_bytes(tar.read_bytes()[:1500])
-    loader, labels, batches = _epoch(backend, tmp_path)
+    loader, labels, batches = one_epoch(backend, tmp_path)
     assert loader.stats == {"skipped_samples": 8, "bad_shards": 1} and len(batches) == 4
     with pytest.raises(ValueError, match=r"shard-000001.tar: truncated tar"):
-        _epoch(backend, tmp_path, "stop")
+        one_epoch(backend, tmp_path, "stop")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_manifest_disagrees_with_shards(tmp_path, backend):
-    _dataset(tmp_path, {})
+    small_dataset(tmp_path, {})
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     manifest["shards"][1]["num_samples"] = 12
     manifest["num_samples"] = 20
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    loader, labels, batches = _epoch(backend, tmp_path)
+    loader, labels, batches = one_epoch(backend, tmp_path)
     assert len(batches) == 4 and loader.stats["bad_shards"] == 1  # the index is the truth
     with pytest.raises(ValueError, match=r"shard-000001.tar: manifest says 12 samples, index"):
-        _epoch(backend, tmp_path, "stop")
+        one_epoch(backend, tmp_path, "stop")
     manifest["num_samples"] = 99
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"manifest.json: num_samples=99 but shards hold 20"):
-        _epoch(backend, tmp_path)
+        one_epoch(backend, tmp_path)
 
 
 def _step_in_lockstep(rank, world_size, path):
     """Each rank all-reduces once per batch: unequal batch counts would hang here."""
     group = torch.distributed.group.WORLD
     ctx = context_from_group(group, torch.device("cpu"))
-    loader = build_loader(_cfg("webdataset", path), ctx)
+    loader = build_loader(bad_data_config("webdataset", path), ctx)
     steps = torch.zeros(1)
     for _ in loader:
         steps += 1
@@ -130,8 +107,8 @@ def _step_in_lockstep(rank, world_size, path):
 
 @pytest.mark.multiproc
 def test_ranks_with_different_bad_counts_stay_in_lockstep(tmp_path):
-    bad = {i: _good(i, label=7) for i in (0, 1, 2, 3, 4)}  # all in shard 0 -> one rank
-    _dataset(tmp_path, bad, n=32, shard_size=8)
+    bad = {i: good_sample(i, label=7) for i in (0, 1, 2, 3, 4)}  # all in shard 0 -> one rank
+    small_dataset(tmp_path, bad, n=32, shard_size=8)
     results = run_ranks(2, _step_in_lockstep, str(tmp_path), timeout_s=120)
     # the rank holding shard 0 has 11 usable samples for 4 batches of 4: it wraps around
     # (meeting the bad samples again) instead of running dry while the other rank waits

@@ -15,7 +15,7 @@ import pytest
 from dist_cosface.data.convert import ConvertOptions, convert
 from dist_cosface.data.recordio import MAGIC
 from dist_cosface.data.shards import read_index
-from tests.test_data_common import ORL, REPO, YALEB, jpeg_bytes, need
+from tests.data_common import ORL, REPO, YALEB, jpeg_bytes, need
 
 
 def _members(tar_path):

@@ -21,8 +21,15 @@ from dist_cosface.data import DataConfig, build_loader
 from dist_cosface.data.shards import Manifest, read_index
 from dist_cosface.data.streams import open_stream
 from dist_cosface.distributed import DistContext, context_from_group
+from tests.data_common import (
+    BACKENDS,
+    bad_data_config,
+    good_sample,
+    one_epoch,
+    small_dataset,
+    write_dataset,
+)
 from tests.multiproc import run_ranks
-from tests.test_data_bad import BACKENDS, _cfg, _dataset, _epoch, _good
 
 # ---------------------------------------------------------------- section 3: shell payloads
 
@@ -42,12 +49,12 @@ def _rename_shard(path, new_name: str) -> None:
     ("backend", "via_pipe"), [("webdataset", True), ("webdataset", False), ("dali", False)]
 )
 def test_shell_payload_shard_name_is_refused_and_never_run(tmp_path, backend, via_pipe):
-    _dataset(tmp_path, {})
+    small_dataset(tmp_path, {})
     payload, marker = _payload(tmp_path)
     _rename_shard(tmp_path, payload)
     path = f"pipe:cat {tmp_path / 'manifest.json'}" if via_pipe else tmp_path
     with pytest.raises(ValueError, match=r"manifest.json: shard name 'shard-000000.tar; touch"):
-        build_loader(_cfg(backend, path), DistContext())
+        build_loader(bad_data_config(backend, path), DistContext())
     assert not marker.exists()
 
 
@@ -84,23 +91,23 @@ def test_only_plain_shard_names_pass(name):
 
 
 def test_pipe_path_reads_shards_without_a_shell(tmp_path):
-    _dataset(tmp_path, {})
-    loader, labels, batches = _epoch("webdataset", f"pipe:cat {tmp_path / 'manifest.json'}")
-    _, local_labels, _ = _epoch("webdataset", tmp_path)
+    small_dataset(tmp_path, {})
+    loader, labels, batches = one_epoch("webdataset", f"pipe:cat {tmp_path / 'manifest.json'}")
+    _, local_labels, _ = one_epoch("webdataset", tmp_path)
     assert len(batches) == 4 and sorted(labels.tolist()) == sorted(local_labels.tolist())
     assert loader.stats["skipped_samples"] == 0
 
 
 def test_missing_remote_shard_is_a_named_shortfall(tmp_path):
-    _dataset(tmp_path, {}, n=32)
+    small_dataset(tmp_path, {}, n=32)
     (tmp_path / "shard-000002.tar").unlink()  # cannot be checked before reading when remote
     path = f"pipe:cat {tmp_path / 'manifest.json'}"
     shortfall = r"shard-000002.tar: read 0 of the 8 samples expected \(.*exited with status 1"
     with pytest.raises(ValueError, match=shortfall + r".*on_bad_sample=stop"):
-        _epoch("webdataset", path, "stop")
+        one_epoch("webdataset", path, "stop")
     with pytest.raises(ValueError, match=shortfall + r".*max_skip_fraction=0.01"):
-        _epoch("webdataset", path, max_skip_fraction=0.01)
-    loader, _, batches = _epoch("webdataset", path, max_skip_fraction=0.3)
+        one_epoch("webdataset", path, max_skip_fraction=0.01)
+    loader, _, batches = one_epoch("webdataset", path, max_skip_fraction=0.3)
     # remote: the epoch length comes from the manifest (32 // 4), the stream wraps around
     assert loader.stats == {"skipped_samples": 8, "bad_shards": 1} and len(batches) == 8
 
@@ -115,7 +122,7 @@ def test_pipe_command_shell_syntax_refused_and_failures_named(tmp_path):
     assert not marker.exists()
     missing = f"pipe:cat {tmp_path / 'nothing' / 'manifest.json'}"
     with pytest.raises(OSError, match=r"nothing/manifest.json: command exited with status 1"):
-        build_loader(_cfg("webdataset", missing), DistContext())
+        build_loader(bad_data_config("webdataset", missing), DistContext())
 
 
 # ---------------------------------------------------------------- section 4: cases of the issue
@@ -127,13 +134,13 @@ def _warnings(caplog) -> str:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_truncated_shard_stops_by_default_and_is_logged_when_allowed(tmp_path, backend, caplog):
-    _dataset(tmp_path, {}, n=64)  # 8 shards: one is 12.5% of the data
+    small_dataset(tmp_path, {}, n=64)  # 8 shards: one is 12.5% of the data
     tar = tmp_path / "shard-000003.tar"
     tar.write_bytes(tar.read_bytes()[:3000])
     with pytest.raises(ValueError, match=r"8 of 64 samples \(12.5%\).*max_skip_fraction=0.01: .*"):
-        _epoch(backend, tmp_path, max_skip_fraction=0.01)
+        one_epoch(backend, tmp_path, max_skip_fraction=0.01)
     with caplog.at_level(logging.WARNING):
-        loader, _, batches = _epoch(backend, tmp_path, max_skip_fraction=0.2)
+        loader, _, batches = one_epoch(backend, tmp_path, max_skip_fraction=0.2)
     assert loader.stats == {"skipped_samples": 8, "bad_shards": 1} and len(batches) == 14
     assert "shard-000003.tar: truncated tar" in _warnings(caplog)
     assert "epoch 0: 8 of 64 samples lost (12.50%)" in _warnings(caplog)
@@ -141,14 +148,14 @@ def test_truncated_shard_stops_by_default_and_is_logged_when_allowed(tmp_path, b
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_missing_tar_is_named_and_counted(tmp_path, backend, caplog):
-    _dataset(tmp_path, {}, n=32)
+    small_dataset(tmp_path, {}, n=32)
     (tmp_path / "shard-000002.tar").unlink()
     with pytest.raises(ValueError, match=r"shard-000002.tar: shard or its index .* missing"):
-        _epoch(backend, tmp_path, "stop")
+        one_epoch(backend, tmp_path, "stop")
     with pytest.raises(ValueError, match=r"8 of 32 samples \(25.0%\) are unusable"):
-        _epoch(backend, tmp_path, max_skip_fraction=0.01)
+        one_epoch(backend, tmp_path, max_skip_fraction=0.01)
     with caplog.at_level(logging.WARNING):
-        loader, _, _ = _epoch(backend, tmp_path, max_skip_fraction=0.3)
+        loader, _, _ = one_epoch(backend, tmp_path, max_skip_fraction=0.3)
     assert loader.stats == {"skipped_samples": 8, "bad_shards": 1}
     assert "shard-000002.tar: shard or its index shard-000002.idx is missing" in _warnings(caplog)
 
@@ -160,23 +167,21 @@ def _cut_index(idx, keep: int) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_index_cut_short_is_a_bad_shard(tmp_path, backend):
-    _dataset(tmp_path, {}, n=32)
+    small_dataset(tmp_path, {}, n=32)
     _cut_index(tmp_path / "shard-000001.idx", 5)  # consistent header, 3 samples unindexed
     with pytest.raises(ValueError, match=r"shard-000001.tar: member '000013.jpg' follows the last"):
-        _epoch(backend, tmp_path, "stop")
-    loader, _, _ = _epoch(backend, tmp_path, max_skip_fraction=0.3)
+        one_epoch(backend, tmp_path, "stop")
+    loader, _, _ = one_epoch(backend, tmp_path, max_skip_fraction=0.3)
     assert loader.stats == {"skipped_samples": 8, "bad_shards": 1}
     idx = tmp_path / "shard-000001.idx"
     idx.write_bytes(idx.read_bytes()[:40])  # cut mid-line: unreadable, named, still a bad shard
     with pytest.raises(ValueError, match=r"shard-000001.tar: unreadable index: .*shard-000001.idx"):
-        _epoch(backend, tmp_path, "stop")
-    assert _epoch(backend, tmp_path, max_skip_fraction=0.3)[0].stats["bad_shards"] == 1
+        one_epoch(backend, tmp_path, "stop")
+    assert one_epoch(backend, tmp_path, max_skip_fraction=0.3)[0].stats["bad_shards"] == 1
 
 
 def _eight_class_dataset(path) -> None:
-    samples = [_good(i, label=i % 8) for i in range(32)]
-    from tests.test_data_common import write_dataset
-
+    samples = [good_sample(i, label=i % 8) for i in range(32)]
     write_dataset(path, samples, 8, num_classes=8)
     (path / "labels.json").write_text(json.dumps({f"id{c}": c for c in range(8)}))
     manifest = json.loads((path / "manifest.json").read_text())
@@ -188,10 +193,10 @@ def _eight_class_dataset(path) -> None:
 def test_edited_num_classes_is_an_error_not_half_the_data_skipped(tmp_path, backend):
     _eight_class_dataset(tmp_path)
     with pytest.raises(ValueError, match=r"num_classes=4 but labels.json maps .* up to 7"):
-        _epoch(backend, tmp_path)
+        one_epoch(backend, tmp_path)
     (tmp_path / "labels.json").unlink()  # without the label map it is found while reading
     with pytest.raises(ValueError, match=r"shard-00000\d.tar.*outside \[0, 4\).*max_skip_fraction"):
-        _epoch(backend, tmp_path, max_skip_fraction=0.01)
+        one_epoch(backend, tmp_path, max_skip_fraction=0.01)
 
 
 def _zero_header(tar, key: str, ext: str = "jpg") -> None:
@@ -203,47 +208,47 @@ def _zero_header(tar, key: str, ext: str = "jpg") -> None:
 
 
 def test_zeroed_header_webdataset_counts_the_shortfall(tmp_path, caplog):
-    _dataset(tmp_path, {}, n=16, shard_size=16)
+    small_dataset(tmp_path, {}, n=16, shard_size=16)
     _zero_header(tmp_path / "shard-000000.tar", "000004")  # not one of the spot-checked entries
     short = r"shard-000000.tar: read 4 of the 16 samples expected"
     with pytest.raises(ValueError, match=short + r".*on_bad_sample=stop"):
-        _epoch("webdataset", tmp_path, "stop")
+        one_epoch("webdataset", tmp_path, "stop")
     with pytest.raises(ValueError, match=short + r".*max_skip_fraction=0.01"):
-        _epoch("webdataset", tmp_path, max_skip_fraction=0.01)
+        one_epoch("webdataset", tmp_path, max_skip_fraction=0.01)
     with caplog.at_level(logging.WARNING):
-        loader, labels, batches = _epoch("webdataset", tmp_path, max_skip_fraction=1.0)
+        loader, labels, batches = one_epoch("webdataset", tmp_path, max_skip_fraction=1.0)
     assert loader.stats == {"skipped_samples": 12, "bad_shards": 1}  # once per epoch
     assert len(batches) == 4 and sorted(set(labels.tolist())) == [0, 1, 2, 3]
     assert "read 4 of the 16 samples expected" in _warnings(caplog)
 
 
 def test_zeroed_header_dali_reads_by_index_and_loses_nothing(tmp_path):
-    _dataset(tmp_path, {}, n=16, shard_size=16)
+    small_dataset(tmp_path, {}, n=16, shard_size=16)
     _zero_header(tmp_path / "shard-000000.tar", "000004")
-    loader, labels, _ = _epoch("dali", tmp_path, max_skip_fraction=0.0)
+    loader, labels, _ = one_epoch("dali", tmp_path, max_skip_fraction=0.0)
     assert sorted(labels.tolist()) == sorted(i % 4 for i in range(16))
     assert loader.stats == {"skipped_samples": 0, "bad_shards": 0}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zeroed_spot_checked_header_found_before_reading(tmp_path, backend):
-    _dataset(tmp_path, {}, n=16, shard_size=8)
+    small_dataset(tmp_path, {}, n=16, shard_size=8)
     _zero_header(tmp_path / "shard-000001.tar", "000015", "cls")  # the last entry
     with pytest.raises(ValueError, match=r"shard-000001.tar: index says 000015.cls at byte \d+, "):
-        _epoch(backend, tmp_path, "stop")
+        one_epoch(backend, tmp_path, "stop")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_swapped_index_files_name_the_bad_pair(tmp_path, backend):
-    _dataset(tmp_path, {}, n=32)
+    small_dataset(tmp_path, {}, n=32)
     a, b = tmp_path / "shard-000000.idx", tmp_path / "shard-000001.idx"
     shutil.copy(a, tmp_path / "tmp.idx")
     shutil.copy(b, a)
     shutil.copy(tmp_path / "tmp.idx", b)
     with pytest.raises(ValueError, match=r"shard-000000.tar: index says 000008.jpg at byte 512"):
-        _epoch(backend, tmp_path, "stop")
+        one_epoch(backend, tmp_path, "stop")
     with pytest.raises(ValueError, match=r"16 of 32 .*shard-000000.tar.*; .*shard-000001.tar"):
-        _epoch(backend, tmp_path, max_skip_fraction=0.01)
+        one_epoch(backend, tmp_path, max_skip_fraction=0.01)
 
 
 # ---------------------------------------------------------------- one rank sees the bad shard
@@ -252,7 +257,7 @@ def test_swapped_index_files_name_the_bad_pair(tmp_path, backend):
 def _epoch_on_ranks(rank, world_size, path, on_bad):
     """Both ranks all-reduce per batch; the error must come on both, not a hang."""
     group = dist.group.WORLD
-    cfg = _cfg("webdataset", path, on_bad, max_skip_fraction=0.01)
+    cfg = bad_data_config("webdataset", path, on_bad, max_skip_fraction=0.01)
     loader = build_loader(cfg, context_from_group(group, torch.device("cpu")))
     steps = 0
     try:
@@ -265,7 +270,7 @@ def _epoch_on_ranks(rank, world_size, path, on_bad):
 
 
 def _one_bad_shard(path) -> None:
-    _dataset(path, {}, n=32, shard_size=8)
+    small_dataset(path, {}, n=32, shard_size=8)
     _zero_header(path / "shard-000000.tar", "000001")  # rank reading shard 0 gets 1 of 8
 
 
@@ -283,7 +288,7 @@ def test_bad_shard_on_one_rank_stops_both_at_epoch_end(tmp_path, on_bad):
 
 def _train_on_ranks(rank, world_size, out, path):
     from dist_cosface.engine import train
-    from tests.test_engine import tiny_config
+    from tests.tiny import tiny_config
 
     cfg = tiny_config(
         out,
@@ -320,6 +325,6 @@ def test_max_skip_fraction_is_validated(value):
 
 def test_dali_decode_failure_names_shard_and_key(tmp_path):
     bad = {13: {"jpg": b"\xff\xd8garbage", "cls": b"1"}}
-    _dataset(tmp_path, bad, n=48)
+    small_dataset(tmp_path, bad, n=48)
     with pytest.raises(ValueError, match=r"DALI failed .*\(\S*/shard-000001.tar:\d+:000013.jpg\)"):
-        _epoch("dali", tmp_path)
+        one_epoch("dali", tmp_path)

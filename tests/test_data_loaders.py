@@ -8,31 +8,17 @@ import torch
 from dist_cosface.data import DataConfig, build_loader
 from dist_cosface.data.convert import ConvertOptions, convert
 from dist_cosface.distributed import DistContext, context_from_group
-from tests.multiproc import run_ranks
-from tests.test_data_common import (
+from tests.data_common import (
+    BACKENDS,
     ORL,
     YALEB,
     assert_faces_match,
+    loader_config,
     need,
     reference_faces,
     unique_label_dataset,
 )
-
-BACKENDS = ["webdataset", "dali"]
-
-
-def _cfg(backend, path, **kw):
-    base = dict(
-        backend=backend,
-        path=str(path),
-        batch_size=8,
-        image_size=32,
-        num_workers=1,
-        random_flip=False,
-        shuffle_buffer=16,
-    )
-    base.update(kw)
-    return DataConfig(**base)
+from tests.multiproc import run_ranks
 
 
 def _collect(loader):
@@ -62,7 +48,9 @@ def yaleb_subset(tmp_path_factory):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_orl_pgm_roundtrip(orl_shards, backend):
     """Every ORL face (PGM) comes back once per epoch with its label and its pixels."""
-    loader = build_loader(_cfg(backend, orl_shards, batch_size=40, num_workers=2), DistContext())
+    loader = build_loader(
+        loader_config(backend, orl_shards, batch_size=40, num_workers=2), DistContext()
+    )
     assert (len(loader), loader.num_classes) == (10, 40)
     images, labels = _collect(loader)
     assert images.shape == (400, 3, 32, 32) and labels.dtype == torch.int64
@@ -77,7 +65,7 @@ def test_orl_pgm_roundtrip(orl_shards, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_yaleb_jpeg_roundtrip(yaleb_subset, backend):
     src, shards = yaleb_subset
-    loader = build_loader(_cfg(backend, shards, batch_size=12), DistContext())
+    loader = build_loader(loader_config(backend, shards, batch_size=12), DistContext())
     images, labels = _collect(loader)
     assert images.shape == (48, 3, 32, 32) and torch.equal(
         torch.bincount(labels), torch.full((4,), 12)
@@ -88,7 +76,7 @@ def test_yaleb_jpeg_roundtrip(yaleb_subset, backend):
 
 def _rank_labels(rank, world_size, backend, path):
     ctx = context_from_group(torch.distributed.group.WORLD, torch.device("cpu"))
-    loader = build_loader(_cfg(backend, path, batch_size=4, image_size=16), ctx)
+    loader = build_loader(loader_config(backend, path, batch_size=4, image_size=16), ctx)
     per_epoch = []
     for epoch in (0, 1):
         loader.set_epoch(epoch)
@@ -116,7 +104,7 @@ def test_equal_length_on_uneven_ranks(tmp_path, backend):
     lengths = set()
     for rank in range(3):
         ctx = DistContext(rank=rank, world_size=3)
-        loader = build_loader(_cfg(backend, tmp_path, batch_size=3, image_size=16), ctx)
+        loader = build_loader(loader_config(backend, tmp_path, batch_size=3, image_size=16), ctx)
         lengths.add((len(loader), sum(1 for _ in loader)))
     assert len(lengths) == 1 and lengths.pop()[0] >= 1
 
@@ -124,7 +112,9 @@ def test_equal_length_on_uneven_ranks(tmp_path, backend):
 @pytest.mark.parametrize("backend", BACKENDS + ["synthetic"])
 def test_epochs_deterministic_and_exact_resume(tmp_path, backend):
     unique_label_dataset(tmp_path, 40, 10)
-    cfg = _cfg(backend, tmp_path, batch_size=4, image_size=16, num_workers=2, random_flip=True)
+    cfg = loader_config(
+        backend, tmp_path, batch_size=4, image_size=16, num_workers=2, random_flip=True
+    )
 
     def run(epoch):
         loader = build_loader(cfg, DistContext())
@@ -158,7 +148,9 @@ def test_output_dtype(tmp_path, backend, dtype):
     unique_label_dataset(tmp_path, 8, 8)
     x, y = next(
         iter(
-            build_loader(_cfg(backend, tmp_path, image_size=16, output_dtype=dtype), DistContext())
+            build_loader(
+                loader_config(backend, tmp_path, image_size=16, output_dtype=dtype), DistContext()
+            )
         )
     )
     assert x.dtype == getattr(torch, dtype) and x.shape == (8, 3, 16, 16) and y.dtype == torch.int64
@@ -189,7 +181,9 @@ def test_webdataset_reads_pipe_sources(tmp_path):
     """A ``pipe:`` manifest source: shards are fetched by the same command, no index checks."""
     unique_label_dataset(tmp_path, 16, 8)
     path = f"pipe:cat {tmp_path}/manifest.json"
-    loader = build_loader(_cfg("webdataset", path, batch_size=4, image_size=16), DistContext())
+    loader = build_loader(
+        loader_config("webdataset", path, batch_size=4, image_size=16), DistContext()
+    )
     assert (len(loader), loader.num_classes) == (4, 16)
     assert sorted(_collect(loader)[1].tolist()) == list(range(16))
 
@@ -211,3 +205,13 @@ def test_epoch_end_state_matches_engine_use():
     assert not torch.equal(first, nxt)
     with pytest.raises(ValueError, match="batches_consumed=9"):
         restored.load_state_dict({"epoch": 0, "batches_consumed": 9})
+
+
+def test_unique_label_dataset_index_matches_dali_tool(tmp_path):
+    """Our single-pass index equals what DALI's own wds2idx writes for the same tar."""
+    wds2idx = pytest.importorskip("wds2idx")
+    unique_label_dataset(tmp_path, 5, 5)
+    tar = tmp_path / "shard-000000.tar"
+    with wds2idx.IndexCreator(str(tar), str(tmp_path / "ref.idx"), verbose=False) as creator:
+        creator.create_index()
+    assert (tmp_path / "ref.idx").read_text() == tar.with_suffix(".idx").read_text()

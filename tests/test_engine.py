@@ -14,7 +14,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_cosface.classifier import ShardedClassifier
-from dist_cosface.config import RunConfig, load_config
 from dist_cosface.distributed import DistContext, context_from_group
 from dist_cosface.engine import train
 from dist_cosface.engine.config import OptimConfig
@@ -23,26 +22,12 @@ from dist_cosface.engine.parts import seed_everything
 from dist_cosface.models import build_backbone
 from dist_cosface.sharding import mark_sharded
 from tests.multiproc import run_ranks
-from tests.tiny import TINY_OVERRIDES
+from tests.tiny import FixedLoader, fixed_batches, linear_backbone, tiny_config
 
 CPU = torch.device("cpu")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_config(out: Path | str, *overrides: str) -> RunConfig:
-    """mobilefacenet at 32 px, 16-d embeddings, 8 synthetic identities, no exporter."""
-    base = [
-        *TINY_OVERRIDES,
-        "classifier.margin=0.2",
-        "optim.lr=0.05",
-        "optim.warmup_steps=1",
-        "train.total_steps=3",
-        "checkpoint.every_steps=0",
-        f"train.output_dir={out}",
-    ]
-    return load_config(None, base + list(overrides))
 
 
 def _world_ctx() -> DistContext:
@@ -95,60 +80,17 @@ def test_grad_norm_counts_each_shard_once_on_three_ranks():
 # ---------------------------------------------------------------- single process behaviour
 
 
-class _FixedLoader:
-    """A deterministic list of batches per epoch with the TrainLoader interface."""
-
-    def __init__(self, batches, num_classes):
-        self.batches, self.num_classes, self.stats = batches, num_classes, {}
-        self.epoch, self.position = 0, 0
-
-    def __len__(self):
-        return len(self.batches)
-
-    def set_epoch(self, epoch):
-        if epoch != self.epoch:
-            self.epoch, self.position = epoch, 0
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "batches_consumed": self.position}
-
-    def load_state_dict(self, state):
-        self.epoch, self.position = state["epoch"], state["batches_consumed"]
-
-    def __iter__(self):
-        while self.position < len(self.batches):
-            self.position += 1
-            yield self.batches[self.position - 1]
-
-
-def _linear_backbone(cfg):
-    # no batch statistics: a batch of 2B and two micro-batches of B must give the same step
-    seed_everything(cfg.train.seed)
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 16))
-
-
-def _batches(n, batch, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [
-        (
-            torch.rand(batch, 3, 32, 32, generator=gen) * 2 - 1,
-            torch.randint(0, 8, (batch,), generator=gen),
-        )
-        for _ in range(n)
-    ]
-
-
 def _train_fixed(tmp, batches, *overrides):
     cfg = tiny_config(tmp, "optim.grad_clip=0.5", *overrides)
-    backbone = _linear_backbone(cfg)
-    out = train(cfg, DistContext(), backbone=backbone, loader=_FixedLoader(batches, 8))
+    backbone = linear_backbone(cfg)
+    out = train(cfg, DistContext(), backbone=backbone, loader=FixedLoader(batches, 8))
     ckpt = Path(out["checkpoint"])
     head = torch.load(ckpt / "classifier_rank0.pt", weights_only=True)["weight"]
     return out, backbone, head
 
 
 def test_grad_accumulation_equals_larger_batch(tmp_path):
-    big = _batches(3, 8)
+    big = fixed_batches(3, 8)
     halves = [(x[i : i + 4], y[i : i + 4]) for x, y in big for i in (0, 4)]
     out1, bb1, head1 = _train_fixed(tmp_path / "a", big, "data.batch_size=8")
     out2, bb2, head2 = _train_fixed(tmp_path / "b", halves, "optim.grad_accum_steps=2")
@@ -163,7 +105,7 @@ def test_grad_accumulation_equals_larger_batch(tmp_path):
 
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path, caplog):
-    batches = _batches(3, 4)
+    batches = fixed_batches(3, 4)
     batches[1][0][0, 0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="at step 1"):
         _train_fixed(tmp_path, batches)
@@ -172,7 +114,7 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, caplog):
 
 
 def test_fp16_overflow_skips_step_and_lowers_scale(tmp_path):
-    batches = _batches(10, 4)
+    batches = fixed_batches(10, 4)
     batches[0][0][0, 0, 0, 0] = float("inf")  # overflowing steps are skipped, not fatal
     out, _, _ = _train_fixed(tmp_path, batches, "train.precision=fp16")
     assert out["step"] == 3 and math.isfinite(out["loss"])
@@ -187,7 +129,7 @@ def test_fp16_overflow_skips_step_and_lowers_scale(tmp_path):
 
 def test_bf16_autocast_trains(tmp_path):
     out, _, head = _train_fixed(
-        tmp_path, _batches(3, 4), "train.precision=bf16", "optim.name=adamw"
+        tmp_path, fixed_batches(3, 4), "train.precision=bf16", "optim.name=adamw"
     )
     assert out["step"] == 3 and math.isfinite(out["loss"]) and head.dtype == torch.float32
 
@@ -326,7 +268,7 @@ def test_evaluation_during_and_after_training(tmp_path):
     target = write_bin(tmp_path / "tiny.bin", images, [True, False, True, False])
     out, _, _ = _train_fixed(
         tmp_path / "run",
-        _batches(3, 4),
+        fixed_batches(3, 4),
         f"eval.targets=[{target}]",
         "eval.every_steps=2",
         "eval.roc_png=false",

@@ -23,7 +23,7 @@ from dist_cosface.distributed import context_from_group
 from dist_cosface.engine import train
 from dist_cosface.engine.parts import seed_everything
 from tests.multiproc import run_ranks
-from tests.test_engine import tiny_config
+from tests.tiny import tiny_config
 
 pytest.importorskip("deepspeed")
 

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from dist_cosface.distributed import context_from_group
 from dist_cosface.engine import train
 from tests.multiproc import run_ranks
-from tests.test_engine import tiny_config
+from tests.tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 ORL = REPO / "../shared/data/orl"

@@ -8,12 +8,15 @@ import json
 import pytest
 
 from dist_cosface.eval.cli import add_eval_arguments, run_eval_command
-from tests.eval_sets import pixel_backbone, yaleb
+from tests.eval_sets import (
+    build_ijb_set,
+    build_megaface_set,
+    build_ytf_set,
+    pixel_backbone,
+    yaleb,
+    yaleb_bin,
+)
 from tests.multiproc import run_ranks
-from tests.test_eval_ijb import build_ijb_set
-from tests.test_eval_megaface import build_megaface_set
-from tests.test_eval_pairs_dist import yaleb_bin
-from tests.test_eval_ytf import build_ytf_set
 
 
 def load_pixel_backbone(checkpoint: str):

@@ -12,64 +12,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_cosface.eval.align import template
 from dist_cosface.eval.ijb import read_ijb, run_ijb
 from dist_cosface.eval.images import embed_images
-from tests.eval_sets import numpy_normalize, numpy_tar_at_far, pixel_backbone, yaleb
+from tests.eval_sets import build_ijb_set, numpy_normalize, numpy_tar_at_far, pixel_backbone, yaleb
 from tests.multiproc import run_ranks
 
 SIZE = 32
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-
-
-def build_ijb_set(root, data, nan_template=None):
-    """Write ``root/meta/ijbx_*`` and ``root/loose_crop``; returns the expected structure."""
-    gen = np.random.default_rng(3)
-    (root / "meta").mkdir(parents=True)
-    (root / "loose_crop").mkdir()
-    pose = template(112) * 1.4 + np.array([4.0, 14.0])  # roughly where yaleb faces sit
-    tid_mid, marks, csv_rows = [], [], {}
-    image = 0
-    for ident in range(1, 7):
-        files = sorted((data / f"yaleB{ident:02d}").iterdir())[::5][:12]
-        for j in range(3):
-            tid = 100 + 3 * ident + j
-            for m in range(2):
-                for path in files[4 * j + 2 * m : 4 * j + 2 * m + 2]:
-                    image += 1
-                    name = f"{image}.jpg"
-                    (root / "loose_crop" / name).symlink_to(path)
-                    tid_mid.append(f"{name} {tid} {1000 + 10 * tid + m}")
-                    pts = pose + gen.normal(0, 1.5, size=(5, 2))
-                    if image == 5 or tid == nan_template:
-                        pts[0, 0] = np.nan  # an image alignment must skip
-                    score = gen.uniform(0.3, 1.0)
-                    marks.append(f"{name} " + " ".join(f"{v:.4f}" for v in pts.ravel()))
-                    marks[-1] += f" {score:.4f}"
-                    csv_rows.setdefault(tid, []).append((ident, name))
-    templates = sorted(csv_rows)
-    subject = {t: csv_rows[t][0][0] for t in templates}
-    pairs = [
-        f"{a} {b} {int(subject[a] == subject[b])}"
-        for i, a in enumerate(templates)
-        for b in templates[i + 1 :]
-    ]
-    write = lambda name, lines: (root / "meta" / name).write_text("\n".join(lines) + "\n")  # noqa: E731
-    write("ijbx_face_tid_mid.txt", tid_mid)
-    write("ijbx_name_5pts_score.txt", marks)
-    write("ijbx_template_pair_label.txt", pairs)
-
-    def csv_lines(ts):
-        rows = ["TEMPLATE_ID,SUBJECT_ID,FILENAME"]
-        rows += [f"{t},{s},{n}" for t in ts for s, n in csv_rows[t]]
-        return rows
-
-    g1 = [t for t in templates if t % 3 == 0 and subject[t] <= 3]
-    g2 = [t for t in templates if t % 3 == 0 and subject[t] > 3]
-    write("ijbx_1N_gallery_G1.csv", csv_lines(g1))
-    write("ijbx_1N_gallery_G2.csv", csv_lines(g2))
-    write("ijbx_1N_probe_mixed.csv", csv_lines([t for t in templates if t % 3 != 0]))
-    return {"subject": subject, "g1": g1, "g2": g2}
 
 
 def numpy_ijb(root, detector_score):

@@ -18,28 +18,17 @@ from dist_cosface.eval.images import (
     list_identity_folders,
 )
 from dist_cosface.eval.megaface import counts_that_fit, run_megaface
-from tests.eval_sets import numpy_normalize, numpy_tar_at_far, pixel_backbone, yaleb
+from tests.eval_sets import (
+    build_megaface_set,
+    numpy_normalize,
+    numpy_tar_at_far,
+    pixel_backbone,
+    yaleb,
+)
 from tests.multiproc import run_ranks
 
 FARS = (1e-6, 1e-2)
 SIZE = 32
-
-
-def build_megaface_set(root, data):
-    probes = root / "probes"
-    for i in range(1, 6):
-        ident = probes / f"yaleB{i:02d}"
-        ident.mkdir(parents=True)
-        for path in sorted((data / f"yaleB{i:02d}").iterdir())[::10][:6]:
-            (ident / path.name).symlink_to(path)
-    lines = []
-    for i in range(20, 40):
-        folder = data / f"yaleB{i:02d}"
-        if folder.is_dir():
-            lines.extend(str(p) for p in sorted(folder.iterdir())[:8])
-    distractors = root / "distractors.txt"
-    distractors.write_text("\n".join(lines[:150]) + "\n")
-    return probes, distractors
 
 
 def numpy_megaface(probe_emb, labels, distractor_emb, n, fars):

@@ -8,25 +8,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_cosface.eval.bin_file import write_bin
 from dist_cosface.eval.config import EvalConfig
 from dist_cosface.eval.evaluate import run_evaluation
 from dist_cosface.eval.pairs_dist import run_evaluation_all_ranks
-from tests.eval_sets import pixel_backbone, yaleb
+from tests.eval_sets import pixel_backbone, yaleb_bin
 from tests.multiproc import run_ranks
-
-
-def yaleb_bin(path):
-    """21 pairs (11 same, 10 different) of Yale B images, alternating, as a .bin."""
-    data = yaleb()
-    folders = sorted(data.iterdir())[:8]
-    images, issame = [], []
-    for i in range(21):
-        a = sorted(folders[i % 8].iterdir())
-        b = a if i % 2 == 0 else sorted(folders[(i + 3) % 8].iterdir())
-        images += [a[i].read_bytes(), b[i + 20].read_bytes()]
-        issame.append(i % 2 == 0)
-    return write_bin(path, images, issame)
 
 
 def _on_ranks(rank, world_size, cfg, out):

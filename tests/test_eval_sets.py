@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 import json
 import os
 import pickle
@@ -12,7 +11,6 @@ import struct
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 from dist_cosface.eval import (
@@ -27,12 +25,7 @@ from dist_cosface.eval import (
     write_bin,
 )
 from dist_cosface.eval.evaluate import embed_set
-
-
-def png_bytes(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels.astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
+from tests.eval_sets import png_bytes
 
 
 def random_png(seed: int, size: int = 8) -> bytes:

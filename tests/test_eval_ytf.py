@@ -9,30 +9,10 @@ import torch.distributed as dist
 
 from dist_cosface.eval.images import embed_images
 from dist_cosface.eval.ytf import frame_refs, read_video_pairs, run_ytf
-from tests.eval_sets import numpy_normalize, pixel_backbone, yaleb
+from tests.eval_sets import build_ytf_set, numpy_normalize, pixel_backbone, yaleb
 from tests.multiproc import run_ranks
 
 SIZE = 32
-
-
-def build_ytf_set(root, data):
-    """10 identities x 2 videos of 5 frames; 40 pairs in YTF splits.txt form, 4 per split."""
-    frames = root / "frames"
-    for ident in range(1, 11):
-        files = sorted((data / f"yaleB{ident:02d}").iterdir())[::6]
-        for video in range(2):
-            folder = frames / f"yaleB{ident:02d}" / str(video)
-            folder.mkdir(parents=True)
-            for j, path in enumerate(files[5 * video : 5 * video + 5]):
-                (folder / f"{j}.jpg").symlink_to(path)
-    lines = ["split number, pair id, first name, second name, dist, is same"]
-    for i in range(40):
-        a = 1 + i % 10
-        b = a if i % 2 == 0 else 1 + (i * 3 + 1) % 10
-        b = b if i % 2 == 0 or b != a else 1 + a % 10
-        lines.append(f"{1 + i // 4}, {i + 1}, yaleB{a:02d}/0, yaleB{b:02d}/1, 0.0, {int(a == b)}")
-    (root / "splits.txt").write_text("\n".join(lines) + "\n")
-    return root / "splits.txt", frames
 
 
 def numpy_fold_accuracy(scores, issame, folds):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,26 @@ def test_training_through_the_head_learns():
     cfg.epochs = 8
     long = train_model(cfg, train)[2]["final_loss"]
     assert long < short
+
+
+@needs_data
+def test_training_decays_the_rate_by_the_engine_cosine(monkeypatch):
+    """Every backbone step runs at lr/2 (1 + cos(pi t / T)): the engine's cosine schedule."""
+    from dist_cosface.experiments import train_model
+
+    rates = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    cfg = ExperimentConfig(**TINY, lr=4e-3)
+    train, _ = split_sets(cfg, REPO)
+    total = train_model(cfg, train)[2]["steps"]
+    expected = [2e-3 * (1 + math.cos(math.pi * t / total)) for t in range(total)]
+    assert total > 2 and rates == pytest.approx(expected, rel=1e-12, abs=0)
 
 
 @needs_data

@@ -18,7 +18,7 @@ from dist_cosface.eval.cli import (
 )
 from dist_cosface.eval.export import check_onnx, export_onnx
 from dist_cosface.models import ModelConfig, build_backbone
-from tests.test_eval_sets import png_bytes
+from tests.eval_sets import png_bytes
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

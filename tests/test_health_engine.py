@@ -13,8 +13,8 @@ from dist_cosface.distributed import DistContext
 from dist_cosface.engine import train
 from dist_cosface.metrics import EXPORTED_NAMES, MetricsConfig, PrometheusMetrics
 from dist_cosface.metrics.exporter import RunMetrics
-from tests.test_engine import _batches, _FixedLoader, _linear_backbone, tiny_config
-from tests.test_metrics import scrape, value
+from tests.prom_scrape import scrape, value
+from tests.tiny import FixedLoader, fixed_batches, linear_backbone, tiny_config
 
 HEALTH_KEYS = {
     "target_cos_mean",
@@ -65,8 +65,8 @@ def _run(tmp_path, monkeypatch, *overrides):
     recorder = _Recorder()
     monkeypatch.setattr("dist_cosface.metrics.build_metrics", lambda *a: recorder)
     cfg = tiny_config(tmp_path, "train.total_steps=7", "train.log_every=3", *overrides)
-    loader = _FixedLoader(_batches(3, 4), 8)  # 3 steps per epoch
-    train(cfg, DistContext(), backbone=_linear_backbone(cfg), loader=loader)
+    loader = FixedLoader(fixed_batches(3, 4), 8)  # 3 steps per epoch
+    train(cfg, DistContext(), backbone=linear_backbone(cfg), loader=loader)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     return lines, recorder
 

@@ -8,7 +8,6 @@ import math
 import socket
 import threading
 import time
-import urllib.request
 
 import pytest
 import torch
@@ -26,23 +25,7 @@ from dist_cosface.metrics import (
 )
 from dist_cosface.metrics.exporter import STEP_BUCKETS
 from tests.multiproc import run_ranks
-
-
-def scrape(port: int) -> dict[tuple[str, frozenset], float]:
-    """All samples of a /metrics page, keyed by (name, labels)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-    out = {}
-    for family in text_string_to_metric_families(text.decode()):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def value(samples, name: str, **labels) -> float:
-    matches = [v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls]
-    if len(matches) != 1:
-        raise KeyError(f"{name} {labels}: {len(matches)} matches")
-    return matches[0]
+from tests.prom_scrape import scrape, value
 
 
 def base_port_with_free_pair() -> int:

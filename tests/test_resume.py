@@ -12,7 +12,7 @@ from dist_cosface.engine import train
 from dist_cosface.engine.checkpoint import find_latest_checkpoint, load_checkpoint
 from dist_cosface.engine.parts import build_parts
 from tests.multiproc import run_ranks
-from tests.test_engine import tiny_config
+from tests.tiny import tiny_config
 
 # 9 classes: 5 + 4 rows on 2 ranks, 3 + 3 + 3 on 3 ranks (shard borders move)
 _OVERRIDES = (

@@ -17,7 +17,7 @@ from dist_cosface.distributed import DistContext, context_from_group
 from dist_cosface.engine import train
 from dist_cosface.engine.runlock import RunFolderLocked, RunLock
 from tests.multiproc import run_ranks
-from tests.test_engine import tiny_config
+from tests.tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@
 environment (tests/test_classifier_triton.py spawns it): the interpreter must be chosen
 before the kernel module is imported, so these cases never run inside pytest's process.
 Every case compares the head with ``kernel="triton"`` against the float64 reference of
-tests/test_classifier.py (loss, dX, dW) or against the torch path of the same head.
+tests/classifier_ref.py (loss, dX, dW) or against the torch path of the same head.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_cosface.classifier import ShardedClassifier
-from tests.test_classifier import MARGINS, make_head, reference_loss_and_grads
+from tests.classifier_ref import MARGINS, make_head, reference_loss_and_grads
 
 SCALE, MARGIN = 16.0, 0.4
 

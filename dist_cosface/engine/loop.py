@@ -96,7 +96,7 @@ def _restore(cfg, ctx: DistContext, parts: Parts, out: Path) -> dict:
         set_rng_state(trainer["rng"])
         position = trainer["loader"]
     if ctx.is_main:
-        print(f"resumed from {ckpt} at step {meta['step']}", flush=True)
+        log.info("resumed from %s at step %d", ckpt, meta["step"])
     return {"step": meta["step"], "epoch": meta["epoch"], "position": position, "from": ckpt}
 
 
@@ -318,7 +318,7 @@ class _Run:
         self.summary["launcher_lost"] = reason == "launcher_lost"  # the CLI exits non-zero
         if self.ctx.is_main:
             what = "a launcher died" if reason == "launcher_lost" else "SIGTERM"
-            print(f"{what}: stopped at step {step}, checkpoint written", flush=True)
+            log.info("%s: stopped at step %d, checkpoint written", what, step)
 
 
 def _start(cfg, ctx: DistContext, backbone, loader) -> tuple[_Run, int]:
@@ -331,7 +331,7 @@ def _start(cfg, ctx: DistContext, backbone, loader) -> tuple[_Run, int]:
         dump_config(cfg, out / "config.yaml")
     parts = build_parts(cfg, ctx, backbone, loader)
     if ctx.is_main:
-        print(f"data: {describe_loader(cfg.data, parts.loader)}", flush=True)
+        log.info("data: %s", describe_loader(cfg.data, parts.loader))
     resumed = _restore(cfg, ctx, parts, out)
     step = resumed["step"]
     summary = {
@@ -352,7 +352,7 @@ def _start(cfg, ctx: DistContext, backbone, loader) -> tuple[_Run, int]:
         out=out,
         stream=EpochStream(parts.loader, resumed["epoch"], resumed["position"]),
         metrics=build_metrics(cfg.metrics, ctx, _run_info(cfg, ctx, parts)),
-        progress=ProgressLog(out / "metrics.jsonl", ctx.is_main, cfg.train.total_steps, step),
+        progress=ProgressLog(out / "metrics.jsonl", ctx.is_main, cfg.train.total_steps),
         summary=summary,
         last_saved=step if resumed["from"] else -1,
     )

@@ -11,9 +11,8 @@ from pathlib import Path
 class ProgressLog:
     """Accumulates step timings between log lines; only the main rank prints and writes."""
 
-    def __init__(self, path: Path, enabled: bool, total_steps: int, start_step: int) -> None:
+    def __init__(self, path: Path, enabled: bool, total_steps: int) -> None:
         self.path, self.enabled, self.total = path, enabled, total_steps
-        self.start_step = start_step
         self._seconds = 0.0
         self._samples = 0
         self._all_seconds = 0.0

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_cosface.classifier import ShardedClassifier, build_classifier_optimizer
+from dist_cosface.engine.config import OptimConfig
+from dist_cosface.engine.optim import lr_at, set_lr
 from dist_cosface.eval.metrics import kfold_accuracy, roc_auc, tar_at_far
 from dist_cosface.experiments.faces import FaceSet, identity_split, load_faces, make_pairs
 from dist_cosface.experiments.smallnet import SmallFaceNet
@@ -136,7 +138,8 @@ def build_head(cfg: ExperimentConfig, num_classes: int) -> ShardedClassifier:
 
 
 def train_model(cfg: ExperimentConfig, train: FaceSet) -> tuple[nn.Module, ShardedClassifier, dict]:
-    """Train backbone + head with AdamW and a cosine schedule; returns both and a summary."""
+    """Train backbone + head with AdamW and the engine's cosine schedule (``lr_at``);
+    returns both and a summary."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = build_model(cfg)
@@ -147,6 +150,8 @@ def train_model(cfg: ExperimentConfig, train: FaceSet) -> tuple[nn.Module, Shard
     n = len(train.labels)
     steps_per_epoch = max(n // cfg.batch_size, 1)  # drop the ragged tail (BatchNorm)
     total = steps_per_epoch * cfg.epochs
+    # the engine's schedule, so experiments and training runs decay the same way
+    schedule = OptimConfig(name="adamw", lr=cfg.lr, schedule="cosine", warmup_steps=0, min_lr=0.0)
     losses, step = [], 0
     model.train()
     head.train()
@@ -154,10 +159,7 @@ def train_model(cfg: ExperimentConfig, train: FaceSet) -> tuple[nn.Module, Shard
         order = torch.randperm(n, generator=gen)
         for k in range(steps_per_epoch):
             idx = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
-            lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            for opt in (opt_model, opt_head):
-                for group in opt.param_groups:
-                    group["lr"] = lr
+            set_lr((opt_model, opt_head), lr_at(schedule, step, total))
             x = to_input(train.images[idx])
             if cfg.augment:
                 x = augment(x, gen)

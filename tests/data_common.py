@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from dist_cosface.data import DataConfig, build_loader
 from dist_cosface.data.shards import (
     LABELS_NAME,
     MANIFEST_NAME,
@@ -18,6 +19,7 @@ from dist_cosface.data.shards import (
     ShardWriter,
     shard_stem,
 )
+from dist_cosface.distributed import DistContext
 
 REPO = Path(__file__).resolve().parents[1]
 ORL = REPO / "../shared/data/orl"
@@ -87,11 +89,45 @@ def assert_faces_match(images, labels, refs, ref_labels, tol: float) -> None:
     assert float(diff.min(dim=1).values.max()) < tol
 
 
-def test_unique_label_dataset_index_matches_dali_tool(tmp_path):
-    """Our single-pass index equals what DALI's own wds2idx writes for the same tar."""
-    wds2idx = pytest.importorskip("wds2idx")
-    unique_label_dataset(tmp_path, 5, 5)
-    tar = tmp_path / "shard-000000.tar"
-    with wds2idx.IndexCreator(str(tar), str(tmp_path / "ref.idx"), verbose=False) as creator:
-        creator.create_index()
-    assert (tmp_path / "ref.idx").read_text() == tar.with_suffix(".idx").read_text()
+# ---------------------------------------------------------------- small datasets with bad samples
+
+BACKENDS = ["webdataset", "dali"]
+
+
+def loader_config(backend, path, **kw) -> DataConfig:
+    """A single-worker, unflipped loader config (batch 8, 32 px); ``kw`` overrides."""
+    base = dict(
+        backend=backend,
+        path=str(path),
+        batch_size=8,
+        image_size=32,
+        num_workers=1,
+        random_flip=False,
+        shuffle_buffer=16,
+    )
+    return DataConfig(**{**base, **kw})
+
+
+def bad_data_config(backend, path, on_bad="skip", **kw):
+    """A loader config for the tiny datasets below: 16 px, batch 4, skip by default."""
+    kw.setdefault("max_skip_fraction", 0.5)  # these tiny datasets lose 1 sample in 16
+    small = dict(batch_size=4, image_size=16, shuffle_buffer=8, on_bad_sample=on_bad)
+    return loader_config(backend, path, **small, **kw)
+
+
+def good_sample(i, label=None):
+    """Sample ``i``: a seeded JPEG, label ``i % 4`` unless given."""
+    return {"jpg": jpeg_bytes(i), "cls": str(i % 4 if label is None else label).encode()}
+
+
+def small_dataset(path, bad: dict[int, dict], n=16, shard_size=8):
+    """``n`` good samples in 4 classes, sample i replaced by ``bad[i]`` where given."""
+    samples = [bad.get(i, good_sample(i)) for i in range(n)]
+    write_dataset(path, samples, shard_size, num_classes=4)
+
+
+def one_epoch(backend, path, on_bad="skip", **kw):
+    """One single-process epoch: the loader, all labels, the batches."""
+    loader = build_loader(bad_data_config(backend, path, on_bad, **kw), DistContext())
+    batches = list(loader)
+    return loader, torch.cat([b[1] for b in batches]), batches
