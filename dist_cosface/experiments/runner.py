@@ -25,6 +25,7 @@ from dist_cosface.engine.optim import lr_at, set_lr
 from dist_cosface.eval.metrics import kfold_accuracy, roc_auc, tar_at_far
 from dist_cosface.experiments.faces import FaceSet, identity_split, load_faces, make_pairs
 from dist_cosface.experiments.smallnet import SmallFaceNet
+from dist_cosface.imageio import to_unit_range
 
 FARS = (1e-2, 1e-3)
 
@@ -90,7 +91,7 @@ def split_sets(cfg: ExperimentConfig, repo_root: Path) -> tuple[FaceSet, FaceSet
 
 def to_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 grey ``[B, 1, S, S]`` -> float ``[B, 3, S, S]`` in [-1, 1] (backbones want RGB)."""
-    return (images.float() / 127.5 - 1.0).expand(-1, 3, -1, -1)
+    return to_unit_range(images).expand(-1, 3, -1, -1)
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
