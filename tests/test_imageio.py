@@ -25,7 +25,7 @@ from dist_cosface.imageio import (
     to_unit_range,
 )
 from dist_cosface.seeding import stable_seed
-from tests.test_data_common import write_dataset
+from tests.data_common import write_dataset
 
 # PIL writer per extension: every listed format must round-trip through decode_image
 _WRITE = {
