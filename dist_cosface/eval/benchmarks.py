@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -121,7 +120,7 @@ def _say(main: bool, line: str) -> None:
 
 def write_results(path: Path, results: dict) -> None:
     """Atomic write of the JSON results (float/int keys become strings)."""
+    from dist_cosface.data.shards import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(results, indent=2))
