@@ -8,7 +8,7 @@ optional dependencies (DALI, DeepSpeed, onnx) are only needed by the commands th
         [--ytf PAIRS FRAMES]                                (alone, or under torchrun)
     dist-cosface export RUN_OR_CHECKPOINT OUT.onnx
     dist-cosface shards SRC OUT_DIR [options]               (image folder or .rec -> shards)
-    dist-cosface reshard CHECKPOINT --world-size N --out DIR
+    dist-cosface merge-classifier CHECKPOINT OUT.pt        (full classifier rows + state)
     dist-cosface config CONFIG.yaml [dotted.key=value ...]  (print the resolved config)
     dist-cosface synthetic-faces OUT_DIR [options]          (JPEG identity folders, generated)
 """
@@ -87,23 +87,23 @@ def _cmd_shards(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from dist_cosface.engine.checkpoint import load_backbone
+    from dist_cosface.engine.ckpt_read import load_backbone
     from dist_cosface.eval.cli import run_eval_command
 
     return run_eval_command(args, load_backbone)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from dist_cosface.engine.checkpoint import load_backbone
+    from dist_cosface.engine.ckpt_read import load_backbone
     from dist_cosface.eval.cli import run_export_command
 
     return run_export_command(args, load_backbone)
 
 
-def _cmd_reshard(args: argparse.Namespace) -> int:
-    from dist_cosface.engine.reshard import run_reshard_command
+def _cmd_merge_classifier(args: argparse.Namespace) -> int:
+    from dist_cosface.engine.ckpt_read import run_merge_command
 
-    return run_reshard_command(args)
+    return run_merge_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,11 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_lazy(
         sub,
-        "reshard",
-        "merge/split classifier shards of a checkpoint",
-        "dist_cosface.engine.reshard",
-        "add_reshard_arguments",
-        _cmd_reshard,
+        "merge-classifier",
+        "write a checkpoint's full classifier matrix and row state to one .pt file",
+        "dist_cosface.engine.ckpt_read",
+        "add_merge_arguments",
+        _cmd_merge_classifier,
     )
     return parser
 

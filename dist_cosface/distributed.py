@@ -164,6 +164,20 @@ def context_from_group(group: dist.ProcessGroup | None, device: torch.device) ->
     )
 
 
+def build_checkpoint_group(ctx: DistContext) -> dist.ProcessGroup | None:
+    """A new gloo group over ``ctx.group``'s ranks for checkpoint I/O (None without a group).
+
+    An asynchronous checkpoint coordinates its writers from a background thread while the
+    training thread runs collectives on ``ctx.group``; two threads must not share one group,
+    and checkpoints are staged in host memory, which gloo moves whatever the training backend.
+    Every rank of ``ctx.group`` calls this at the same point (the checkpointer's construction).
+    """
+    if ctx.group is None:
+        return None
+    ranks = dist.get_process_group_ranks(ctx.group)
+    return dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=True)
+
+
 def shutdown(ctx: DistContext) -> None:
     if ctx.is_distributed and dist.is_initialized():
         dist.destroy_process_group()

@@ -114,13 +114,13 @@ def test_autocast_uses_half_matmuls_with_fp32_statistics():
     assert loss.item() != exact.item()  # the bf16 path really ran
 
 
-def test_class_range_covers_all_classes_with_extras_first():
-    for num_classes, world in [(10, 3), (7, 7), (23, 4), (5, 1)]:
+def test_class_range_is_the_dtensor_shard0_layout():
+    for num_classes, world in [(10, 3), (7, 7), (23, 4), (5, 1), (9, 2)]:
         ranges = [class_range(num_classes, world, r) for r in range(world)]
-        assert sum(n for _, n in ranges) == num_classes
-        assert [s for s, _ in ranges] == [sum(n for _, n in ranges[:r]) for r in range(world)]
-        sizes = [n for _, n in ranges]
-        assert sizes == sorted(sizes, reverse=True) and max(sizes) - min(sizes) <= 1
+        chunks = torch.arange(num_classes).chunk(world)  # what DTensor Shard(0) uses
+        assert ranges == [(int(c[0]), len(c)) for c in chunks]
+    with pytest.raises(ValueError, match=r"ceil\(5/4\)=2, which leaves rank 3 without"):
+        class_range(5, 4, 0)
 
 
 def test_head_without_group_is_single_process_and_sharded_weight():

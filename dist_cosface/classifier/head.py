@@ -1,9 +1,10 @@
 """``ShardedClassifier``: the class-sharded margin softmax head (CosFace / ArcFace / NSL).
 
-Classes are split in contiguous ranges over the process group (the first
-``num_classes % world`` ranks own one extra class). Each step all-gathers the local
-embeddings and labels, computes logits against the local weight rows only, and forms the
-exact global softmax cross-entropy with two all-reduces (see ``loss.ShardedMarginLoss``).
+Classes are split in contiguous ranges over the process group, in chunks of
+``ceil(num_classes / world)`` rows (DTensor ``Shard(0)``, see ``class_range``). Each step
+all-gathers the local embeddings and labels, computes logits against the local weight rows
+only, and forms the exact global softmax cross-entropy with two all-reduces (see
+``loss.ShardedMarginLoss``).
 
 Gradient convention
 -------------------
@@ -48,10 +49,22 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def class_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
-    """``(class_start, num_local_classes)`` of ``rank``; the first ``C % world`` get one more."""
-    base, extra = divmod(num_classes, world_size)
-    start = rank * base + min(rank, extra)
-    return start, base + (1 if rank < extra else 0)
+    """``(class_start, num_local_classes)`` of ``rank``: DTensor's ``Shard(0)`` layout.
+
+    Every rank but the last few owns ``ceil(num_classes / world_size)`` rows (torch.chunk),
+    so a checkpoint's rows are a DTensor that torch.distributed.checkpoint re-shards for any
+    other world size. Raises ValueError when that layout leaves a rank without rows.
+    """
+    per_rank = -(-num_classes // world_size)
+    start = min(rank * per_rank, num_classes)
+    count = min(per_rank, num_classes - start)
+    if (world_size - 1) * per_rank >= num_classes:
+        raise ValueError(
+            f"num_classes={num_classes} on {world_size} ranks: rows are split in chunks of "
+            f"ceil({num_classes}/{world_size})={per_rank}, which leaves rank {world_size - 1} "
+            "without classes; use more classes or fewer ranks"
+        )
+    return start, count
 
 
 def _resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
@@ -189,8 +202,19 @@ class ShardedClassifier(nn.Module):
         with torch.no_grad():
             self.weight.copy_(torch.cat(parts))
 
-    def clear_touched(self) -> None:
-        self.touched.zero_()
+    def take_touched_rows(self) -> slice | torch.Tensor | None:
+        """Rows that received gradient since the last call, and forget them (for the row
+        optimizer's step): ``slice(None)`` for all rows (plain slicing avoids gathering and
+        scattering K x D copies), an index tensor for some, None for none."""
+        touched = self.touched
+        if bool(touched.all()):
+            rows = slice(None)
+        elif bool(touched.any()):
+            rows = touched.nonzero().squeeze(1)
+        else:
+            rows = None
+        touched.zero_()
+        return rows
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         if not self.feature_norm:

@@ -40,13 +40,31 @@ class _RowOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         weight = self._head.weight
-        touched = self._head.touched
-        if weight.grad is not None:
-            # all rows: plain slicing avoids gathering and scattering K x D copies
-            rows = slice(None) if bool(touched.all()) else touched.nonzero().squeeze(1)
+        rows = self._head.take_touched_rows()
+        if weight.grad is not None and rows is not None:
             self._update(weight, weight.grad, self.state[weight], rows, self.param_groups[0])
-        self._head.clear_touched()
         return loss
+
+    def row_state(self) -> dict[str, torch.Tensor]:
+        """The per-row state tensors (live, not copies), each with leading dim ``K`` rows."""
+        return dict(self.state[self._head.weight])
+
+    @torch.no_grad()
+    def load_row_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy per-row state saved by :meth:`row_state` (same keys, same shapes)."""
+        mine = self.state[self._head.weight]
+        if set(state) != set(mine):
+            raise ValueError(
+                f"{type(self).__name__}: row state has keys {sorted(state)}, "
+                f"expected {sorted(mine)} (was it saved with another optimizer?)"
+            )
+        for key, value in state.items():
+            if value.shape != mine[key].shape:
+                raise ValueError(
+                    f"{type(self).__name__}: row state {key!r} has shape {list(value.shape)}, "
+                    f"expected {list(mine[key].shape)}"
+                )
+            mine[key].copy_(value)
 
 
 class RowSGD(_RowOptimizer):

@@ -1,20 +1,29 @@
-"""Atomic, sharded training checkpoints and resume (also onto a different number of ranks).
+"""Atomic, sharded checkpoints through torch.distributed.checkpoint (DCP), sync or async.
 
 Layout of ``<output_dir>/checkpoints/step_<N>/``::
 
-    meta.json               step, epoch, world size, class layout, model config; written LAST,
-                            so its presence marks the checkpoint complete
-    backbone.pt             backbone state_dict (rank 0; replicated across ranks)
-    backbone_optim.pt       backbone optimizer state (rank 0; ddp engine)
-    deepspeed/              DeepSpeed engine checkpoint (deepspeed engine)
-    classifier_rank<r>.pt   weight shard + row-aligned optimizer state + its class range
-    trainer_rank<r>.pt      RNG states and the data loader position of rank r
+    __<r>_0.distcp   rank r's part of the state tree (``train_state.TrainState``): its
+                     classifier rows and their optimizer state, its share of the replicated
+                     backbone (DCP writes each replicated tensor once), its RNG and data position
+    .metadata        DCP's index: global shapes and which file holds which chunk
+    deepspeed/       DeepSpeed's own engine checkpoint (``train.engine: deepspeed``)
+    meta.json        step, epoch, world size, class layout, model config, and the size and
+                     CRC32 of every other file; written LAST: its presence marks completeness
 
-Everything is written into ``step_<N>.tmp-write`` first; every rank fsyncs its files and
-records their sizes and CRC32s; after a barrier rank 0 writes meta.json (with all the records
-under ``files``), fsyncs the folder and renames it, so a job killed mid-write never leaves a
-folder that looks complete, and resume verifies the files against the records
-(``ckpt_files.select_verified``). Every file loads with ``torch.load(weights_only=True)``.
+Saving: every rank takes a host snapshot of its state (the only part that blocks training when
+``checkpoint.async_save`` is on), then writes its own file in parallel, into
+``step_<N>.tmp-write``; the writers record sizes and CRC32s of their files, and after they all
+finished rank 0 writes meta.json, fsyncs and renames the folder. A job killed at any point
+leaves no folder that resume would take for complete. An asynchronous save runs the writing in
+a background thread that coordinates on its own gloo group (``build_checkpoint_group``), one
+save in flight at a time.
+
+Loading: DCP reads into the current layout: on another world size each rank reads just the rows
+its ``class_range`` now owns (the rows are DTensor ``Shard(0)``). RNG and data positions are per
+rank and are restored only on the same world size.
+
+DCP stores non-tensor values (loader positions, Python RNG state) pickled: resume only
+checkpoints you trust, as with any pickle.
 """
 
 from __future__ import annotations
@@ -22,44 +31,35 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import shutil
+import threading
+import time
+import warnings
+from concurrent.futures import Future
 from pathlib import Path
 
-import numpy as np
-import torch
 import torch.distributed as dist
 
-from dist_cosface.configtools import from_mapping
-from dist_cosface.distributed import DistContext
+from dist_cosface.distributed import DistContext, build_checkpoint_group
 from dist_cosface.engine.ckpt_files import (
     fsync_dir,
     merge_records,
     select_verified,
     write_rank_records,
 )
-from dist_cosface.engine.rows import gather_rows
+from dist_cosface.engine.train_state import TrainState
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: meta.json records every file's size and CRC32
-_READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 3: torch.distributed.checkpoint files
+_READABLE_VERSIONS = (3,)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def _barrier(ctx: DistContext) -> None:
     if ctx.is_distributed:
         dist.barrier(group=ctx.group)
-
-
-def _load(path: Path) -> dict:
-    if not path.is_file():
-        raise ValueError(f"checkpoint file missing: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (OSError, RuntimeError) as exc:  # a damaged file: name it
-        raise ValueError(f"checkpoint file {path} cannot be read: {exc}") from exc
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -113,102 +113,129 @@ def resolve_checkpoint(path: str | Path, ctx: DistContext, only=None) -> Path | 
     return select_verified(complete_checkpoints(root), ctx, read_meta, strict=False, only=only)
 
 
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+class Checkpointer:
+    """Saves and restores a run's checkpoints; every rank builds one at the same point.
 
+    ``save`` returns once this rank's snapshot is taken (``async_save``) or written; ``wait``
+    finishes the save in flight (re-raising its error) and returns the published folder.
+    """
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    keys = state["numpy_keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _class_layout(head, ctx: DistContext) -> list[list[int]]:
-    mine = torch.tensor(
-        [head.class_start, head.num_local_classes], dtype=torch.int64, device=ctx.device
-    )
-    if not ctx.is_distributed:
-        return [mine.tolist()]
-    gathered = [torch.zeros_like(mine) for _ in range(ctx.world_size)]
-    dist.all_gather(gathered, mine, group=ctx.group)
-    return [t.tolist() for t in gathered]
-
-
-def save_checkpoint(
-    root: Path,
-    step: int,
-    ctx: DistContext,
-    *,
-    backbone: torch.nn.Module,
-    backbone_optim: torch.optim.Optimizer | None,
-    head,
-    head_optim: torch.optim.Optimizer,
-    loader_state: dict,
-    meta: dict,
-    keep_last: int,
-    ds_engine=None,
-) -> Path:
-    """Write ``root/step_<step>`` collectively (every rank calls this) and prune old ones."""
-    final = root / f"step_{step}"
-    tmp = root / f"step_{step}.tmp-write"
-    layout = _class_layout(head, ctx)
-    if ctx.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left over by a killed run
-        tmp.mkdir()
-    _barrier(ctx)
-    torch.save(
-        {
-            "weight": head.weight.detach().cpu(),
-            "optim": head_optim.state_dict(),
-            "class_start": head.class_start,
-            "num_local": head.num_local_classes,
-            "num_classes": head.num_classes if hasattr(head, "num_classes") else None,
-            "world_size": ctx.world_size,
-        },
-        tmp / f"classifier_rank{ctx.rank}.pt",
-    )
-    torch.save({"rng": rng_state(), "loader": loader_state}, tmp / f"trainer_rank{ctx.rank}.pt")
-    mine = [f"classifier_rank{ctx.rank}.pt", f"trainer_rank{ctx.rank}.pt"]
-    if ds_engine is not None:
-        ds_engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
-    if ctx.is_main:
-        torch.save(backbone.state_dict(), tmp / "backbone.pt")
-        mine.append("backbone.pt")
-        if backbone_optim is not None:
-            torch.save(backbone_optim.state_dict(), tmp / "backbone_optim.pt")
-            mine.append("backbone_optim.pt")
-    write_rank_records(tmp, ctx.rank, mine)  # each rank fsyncs and checksums its own files
-    _barrier(ctx)
-    if ctx.is_main:
-        full_meta = dict(
-            meta,
-            format_version=FORMAT_VERSION,
-            step=step,
-            world_size=ctx.world_size,
-            class_layout=layout,
-            complete=True,
-            files=merge_records(tmp, ctx.world_size),
+    def __init__(self, root: Path, ctx: DistContext, *, keep_last: int, async_save: bool):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.root, self.ctx, self.keep_last, self.async_save = (
+            Path(root),
+            ctx,
+            keep_last,
+            async_save,
         )
-        _publish(tmp, final, full_meta)
-        for old in complete_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob("step_*.tmp-write"):  # left by a run killed while writing
-            shutil.rmtree(stale, ignore_errors=True)
-    _barrier(ctx)
-    return final
+        self.group = build_checkpoint_group(ctx)
+        self.mesh = None
+        if self.group is not None:
+            from torch.distributed.device_mesh import DeviceMesh
+
+            self.mesh = DeviceMesh.from_group(self.group, "cpu")
+        self._pending: Future | None = None
+
+    def save(self, step: int, state: TrainState, meta: dict) -> float:
+        """Checkpoint ``state`` as ``step_<step>``; returns the seconds the caller was blocked."""
+        t0 = time.perf_counter()
+        self.wait()  # one save in flight: its folder is published before the next starts
+        final, tmp = self.root / f"step_{step}", self.root / f"step_{step}.tmp-write"
+        if self.ctx.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left over by a killed run
+            tmp.mkdir()
+        _barrier(self.ctx)
+        if state.native is not None:
+            state.native.save(tmp)  # collective on the training group: stays on this thread
+        tree = state.snapshot()
+        full_meta = dict(meta, format_version=FORMAT_VERSION, step=step, complete=True)
+        full_meta["world_size"] = self.ctx.world_size
+        if self.async_save:
+            self._pending = _in_background(lambda: self._write(tmp, final, tree, full_meta))
+        else:
+            self._write(tmp, final, tree, full_meta)
+        return time.perf_counter() - t0
+
+    def wait(self) -> Path | None:
+        """Finish the save in flight, if any; its folder, or None when none was pending."""
+        pending, self._pending = self._pending, None
+        return pending.result() if pending is not None else None
+
+    def restore(self, ckpt: Path, state: TrainState) -> tuple[dict, dict | None]:
+        """Load ``ckpt`` into ``state``; returns (meta, this rank's loader position or None)."""
+        import torch.distributed.checkpoint as dcp
+
+        meta = read_meta(ckpt)
+        same_world = meta["world_size"] == self.ctx.world_size
+        if state.native is not None:
+            state.native.load(ckpt, meta["world_size"])
+        tree = state.template(same_world)
+        _check_classes(ckpt, meta, state)
+        run_dcp(dcp.load, tree, self.group, storage_reader=dcp.FileSystemReader(str(ckpt)))
+        position = state.restore(tree, skip_backbone=state.native is not None)
+        if not same_world:
+            log.warning(
+                "resuming %s (saved by %d ranks) on %d ranks: classifier re-sharded; data "
+                "position and RNG restart at epoch %s",
+                ckpt,
+                meta["world_size"],
+                self.ctx.world_size,
+                meta.get("epoch"),
+            )
+        return meta, position
+
+    def _write(self, tmp: Path, final: Path, tree: dict, meta: dict) -> Path:
+        import torch.distributed.checkpoint as dcp
+
+        run_dcp(dcp.save, tree, self.group, storage_writer=dcp.FileSystemWriter(str(tmp)))
+        rank = self.ctx.rank
+        write_rank_records(tmp, rank, sorted(p.name for p in tmp.glob(f"__{rank}_*.distcp")))
+        self._barrier()
+        if self.ctx.is_main:
+            meta["files"] = merge_records(tmp, self.ctx.world_size)  # + .metadata, deepspeed/
+            _publish(tmp, final, meta)
+            for old in complete_checkpoints(self.root)[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+            for stale in self.root.glob("step_*.tmp-write"):  # left by a run killed mid-write
+                shutil.rmtree(stale, ignore_errors=True)
+        self._barrier()
+        return final
+
+    def _barrier(self) -> None:
+        if self.group is not None:
+            dist.barrier(group=self.group)
+
+
+def run_dcp(fn, tree: dict, group, **kwargs):
+    """``dcp.save`` / ``dcp.load`` on ``group``, or in this process alone when it is None."""
+    if group is None:  # said on purpose: DCP's warning that it assumes so is noise here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+    return fn(tree, process_group=group, no_dist=group is None, **kwargs)
+
+
+def _in_background(job) -> Future:
+    """Run ``job`` on a daemon thread (a dead peer must not keep this process from exiting)."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(job())
+        except BaseException as exc:  # handed to whoever waits
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="checkpoint-writer", daemon=True).start()
+    return future
+
+
+def _check_classes(ckpt: Path, meta: dict, state: TrainState) -> None:
+    head = state.classifier.head
+    if meta.get("num_classes") != head.num_classes:
+        raise ValueError(
+            f"{ckpt}: checkpoint has {meta.get('num_classes')} classes, "
+            f"the run has {head.num_classes}"
+        )
 
 
 def _publish(tmp: Path, final: Path, meta: dict) -> None:
@@ -223,79 +250,3 @@ def _publish(tmp: Path, final: Path, meta: dict) -> None:
         shutil.rmtree(final)
     tmp.rename(final)
     fsync_dir(final.parent)
-
-
-def load_classifier_rows(ckpt: Path, meta: dict, start: int, count: int) -> dict:
-    """Weight rows and row-aligned optimizer state for classes ``[start, start + count)``."""
-    shards = [
-        (s, n, (lambda r=r: _load(ckpt / f"classifier_rank{r}.pt")))
-        for r, (s, n) in enumerate(meta["class_layout"])
-    ]
-    return gather_rows(shards, start, count)
-
-
-def load_checkpoint(
-    ckpt: Path,
-    ctx: DistContext,
-    *,
-    backbone: torch.nn.Module,
-    backbone_optim: torch.optim.Optimizer | None,
-    head,
-    head_optim: torch.optim.Optimizer,
-    ds_engine=None,
-) -> dict:
-    """Restore model/optimizer state in place; returns meta plus this rank's trainer state.
-
-    On a different world size the classifier rows are re-sharded; RNG and data position are
-    per-rank and cannot carry over, so ``trainer`` is None and the caller restarts the epoch.
-    """
-    ckpt = Path(ckpt)
-    meta = read_meta(ckpt)
-    total = sum(n for _, n in meta["class_layout"])
-    num_classes = getattr(head, "num_classes", total)
-    if total != num_classes:
-        raise ValueError(f"{ckpt}: checkpoint has {total} classes, the run has {num_classes}")
-    if ds_engine is not None:
-        ds_engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state")
-    else:
-        backbone.load_state_dict(_load(ckpt / "backbone.pt"))
-        if backbone_optim is not None and (ckpt / "backbone_optim.pt").is_file():
-            backbone_optim.load_state_dict(_load(ckpt / "backbone_optim.pt"))
-    rows = load_classifier_rows(ckpt, meta, head.class_start, head.num_local_classes)
-    with torch.no_grad():
-        head.weight.copy_(rows["weight"])
-    head_optim.load_state_dict(rows["optim"])
-    trainer = None
-    trainer_file = ckpt / f"trainer_rank{ctx.rank}.pt"
-    if meta["world_size"] == ctx.world_size and trainer_file.is_file():
-        trainer = torch.load(trainer_file, map_location="cpu", weights_only=True)
-    else:
-        log.warning(
-            "resuming %s (saved by %d ranks) on %d ranks: classifier re-sharded; data "
-            "position and RNG restart at epoch %s",
-            ckpt,
-            meta["world_size"],
-            ctx.world_size,
-            meta.get("epoch"),
-        )
-    return {"meta": meta, "trainer": trainer}
-
-
-def load_backbone(checkpoint_or_run_dir: str | Path) -> tuple[torch.nn.Module, int]:
-    """(backbone in eval mode on CPU, input image size) from a checkpoint or a run folder.
-
-    A run folder resolves to its latest complete checkpoint. The model config is read from
-    the checkpoint's meta.json, so no run config is needed.
-    """
-    from dist_cosface.models import build_backbone
-    from dist_cosface.models.config import ModelConfig
-
-    # verified in this one process; the classifier shards (maybe GBs) are not needed here
-    ckpt = resolve_checkpoint(checkpoint_or_run_dir, DistContext(), only={"backbone.pt"})
-    if ckpt is None:
-        raise ValueError(f"no complete checkpoint found at {checkpoint_or_run_dir}")
-    meta = read_meta(ckpt)
-    backbone = build_backbone(from_mapping(ModelConfig, meta["model"], "meta.model"))
-    state = torch.load(ckpt / "backbone.pt", map_location="cpu", weights_only=True)
-    backbone.load_state_dict(state)
-    return backbone.eval(), int(meta["image_size"])

@@ -76,6 +76,8 @@ class CheckpointConfig:
     every_steps: int = 500  # 0 disables periodic checkpoints (the final one is still written)
     keep_last: int = 3
     resume: Union[Literal["auto", "none"], str] = "auto"  # or a checkpoint folder
+    # write in a background thread once a host snapshot is taken (training goes on meanwhile)
+    async_save: bool = False
 
     def validate(self) -> None:
         if self.every_steps < 0:

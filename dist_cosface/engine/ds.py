@@ -81,3 +81,29 @@ def engine_grad_norm(engine) -> float | None:
     if value is None:
         return None
     return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+class DeepSpeedCheckpoint:
+    """The engine's own checkpoint (its ZeRO partitions, bf16 master weights, optimizer) under
+    ``<checkpoint>/deepspeed``; the classifier and the rest go through DCP beside it.
+
+    ZeRO >= 1 partitions optimizer state by data-parallel rank, so a different rank count
+    would need DeepSpeed's universal-checkpoint conversion first; that is refused here with
+    the way out named, rather than attempted half-way.
+    """
+
+    def __init__(self, engine, zero_stage: int, world_size: int) -> None:
+        self.engine, self.zero_stage, self.world_size = engine, zero_stage, world_size
+
+    def save(self, folder) -> None:
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
+
+    def load(self, folder, saved_world_size: int) -> None:
+        if saved_world_size != self.world_size and self.zero_stage >= 1:
+            raise ValueError(
+                f"{folder}: a DeepSpeed ZeRO-{self.zero_stage} checkpoint written by "
+                f"{saved_world_size} ranks cannot resume on {self.world_size}: its optimizer "
+                "partitions are per rank. Resume on the same rank count, or use "
+                "train.zero_stage=0 (docs/training.md, 'DeepSpeed and rank counts')"
+            )
+        self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state")

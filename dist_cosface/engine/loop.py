@@ -25,12 +25,7 @@ from dist_cosface.configtools import to_mapping
 from dist_cosface.data.integrity import raise_data_failure
 from dist_cosface.distributed import DistContext
 from dist_cosface.engine.amp import autocast
-from dist_cosface.engine.checkpoint import (
-    load_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-    set_rng_state,
-)
+from dist_cosface.engine.checkpoint import Checkpointer, resolve_checkpoint
 from dist_cosface.engine.ds import engine_grad_norm, owns_backbone_grads
 from dist_cosface.engine.optim import clip_grads_, global_grad_norm_and_flags, lr_at, set_lr
 from dist_cosface.engine.parts import Parts, build_parts, check_config, describe_loader
@@ -76,55 +71,46 @@ def _resolve_resume(cfg, ctx: DistContext, out: Path) -> Path | None:
     return found
 
 
-def _restore(cfg, ctx: DistContext, parts: Parts, out: Path) -> dict:
+def _train_state(cfg, ctx: DistContext, parts: Parts, checkpointer: Checkpointer):
+    from dist_cosface.classifier.state import ClassifierState
+    from dist_cosface.engine.ds import DeepSpeedCheckpoint
+    from dist_cosface.engine.train_state import BackboneState, TrainState
+
+    native = None
+    if parts.ds_engine is not None:
+        native = DeepSpeedCheckpoint(parts.ds_engine, cfg.train.zero_stage, ctx.world_size)
+    return TrainState(
+        backbone=BackboneState(parts.backbone, parts.backbone_optim),
+        classifier=ClassifierState(parts.head, parts.head_optim, checkpointer.mesh),
+        scaler=parts.scaler,
+        loader=parts.loader,
+        rank=ctx.rank,
+        native=native,
+    )
+
+
+def _restore(cfg, ctx: DistContext, checkpointer: Checkpointer, state, out: Path) -> dict:
     ckpt = _resolve_resume(cfg, ctx, out)
     if ckpt is None:
         return {"step": 0, "epoch": 0, "position": None, "from": None}
-    state = load_checkpoint(
-        ckpt,
-        ctx,
-        backbone=parts.backbone,
-        backbone_optim=parts.backbone_optim,
-        head=parts.head,
-        head_optim=parts.head_optim,
-        ds_engine=parts.ds_engine,
-    )
-    meta, trainer = state["meta"], state["trainer"]
-    parts.scaler.load_state_dict(meta["scaler"])
-    position = None
-    if trainer is not None:
-        set_rng_state(trainer["rng"])
-        position = trainer["loader"]
+    meta, position = checkpointer.restore(ckpt, state)
     if ctx.is_main:
         log.info("resumed from %s at step %d", ckpt, meta["step"])
     return {"step": meta["step"], "epoch": meta["epoch"], "position": position, "from": ckpt}
 
 
-def _checkpoint(cfg, ctx, parts: Parts, out: Path, step: int, epoch: int, metrics) -> Path:
-    t0 = time.perf_counter()
-    meta = {
+def _checkpoint_meta(cfg, ctx: DistContext, epoch: int) -> dict:
+    from dist_cosface.classifier import class_range
+
+    classes = cfg.classifier.num_classes
+    return {
         "epoch": epoch,
-        "scaler": parts.scaler.state_dict(),
         "engine": cfg.train.engine,
         "model": to_mapping(cfg.model),
         "image_size": cfg.data.image_size,
-        "num_classes": cfg.classifier.num_classes,
+        "num_classes": classes,
+        "class_layout": [class_range(classes, ctx.world_size, r) for r in range(ctx.world_size)],
     }
-    path = save_checkpoint(
-        out / "checkpoints",
-        step,
-        ctx,
-        backbone=parts.backbone,
-        backbone_optim=parts.backbone_optim,
-        head=parts.head,
-        head_optim=parts.head_optim,
-        loader_state=parts.loader.state_dict(),
-        meta=meta,
-        keep_last=cfg.checkpoint.keep_last,
-        ds_engine=parts.ds_engine,
-    )
-    metrics.on_checkpoint(time.perf_counter() - t0)
-    return path
 
 
 def _evaluate(cfg, ctx, parts: Parts, out: Path, metrics) -> dict:
@@ -282,10 +268,14 @@ class _Run:
     summary: dict
     last_saved: int
 
+    checkpointer: Checkpointer
+    state: Any  # TrainState
+
     def checkpoint(self, step: int) -> None:
-        path = _checkpoint(
-            self.cfg, self.ctx, self.parts, self.out, step, self.stream.epoch, self.metrics
-        )
+        meta = _checkpoint_meta(self.cfg, self.ctx, self.stream.epoch)
+        blocked = self.checkpointer.save(step, self.state, meta)
+        self.metrics.on_checkpoint(blocked)
+        path = self.checkpointer.root / f"step_{step}"
         self.summary["checkpoint"], self.last_saved = str(path), step
 
     def finish_step(self, step: int, seconds: float, wait: float, loss, lr: float, norm: float):
@@ -314,6 +304,7 @@ class _Run:
         """SIGTERM agreed by all ranks: make sure this step is checkpointed, then stop."""
         if self.last_saved != step:
             self.checkpoint(step)
+        self.checkpointer.wait()  # published before this process exits
         self.summary["preempted"] = True
         self.summary["launcher_lost"] = reason == "launcher_lost"  # the CLI exits non-zero
         if self.ctx.is_main:
@@ -332,7 +323,14 @@ def _start(cfg, ctx: DistContext, backbone, loader) -> tuple[_Run, int]:
     parts = build_parts(cfg, ctx, backbone, loader)
     if ctx.is_main:
         log.info("data: %s", describe_loader(cfg.data, parts.loader))
-    resumed = _restore(cfg, ctx, parts, out)
+    checkpointer = Checkpointer(
+        out / "checkpoints",
+        ctx,
+        keep_last=cfg.checkpoint.keep_last,
+        async_save=cfg.checkpoint.async_save,
+    )
+    state = _train_state(cfg, ctx, parts, checkpointer)
+    resumed = _restore(cfg, ctx, checkpointer, state, out)
     step = resumed["step"]
     summary = {
         "step": step,
@@ -355,6 +353,8 @@ def _start(cfg, ctx: DistContext, backbone, loader) -> tuple[_Run, int]:
         progress=ProgressLog(out / "metrics.jsonl", ctx.is_main, cfg.train.total_steps),
         summary=summary,
         last_saved=step if resumed["from"] else -1,
+        checkpointer=checkpointer,
+        state=state,
     )
     return run, step
 
@@ -383,6 +383,7 @@ def _train(cfg, ctx: DistContext, backbone, loader) -> dict:
                 if stop_now:
                     run.preempt(step, stop_now)
                     break
+        run.checkpointer.wait()  # the last save is published before evaluation and return
         if cfg.eval.targets and not run.summary["preempted"]:
             run.summary["eval"] = _evaluate(cfg, ctx, parts, run.out, run.metrics)
     finally:

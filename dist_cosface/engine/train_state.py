@@ -1,0 +1,135 @@
+"""What a training checkpoint holds, gathered from its owners as ``Stateful`` pieces.
+
+``TrainState.snapshot()`` is the tree handed to torch.distributed.checkpoint::
+
+    backbone/model      the plain backbone's weights (replicated: DCP writes each once)
+    backbone/optim      its optimizer (DDP engine; DeepSpeed keeps its own, see ``native``)
+    classifier/...      ``ClassifierState``: rows + row optimizer state, DTensor Shard(0)
+    scaler              the fp16 loss scaler
+    rank<r>/rng         this rank's RNG streams (torch, CUDA, Python, NumPy)
+    rank<r>/loader      this rank's data-loader position
+
+Every tensor in a snapshot is a host copy, so taking it is the only part of an asynchronous
+save that blocks training. ``rank<r>`` entries exist only for rank r and are read back only
+on the same world size (a data position cannot be mapped onto another split of the data).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from dist_cosface.classifier.state import ClassifierState
+
+
+class NativeCheckpoint(Protocol):
+    """Engine state written by its own code (DeepSpeed's ZeRO partitions), synchronously."""
+
+    def save(self, folder: Path) -> None: ...
+
+    def load(self, folder: Path) -> None: ...
+
+
+class BackboneState:
+    """The backbone's weights and (unless its engine saves them natively) its optimizer."""
+
+    def __init__(self, backbone: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
+        self.backbone, self.optimizer = backbone, optimizer
+
+    def state_dict(self) -> dict:
+        state = {"model": self.backbone.state_dict()}
+        if self.optimizer is not None:
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            # keyed by parameter name, state created for every parameter (DCP needs both)
+            state["optim"] = get_optimizer_state_dict(self.backbone, self.optimizer)
+        return host_copy(state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.backbone.load_state_dict(state["model"])
+        if self.optimizer is not None:
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.backbone, self.optimizer, state["optim"])
+
+
+@dataclass
+class TrainState:
+    """The owners of a run's state; ``snapshot`` / ``restore`` map them to one DCP tree."""
+
+    backbone: BackboneState
+    classifier: ClassifierState
+    scaler: Any  # ShardedLossScaler
+    loader: Any  # TrainLoader
+    rank: int
+    native: NativeCheckpoint | None = None
+
+    def snapshot(self) -> dict:
+        """Host copies of everything (the blocking part of a save)."""
+        return {
+            "backbone": self.backbone.state_dict(),
+            "classifier": self.classifier.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            f"rank{self.rank}": host_copy({"rng": rng_state(), "loader": self.loader.state_dict()}),
+        }
+
+    def template(self, same_world: bool) -> dict:
+        """What to read back: a snapshot, without this rank's entry on another world size."""
+        tree = self.snapshot()
+        if not same_world:
+            del tree[f"rank{self.rank}"]
+        return tree
+
+    def restore(self, tree: dict, skip_backbone: bool) -> dict | None:
+        """Load ``tree`` (a template DCP filled in); returns the loader position or None.
+
+        ``skip_backbone``: the native checkpoint restored the backbone already.
+        """
+        if not skip_backbone:
+            self.backbone.load_state_dict(tree["backbone"])
+        self.classifier.load_state_dict(tree["classifier"])
+        self.scaler.load_state_dict(tree["scaler"])
+        mine = tree.get(f"rank{self.rank}")
+        if mine is None:
+            return None
+        set_rng_state(mine["rng"])
+        return mine["loader"]
+
+
+def host_copy(tree: Any) -> Any:
+    """``tree`` with every plain tensor replaced by a host copy (DTensors are left as they are:
+    ``ClassifierState`` makes its own copies)."""
+    if isinstance(tree, dict):
+        return {k: host_copy(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(host_copy(v) for v in tree)
+    if isinstance(tree, torch.Tensor) and not hasattr(tree, "to_local"):
+        return tree.detach().to("cpu", copy=True)
+    return tree
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
