@@ -1,11 +1,9 @@
-"""Checkpoints: files and atomicity, exact resume, load_backbone, the reshard tool."""
+"""Checkpoints: DCP files and atomicity, exact resume, async saves, load_backbone, merging."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,45 +12,13 @@ import torch
 from dist_cosface.distributed import DistContext
 from dist_cosface.engine import load_backbone, train
 from dist_cosface.engine.checkpoint import find_latest_checkpoint
-from dist_cosface.engine.reshard import merge_classifier, split_classifier
-from dist_cosface.engine.rows import concat_payloads, gather_rows
+from dist_cosface.engine.ckpt_read import read_tree, read_value
 from tests.tiny import tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
+RANK0_FILE = "__0_0.distcp"  # DCP: rank 0's part of the state tree
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _payload(rows: int, start: int) -> dict:
-    gen = torch.Generator().manual_seed(start)
-    state = {
-        "momentum_buffer": torch.randn(rows, 3, generator=gen),
-        "row_step": torch.arange(start, start + rows, dtype=torch.float32),
-        "shared": torch.tensor(7.0),  # not row-aligned: carried from the first shard
-    }
-    return {
-        "weight": torch.randn(rows, 3, generator=gen),
-        "optim": {"state": {0: state}, "param_groups": [{"lr": 0.1, "params": [0]}]},
-    }
-
-
-def test_rows_merge_and_split_round_trip():
-    old = [(0, 4, _payload(4, 0)), (4, 3, _payload(3, 4))]  # 7 classes on 2 ranks
-    full = gather_rows([(s, n, (lambda p=p: p)) for s, n, p in old], 0, 7)
-    assert torch.equal(full["optim"]["state"][0]["row_step"], torch.arange(7.0))
-    three = split_classifier(full, 3)
-    assert [(s["class_start"], s["num_local"]) for s in three] == [(0, 3), (3, 2), (5, 2)]
-    middle = three[1]
-    assert torch.equal(
-        middle["weight"], torch.cat([old[0][2]["weight"][3:], old[1][2]["weight"][:1]])
-    )
-    back = concat_payloads(three)
-    for key in ("momentum_buffer", "row_step", "shared"):
-        assert torch.equal(back["optim"]["state"][0][key], full["optim"]["state"][0][key])
-    assert torch.equal(back["weight"], full["weight"])
-    with pytest.raises(ValueError, match="cover 7 of the 8 rows"):
-        gather_rows([(s, n, (lambda p=p: p)) for s, n, p in old], 0, 8)
 
 
 def _run(out, *overrides):
@@ -60,8 +26,13 @@ def _run(out, *overrides):
     return train(cfg, DistContext())
 
 
-def _classifier(ckpt: Path) -> dict:
-    return torch.load(ckpt / "classifier_rank0.pt", weights_only=True)
+def _assert_same_tree(got: dict, want: dict, rtol=0.0, atol=0.0) -> None:
+    assert set(got) == set(want)
+    for key, value in want.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(got[key], value, rtol=rtol, atol=atol, msg=key)
+        else:
+            assert got[key] == value, key
 
 
 def test_checkpoint_layout_atomicity_and_exact_resume(tmp_path):
@@ -70,76 +41,98 @@ def test_checkpoint_layout_atomicity_and_exact_resume(tmp_path):
     ckpts = run / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_2", "step_4"]
     step4 = ckpts / "step_4"
-    assert {p.name for p in step4.iterdir()} == {
-        "meta.json",
-        "backbone.pt",
-        "backbone_optim.pt",
-        "classifier_rank0.pt",
-        "trainer_rank0.pt",
-    }
-    for f in step4.glob("*.pt"):
-        torch.load(f, weights_only=True)  # everything loads without pickle code execution
+    assert {p.name for p in step4.iterdir()} == {"meta.json", ".metadata", RANK0_FILE}
     meta = json.loads((step4 / "meta.json").read_text())
     assert meta["step"] == 4 and meta["class_layout"] == [[0, 8]] and meta["complete"]
+    assert set(meta["files"]) == {".metadata", RANK0_FILE}
 
     # A run killed while writing leaves a .tmp folder or a folder without meta.json:
     # neither counts. Drop step_4 so resuming starts from step_2.
-    final_backbone = torch.load(step4 / "backbone.pt", weights_only=True)
-    final_head = _classifier(step4)
+    final_backbone = read_tree(step4, "backbone.")
+    final_head = read_tree(step4, "classifier.")
+    assert set(final_head) == {
+        "classifier.weight",
+        "classifier.optim.exp_avg",
+        "classifier.optim.exp_avg_sq",
+        "classifier.optim.row_step",
+    }
     shutil.rmtree(step4)
     (ckpts / "step_6.tmp-write").mkdir()
-    (ckpts / "step_5").mkdir()
+    shutil.copytree(ckpts / "step_2", ckpts / "step_5")
+    (ckpts / "step_5" / "meta.json").unlink()  # all data written, never published
     assert find_latest_checkpoint(run) == ckpts / "step_2"
     second = _run(run, "train.total_steps=4", "checkpoint.keep_last=2")
     assert second["resumed_from"] == str(ckpts / "step_2") and second["step"] == 4
     assert not (ckpts / "step_6.tmp-write").exists()  # stale partial writes are cleaned up
     assert second["loss"] == pytest.approx(first["loss"], rel=1e-6)
-    resumed = torch.load(step4 / "backbone.pt", weights_only=True)
-    for key, value in final_backbone.items():
-        torch.testing.assert_close(resumed[key], value, rtol=1e-6, atol=1e-7)
-    head = _classifier(step4)
-    torch.testing.assert_close(head["weight"], final_head["weight"], rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(
-        head["optim"]["state"][0]["row_step"], final_head["optim"]["state"][0]["row_step"]
-    )
+    _assert_same_tree(read_tree(step4, "backbone."), final_backbone, rtol=1e-6, atol=1e-7)
+    _assert_same_tree(read_tree(step4, "classifier."), final_head, rtol=1e-6, atol=1e-7)
 
     backbone, size = load_backbone(run)
     assert size == 32 and not backbone.training
     for key, value in backbone.state_dict().items():
-        assert torch.equal(value, resumed[key])
+        assert torch.equal(value, read_value(step4, f"backbone.model.{key}"))
 
 
-def test_reshard_tool_round_trip(tmp_path):
+def test_merge_classifier_command(tmp_path, capsys):
+    from dist_cosface.cli import main
+
     run = tmp_path / "run"
     _run(run, "train.total_steps=2")
     src = run / "checkpoints" / "step_2"
-    three = tmp_path / "three"
-    tool = [sys.executable, str(REPO / "tools" / "reshard_checkpoint.py")]
-    subprocess.run(
-        [*tool, str(run), "--world-size", "3", "--out", str(three)],
-        check=True,
-        cwd=tmp_path,
-        timeout=120,
-    )
-    meta = json.loads((three / "meta.json").read_text())
-    assert meta["world_size"] == 3 and meta["class_layout"] == [[0, 3], [3, 3], [6, 2]]
-    assert not list(three.glob("trainer_rank*"))  # per-rank positions do not carry over
     merged_file = tmp_path / "full.pt"
-    subprocess.run([*tool, str(three), "--merged", str(merged_file)], check=True, timeout=120)
+    assert main(["merge-classifier", str(run), str(merged_file)]) == 0
     merged = torch.load(merged_file, weights_only=True)
-    original = _classifier(src)
-    assert torch.equal(merged["weight"], original["weight"])
-    for key, value in original["optim"]["state"][0].items():
-        assert torch.equal(merged["optim"]["state"][0][key], value), key
-    one = split_classifier(merge_classifier(three), 1)[0]
-    assert torch.equal(one["weight"], original["weight"])
-    bad = subprocess.run(
-        [*tool, str(tmp_path / "nothing"), "--merged", "x.pt"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert bad.returncode == 2 and "no complete checkpoint" in bad.stderr
+    assert merged["num_classes"] == 8
+    assert torch.equal(merged["weight"], read_value(src, "classifier.weight"))
+    for key in ("exp_avg", "exp_avg_sq", "row_step"):
+        assert torch.equal(merged["optim"][key], read_value(src, f"classifier.optim.{key}"))
+    assert main(["merge-classifier", str(tmp_path / "nothing"), "x.pt"]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def _parts_and_state(out: Path, async_save: bool):
+    from dist_cosface.engine.checkpoint import Checkpointer
+    from dist_cosface.engine.loop import _train_state
+    from dist_cosface.engine.parts import build_parts
+
+    cfg = tiny_config(out, "optim.name=adamw")
+    parts = build_parts(cfg, DistContext())
+    checkpointer = Checkpointer(out, DistContext(), keep_last=2, async_save=async_save)
+    return parts, checkpointer, _train_state(cfg, DistContext(), parts, checkpointer)
+
+
+_META = {"epoch": 0, "num_classes": 8}
+
+
+def test_async_save_snapshot_is_isolated_from_later_updates(tmp_path):
+    parts, checkpointer, state = _parts_and_state(tmp_path, async_save=True)
+    before = {k: v.clone() for k, v in parts.backbone.state_dict().items()}
+    weight = parts.head.weight.detach().clone()
+    checkpointer.save(1, state, _META)
+    with torch.no_grad():  # training goes on while the writer thread may still run
+        parts.head.weight.add_(1.0)
+        for value in parts.backbone.state_dict().values():
+            value.add_(1)
+    assert checkpointer.wait() == tmp_path / "step_1"
+    assert torch.equal(read_value(tmp_path / "step_1", "classifier.weight"), weight)
+    for key, value in before.items():
+        assert torch.equal(read_value(tmp_path / "step_1", f"backbone.model.{key}"), value)
+
+
+def test_async_save_error_surfaces_at_wait_and_publishes_nothing(tmp_path, monkeypatch):
+    import dist_cosface.engine.checkpoint as checkpoint
+
+    parts, checkpointer, state = _parts_and_state(tmp_path, async_save=True)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "run_dcp", disk_full)
+    checkpointer.save(1, state, _META)  # returns: the failure happens in the writer thread
+    with pytest.raises(OSError, match="No space left"):
+        checkpointer.wait()
+    assert find_latest_checkpoint(tmp_path) is None  # nothing half-written looks complete
 
 
 def _halve(path: Path) -> None:
@@ -158,25 +151,18 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
     first = _run(run, "train.total_steps=4", "checkpoint.keep_last=2")
     ckpts = run / "checkpoints"
     meta = json.loads((ckpts / "step_4" / "meta.json").read_text())
-    assert set(meta["files"]) == {
-        "backbone.pt",
-        "backbone_optim.pt",
-        "classifier_rank0.pt",
-        "trainer_rank0.pt",
-    }
-    record = meta["files"]["classifier_rank0.pt"]
-    assert record["size"] == (ckpts / "step_4" / "classifier_rank0.pt").stat().st_size
-    final_backbone = torch.load(ckpts / "step_4" / "backbone.pt", weights_only=True)
-    _halve(ckpts / "step_4" / "backbone.pt")  # the file a crash or a full disk cut short
+    record = meta["files"][RANK0_FILE]
+    assert record["size"] == (ckpts / "step_4" / RANK0_FILE).stat().st_size
+    final_backbone = read_tree(ckpts / "step_4", "backbone.")
+    _halve(ckpts / "step_4" / RANK0_FILE)  # the file a crash or a full disk cut short
     with caplog.at_level("WARNING"):
         second = _run(run, "train.total_steps=4", "checkpoint.keep_last=2")
-    damaged = str(ckpts / "step_4" / "backbone.pt")
+    damaged = str(ckpts / "step_4" / RANK0_FILE)
     assert any(damaged in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
     assert second["resumed_from"] == str(ckpts / "step_2") and second["step"] == 4
     assert second["loss"] == pytest.approx(first["loss"], rel=1e-6)  # exact resume from step 2
-    resumed = torch.load(ckpts / "step_4" / "backbone.pt", weights_only=True)  # rewritten
-    for key, value in final_backbone.items():
-        torch.testing.assert_close(resumed[key], value, rtol=1e-6, atol=1e-7)
+    resumed = read_tree(ckpts / "step_4", "backbone.")  # rewritten
+    _assert_same_tree(resumed, final_backbone, rtol=1e-6, atol=1e-7)
 
 
 def test_corrupted_checkpoint_is_detected_by_checksum(tmp_path):
@@ -186,15 +172,14 @@ def test_corrupted_checkpoint_is_detected_by_checksum(tmp_path):
     _run(run, "train.total_steps=4", "checkpoint.keep_last=2")
     ckpts = run / "checkpoints"
     assert resolve_checkpoint(run, DistContext()) == ckpts / "step_4"
-    _flip_byte(ckpts / "step_4" / "classifier_rank0.pt")  # same size, other bytes
+    load_backbone(ckpts / "step_4")
+    _flip_byte(ckpts / "step_4" / RANK0_FILE)  # same size, other bytes
     assert resolve_checkpoint(run, DistContext()) == ckpts / "step_2"
     # a checkpoint named explicitly is not replaced by another one: it is an error
-    with pytest.raises(ValueError, match=r"step_4/classifier_rank0\.pt: CRC32"):
+    with pytest.raises(ValueError, match=r"step_4/__0_0\.distcp: CRC32"):
         resolve_checkpoint(ckpts / "step_4", DistContext())
-    load_backbone(ckpts / "step_4")  # evaluation reads (and verifies) the backbone only
-    _flip_byte(ckpts / "step_4" / "backbone.pt")
-    with pytest.raises(ValueError, match=r"step_4/backbone\.pt: CRC32"):
-        load_backbone(ckpts / "step_4")
+    with pytest.raises(ValueError, match=r"step_4/__0_0\.distcp: CRC32"):
+        load_backbone(ckpts / "step_4")  # evaluation verifies the files holding the backbone
     (ckpts / "step_2" / "meta.json").write_text('{"step": 2, "files"')  # cut short
     with pytest.raises(ValueError, match="no intact checkpoint.*checkpoint.resume=none"):
         resolve_checkpoint(run, DistContext())
@@ -215,7 +200,7 @@ def test_ranks_agree_on_the_fallback_when_one_rank_finds_the_damage(tmp_path):
 
     run = tmp_path / "run"
     _run(run, "train.total_steps=4", "checkpoint.keep_last=2")
-    # sorted files are verified round-robin: rank 1 reads trainer_rank0.pt, rank 0 does not
-    _halve(run / "checkpoints" / "step_4" / "trainer_rank0.pt")
+    # sorted files are verified round-robin: rank 1 reads __0_0.distcp, rank 0 does not
+    _halve(run / "checkpoints" / "step_4" / RANK0_FILE)
     chosen = run_ranks(2, _resolve_on_ranks, str(run), timeout_s=120)
     assert chosen == [str(run / "checkpoints" / "step_2")] * 2

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from dist_cosface.classifier import ShardedClassifier
 from dist_cosface.distributed import DistContext, context_from_group
 from dist_cosface.engine import train
+from dist_cosface.engine.ckpt_read import read_value
 from dist_cosface.engine.config import OptimConfig
 from dist_cosface.engine.optim import clip_grads_, global_grad_norm_and_flags, lr_at
 from dist_cosface.engine.parts import seed_everything
@@ -85,8 +86,7 @@ def _train_fixed(tmp, batches, *overrides):
     backbone = linear_backbone(cfg)
     out = train(cfg, DistContext(), backbone=backbone, loader=FixedLoader(batches, 8))
     ckpt = Path(out["checkpoint"])
-    head = torch.load(ckpt / "classifier_rank0.pt", weights_only=True)["weight"]
-    return out, backbone, head
+    return out, backbone, read_value(ckpt, "classifier.weight")
 
 
 def test_grad_accumulation_equals_larger_batch(tmp_path):
@@ -119,9 +119,8 @@ def test_fp16_overflow_skips_step_and_lowers_scale(tmp_path):
     out, _, _ = _train_fixed(tmp_path, batches, "train.precision=fp16")
     assert out["step"] == 3 and math.isfinite(out["loss"])
     ckpt = Path(out["checkpoint"])
-    scale = json.loads((ckpt / "meta.json").read_text())["scaler"]["scale"]
-    consumed = torch.load(ckpt / "trainer_rank0.pt", weights_only=True)["loader"]
-    skips = consumed["batches_consumed"] - 3  # every skip consumed one batch
+    scale = read_value(ckpt, "scaler.scale")
+    skips = read_value(ckpt, "rank0.loader.batches_consumed") - 3  # a skip consumed one batch
     assert skips >= 1 and scale == 2.0**16 / 2**skips
     with pytest.raises(FloatingPointError, match="consecutive fp16 overflow"):
         _train_fixed(tmp_path / "x", batches, "train.precision=fp16", "train.max_skipped_steps=1")
@@ -241,12 +240,11 @@ def test_two_ranks_match_float64_reference(tmp_path):
         assert torch.equal(w0[name], w1[name]), f"backbone {name} differs between ranks"
         _assert_tracks_reference(w0[name], ref_backbone[name].detach(), init[name], name)
     ckpt = Path(sum0["checkpoint"])
-    shards = [torch.load(ckpt / f"classifier_rank{r}.pt", weights_only=True) for r in (0, 1)]
-    assert [s["class_start"] for s in shards] == [0, 4]
-    assert not torch.equal(shards[0]["weight"], shards[1]["weight"])
+    assert json.loads((ckpt / "meta.json").read_text())["class_layout"] == [[0, 4], [4, 4]]
+    full = read_value(ckpt, "classifier.weight")  # both ranks' rows, as one [8, D] tensor
+    assert not torch.equal(full[:4], full[4:])
     head = ShardedClassifier(8, cfg.model.embedding_size)
     head.reset_parameters(seed=cfg.train.seed)
-    full = torch.cat([s["weight"] for s in shards])
     _assert_tracks_reference(full, ref_weight, head.weight.detach().double(), "classifier")
     assert sum0["loss"] == pytest.approx(ref_losses[-1], rel=1e-3)
     assert sum1["loss"] == sum0["loss"]

@@ -19,7 +19,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from dist_cosface.classifier import class_range
 from dist_cosface.distributed import context_from_group
+from dist_cosface.engine.ckpt_read import read_value
 from dist_cosface.engine import train
 from dist_cosface.engine.parts import seed_everything
 from tests.multiproc import run_ranks
@@ -60,18 +62,19 @@ def _run(engine: str, zero_stage: int, out: str, precision="fp32", steps=2, keep
     summary = train(
         cfg, context_from_group(dist.group.WORLD, torch.device("cpu")), backbone=backbone
     )
-    rank_file = f"classifier_rank{dist.get_rank()}.pt"
-    head = torch.load(f"{summary['checkpoint']}/{rank_file}", weights_only=True)["weight"]
+    start, count = class_range(cfg.classifier.num_classes, dist.get_world_size(), dist.get_rank())
+    rows = slice(start, start + count)
+    head = read_value(Path(summary["checkpoint"]), "classifier.weight")[rows]
     weights = {k: v.detach().float().numpy().copy() for k, v in backbone.named_parameters()}
     result = {"final": _state(weights, head, summary["loss"], summary["grad_norm"])}
     if keep_step_1:
         step_1 = Path(out) / "checkpoints" / "step_1"
-        saved = torch.load(step_1 / "backbone.pt", weights_only=True)
+        saved = {k: read_value(step_1, f"backbone.model.{k}") for k in weights}
         lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
         log = next(r for r in map(json.loads, lines) if r.get("step") == 1 and "loss" in r)
         result["step_1"] = _state(
             {k: saved[k].float().numpy().copy() for k in weights},
-            torch.load(step_1 / rank_file, weights_only=True)["weight"],
+            read_value(step_1, "classifier.weight")[rows],
             log["loss"],
             log["grad_norm"],
         )
@@ -114,3 +117,31 @@ def test_deepspeed_matches_ddp(tmp_path):
         # bf16 weights and bf16 BatchNorm (ZeRO 1): a smoke check only, bf16 rounding through
         # 4-sample BatchNorm moves even the first loss by ~3%
         assert math.isfinite(bf16["loss"]) and math.isfinite(bf16["grad_norm"])
+
+
+def _ds_resume(rank, world, out, steps):
+    cfg = tiny_config(
+        out,
+        *_OVERRIDES,
+        f"train.total_steps={steps}",
+        "train.engine=deepspeed",
+        "train.zero_stage=1",
+        "checkpoint.every_steps=1",
+    )
+    ctx = context_from_group(dist.group.WORLD, torch.device("cpu"))
+    try:
+        return train(cfg, ctx)["resumed_from"]
+    except ValueError as exc:
+        return f"ValueError: {exc}"
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_deepspeed_zero1_resumes_on_the_same_ranks_and_refuses_others(tmp_path):
+    env = {"DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": os.environ.get("DS_BUILD_OPS", "0")}
+    out = str(tmp_path / "run")
+    assert run_ranks(2, _ds_resume, out, 1, env=env, timeout_s=300) == [None, None]
+    resumed = run_ranks(2, _ds_resume, out, 2, env=env, timeout_s=300)
+    assert all(r.endswith("step_1") for r in resumed)
+    (refused,) = run_ranks(1, _ds_resume, out, 3, env=env, timeout_s=300)
+    assert "ZeRO-1 checkpoint written by 2 ranks cannot resume on 1" in refused

@@ -103,3 +103,11 @@ def run_merge_command(args: argparse.Namespace) -> int:
     torch.save(merged, args.out)
     print(f"wrote the merged classifier to {args.out}")
     return 0
+
+
+def read_value(ckpt: Path, key: str) -> Any:
+    """One entry of a checkpoint by its dotted key (``classifier.weight``, ``scaler.scale``)."""
+    tree = read_tree(ckpt, key)
+    if key not in tree:
+        raise ValueError(f"{ckpt}: no entry {key!r} (found {sorted(tree)[:5]})")
+    return tree[key]

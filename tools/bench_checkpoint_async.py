@@ -1,0 +1,135 @@
+"""How long a checkpoint blocks training: synchronous vs asynchronous DCP saves.
+
+Spawns ``--ranks`` gloo processes holding a sharded ``[--classes, --dim]`` fp32 head with its
+SGD momentum rows (plus a small backbone), and saves it through ``Checkpointer`` both ways, in
+the same run:
+  sync    ``save()`` returns once every rank's file is written and meta.json is published
+  async   ``save()`` returns after the host snapshot; a background thread writes, and the
+          ranks go on computing (a matmul loop standing in for training steps) until ``wait()``
+Printed per mode (best of ``--repeats``, slowest rank): the seconds ``save()`` blocked the
+loop, and the seconds until the checkpoint was published; the async blocking time is also
+given as a ratio of the sync one.
+
+  python tools/bench_checkpoint_async.py [--classes 2000000] [--dim 128] [--ranks 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+class _Position:
+    """A data-loader stand-in: only its position is checkpointed."""
+
+    def state_dict(self) -> dict:
+        return {"epoch": 0, "batches_consumed": 0}
+
+
+def _state(args, ctx, checkpointer):
+    from dist_cosface.classifier import ShardedClassifier, build_classifier_optimizer
+    from dist_cosface.classifier.state import ClassifierState
+    from dist_cosface.engine.amp import ShardedLossScaler
+    from dist_cosface.engine.train_state import BackboneState, TrainState
+
+    head = ShardedClassifier(args.classes, args.dim, process_group=ctx.group)
+    optim = build_classifier_optimizer(head, "sgd", lr=0.1)
+    backbone = torch.nn.Linear(512, args.dim)
+    return head, TrainState(
+        backbone=BackboneState(backbone, torch.optim.SGD(backbone.parameters(), lr=0.1)),
+        classifier=ClassifierState(head, optim, checkpointer.mesh),
+        scaler=ShardedLossScaler(False),
+        loader=_Position(),
+        rank=ctx.rank,
+    )
+
+
+def _train_until_done(head, checkpointer) -> None:
+    """Keep the rank busy (as training would) while the writer thread runs."""
+    x = torch.randn(256, head.embedding_size)
+    future = checkpointer._pending
+    while future is not None and not future.done():
+        x = torch.tanh(x @ head.weight[:256].detach().T @ head.weight[:256].detach())
+    checkpointer.wait()
+
+
+def _one_save(args, ctx, root: Path, async_save: bool, step: int) -> tuple[float, float]:
+    from dist_cosface.engine.checkpoint import Checkpointer
+
+    checkpointer = Checkpointer(root, ctx, keep_last=1, async_save=async_save)
+    head, state = _state(args, ctx, checkpointer)
+    dist.barrier(group=ctx.group)
+    t0 = time.perf_counter()
+    blocked = checkpointer.save(step, state, {"epoch": 0, "num_classes": args.classes})
+    _train_until_done(head, checkpointer)
+    dist.barrier(group=ctx.group)
+    return blocked, time.perf_counter() - t0
+
+
+def _rank(rank: int, world: int, port: int, args, root: str, out) -> None:
+    from dist_cosface.distributed import context_from_group
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    ctx = context_from_group(dist.group.WORLD, torch.device("cpu"))
+    results = {}
+    for mode in ("sync", "async"):
+        runs = [
+            _one_save(args, ctx, Path(root) / mode, mode == "async", step)
+            for step in range(args.repeats)
+        ]
+        results[mode] = min(runs)
+    out.put((rank, results))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--classes", type=int, default=2_000_000)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dir", default=None, help="where to write (default: a temp folder)")
+    args = parser.parse_args()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory(dir=args.dir) as root:
+        port = _free_port()
+        procs = [
+            ctx.Process(target=_rank, args=(r, args.ranks, port, args, root, queue))
+            for r in range(args.ranks)
+        ]
+        for p in procs:
+            p.start()
+        results = dict(queue.get(timeout=1800) for _ in procs)
+        for p in procs:
+            p.join()
+    gb = args.classes * args.dim * 4 * 2 / 1e9
+    print(f"head {args.classes} x {args.dim} fp32 + momentum = {gb:.2f} GB on {args.ranks} ranks")
+    sync_block = max(r["sync"][0] for r in results.values())
+    for mode in ("sync", "async"):
+        block = max(r[mode][0] for r in results.values())
+        done = max(r[mode][1] for r in results.values())
+        print(
+            f"{mode:5}  blocks the loop {block:7.2f} s ({block / sync_block:.2f}x sync)   "
+            f"published after {done:7.2f} s"
+        )
+
+
+if __name__ == "__main__":
+    main()
