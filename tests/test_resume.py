@@ -10,7 +10,7 @@ import torch.distributed as dist
 from dist_cosface.distributed import context_from_group
 from dist_cosface.engine import train
 from dist_cosface.engine.checkpoint import find_latest_checkpoint, load_checkpoint
-from dist_cosface.engine.parts import build_parts
+from dist_cosface.engine.trainer import Trainer
 from tests.multiproc import run_ranks
 from tests.tiny import tiny_config
 
@@ -25,12 +25,12 @@ _OVERRIDES = (
 
 def _score_checkpoint(cfg, ctx, ckpt: str) -> dict:
     """Restore ``ckpt`` into fresh parts and score a fixed global batch of 12 images."""
-    parts = build_parts(cfg, ctx)
+    parts = Trainer(cfg, ctx)
     load_checkpoint(
         ckpt,
         ctx,
-        backbone=parts.backbone,
-        backbone_optim=parts.backbone_optim,
+        backbone=parts.strategy.backbone,
+        backbone_optim=parts.strategy.backbone_optim,
         head=parts.head,
         head_optim=parts.head_optim,
     )
@@ -39,9 +39,9 @@ def _score_checkpoint(cfg, ctx, ckpt: str) -> dict:
     labels = torch.randint(0, 9, (12,), generator=gen)
     per_rank = 12 // ctx.world_size
     mine = slice(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
-    parts.backbone.eval()  # BatchNorm running statistics: independent of the batch split
+    parts.strategy.backbone.eval()  # BatchNorm running statistics: independent of the split
     with torch.no_grad():
-        loss = parts.head(parts.backbone(images[mine]), labels[mine]).item()
+        loss = parts.head(parts.strategy.backbone(images[mine]), labels[mine]).item()
     momentum = parts.head_optim.state[parts.head.weight]["momentum_buffer"]
     # numpy: tensors would travel as shared-memory handles that die with the rank
     return {
