@@ -42,3 +42,30 @@ class TrainLoader(Protocol):
     def state_dict(self) -> dict[str, int]: ...
 
     def load_state_dict(self, state: dict[str, int]) -> None: ...
+
+
+TRAIN_LOADER_MEMBERS = (
+    "num_classes",
+    "epoch",
+    "stats",
+    "failure",
+    "__len__",
+    "__iter__",
+    "set_epoch",
+    "state_dict",
+    "load_state_dict",
+)
+
+
+def check_train_loader(loader: object) -> None:
+    """Raise TypeError naming the members ``loader`` lacks to be a :class:`TrainLoader`.
+
+    Looks members up with ``hasattr`` (not ``isinstance``), so a wrapper that forwards
+    attributes with ``__getattr__`` conforms as it does at run time.
+    """
+    missing = [name for name in TRAIN_LOADER_MEMBERS if not hasattr(loader, name)]
+    if missing:
+        raise TypeError(
+            f"the training loader {type(loader).__name__} lacks {missing} "
+            "(see dist_cosface.data.TrainLoader)"
+        )

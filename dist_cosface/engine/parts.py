@@ -42,11 +42,15 @@ def describe_loader(data_cfg: DataConfig, loader: TrainLoader) -> str:
     return f"{text}, {len(loader)} batches of {data_cfg.batch_size} per rank per epoch"
 
 
-def build_checked_loader(cfg: RunConfig, ctx: DistContext, loader: TrainLoader | None):
-    """The given loader or the configured one; its classes must match the classifier's."""
+def build_checked_loader(
+    cfg: RunConfig, ctx: DistContext, loader: TrainLoader | None
+) -> TrainLoader:
+    """The given loader or the configured one: a TrainLoader with the classifier's classes."""
     from dist_cosface.data import build_loader
+    from dist_cosface.data.protocol import check_train_loader
 
     loader = loader if loader is not None else build_loader(cfg.data, ctx)
+    check_train_loader(loader)
     if loader.num_classes != cfg.classifier.num_classes:
         raise ValueError(
             f"classifier.num_classes={cfg.classifier.num_classes} but the data "
