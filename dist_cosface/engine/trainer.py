@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -41,6 +42,9 @@ from dist_cosface.engine.runlock import RunLock
 from dist_cosface.engine.signals import StopRequest
 from dist_cosface.engine.strategy import build_strategy
 from dist_cosface.engine.stream import EpochStream
+
+if TYPE_CHECKING:
+    from dist_cosface.metrics.exporter import RunMetrics
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +88,11 @@ class Trainer:
     backbone's :mod:`strategy <dist_cosface.engine.strategy>`; it writes nothing. ``run``
     creates the output folder, resumes, steps to ``train.total_steps`` and evaluates.
     """
+
+    # set by run() (its _start): they need the resumed state or write files
+    stream: EpochStream
+    metrics: RunMetrics
+    progress: ProgressLog
 
     def __init__(
         self,
@@ -129,7 +138,12 @@ class Trainer:
         return self.summary
 
     def train_step(self, stop: StopRequest) -> str | None:
-        """One optimizer step; returns why every rank stops now ("sigterm", ...) or None."""
+        """One optimizer step; returns why every rank stops now ("sigterm", ...) or None.
+
+        Reads top to bottom: begin (LR, head), data / forward / loss / backward per micro-batch,
+        global norm with the stop votes, clip, step (or the agreed fp16 skip), metrics,
+        checkpoint, evaluation.
+        """
         t0 = time.perf_counter()
         lr = self._begin_step()
         loss, wait = self._forward_backward()  # data, forward, loss, backward per micro-batch
@@ -235,7 +249,9 @@ class Trainer:
             "step %d: fp16 overflow, step skipped, loss scale now %g", self.step, scaler.scale
         )
 
-    def _record_metrics(self, seconds: float, wait: float, loss, lr: float, norm: float) -> None:
+    def _record_metrics(
+        self, seconds: float, wait: float, loss: torch.Tensor, lr: float, norm: float
+    ) -> None:
         """Metrics of every step; the log line (and margin health) on log steps."""
         cfg, report = self.cfg, self.head.step_report()
         rank_samples = cfg.data.batch_size * cfg.optim.grad_accum_steps
