@@ -93,13 +93,12 @@ def test_merge_classifier_command(tmp_path, capsys):
 
 def _parts_and_state(out: Path, async_save: bool):
     from dist_cosface.engine.checkpoint import Checkpointer
-    from dist_cosface.engine.loop import _train_state
-    from dist_cosface.engine.parts import build_parts
+    from dist_cosface.engine.trainer import Trainer
 
     cfg = tiny_config(out, "optim.name=adamw")
-    parts = build_parts(cfg, DistContext())
+    trainer = Trainer(cfg, DistContext())
     checkpointer = Checkpointer(out, DistContext(), keep_last=2, async_save=async_save)
-    return parts, checkpointer, _train_state(cfg, DistContext(), parts, checkpointer)
+    return trainer.strategy, checkpointer, trainer.state
 
 
 _META = {"epoch": 0, "num_classes": 8}
@@ -108,10 +107,10 @@ _META = {"epoch": 0, "num_classes": 8}
 def test_async_save_snapshot_is_isolated_from_later_updates(tmp_path):
     parts, checkpointer, state = _parts_and_state(tmp_path, async_save=True)
     before = {k: v.clone() for k, v in parts.backbone.state_dict().items()}
-    weight = parts.head.weight.detach().clone()
+    weight = state.classifier.head.weight.detach().clone()
     checkpointer.save(1, state, _META)
     with torch.no_grad():  # training goes on while the writer thread may still run
-        parts.head.weight.add_(1.0)
+        state.classifier.head.weight.add_(1.0)
         for value in parts.backbone.state_dict().values():
             value.add_(1)
     assert checkpointer.wait() == tmp_path / "step_1"

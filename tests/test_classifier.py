@@ -262,7 +262,7 @@ def test_partial_fc_sampling_is_deterministic_per_step():
     x, labels = torch.randn(8, 4), torch.tensor([5, 5, 17, 999, 0, 400, 401, 5])
     draws = {}
     for step in (7, 8, 7):
-        head.set_step(step)
+        head.begin_step(step)
         head(x, labels)
         first = head.last_sampled_rows.clone()
         head(x, labels)  # second micro-step of the same step: a different stream
@@ -305,7 +305,7 @@ def test_optimizer_updates_the_union_of_micro_step_samples():
     head = ShardedClassifier(40, 3, sample_rate=0.1, sample_seed=1)
     opt = build_classifier_optimizer(head, "sgd", lr=0.1, momentum=0.9, weight_decay=0.1)
     before = head.weight.detach().clone()
-    head.set_step(0)
+    head.begin_step(0)
     used = torch.zeros(40, dtype=torch.bool)
     for labels in (torch.tensor([1, 2]), torch.tensor([30, 31])):  # two micro-steps
         head(torch.randn(2, 3), labels).backward()

@@ -91,7 +91,7 @@ def _check_partial_fc(rank, world, group, sizes, x, labels, weight):
     )
     opt = build_classifier_optimizer(head, "sgd", lr=0.1, momentum=0.9, weight_decay=0.05)
     before = head.weight.detach().clone()
-    head.set_step(3)
+    head.begin_step(3)
     loss, grad_x = _step(head, rank, sizes, x, labels)
     classes = _sampled_classes(head, group)
     local_pos = {c - head.class_start for c in labels.tolist()} & set(range(head.num_local_classes))
@@ -117,7 +117,7 @@ def _check_partial_fc(rank, world, group, sizes, x, labels, weight):
     torch.testing.assert_close(opt.state[head.weight]["momentum_buffer"], buf1)
     after1 = head.weight.detach().clone()
     opt.zero_grad()
-    head.set_step(4)
+    head.begin_step(4)
     _step(head, rank, sizes, x, labels)
     used2 = torch.zeros_like(used1)
     used2[head.last_sampled_rows] = True
@@ -185,9 +185,12 @@ def _check_default_group_and_timing(rank, world, group, sizes, x, labels, weight
         return
     head = ShardedClassifier(NUM_CLASSES, DIM)  # process_group=None: the default group
     assert head.comm.world_size == world and head.comm.rank == rank
-    head.time_collectives = True
     _step(head, rank, sizes, x, labels)
-    assert head.last_comm_seconds > 0
+    assert head.step_report().comm_seconds is None  # not timed unless asked at construction
+    head = ShardedClassifier(NUM_CLASSES, DIM, time_collectives=True)
+    head.begin_step(0)
+    _step(head, rank, sizes, x, labels)
+    assert head.step_report().comm_seconds > 0
 
 
 def _all_cases(rank, world, group):

@@ -112,11 +112,10 @@ def check_case(
     head = _head(
         weight, group, margin_type, sample_rate=sample_rate, chunk_size=chunk_size, kernel=kernel
     )
-    head.set_step(3)
-    head.collect_health = True
+    head.begin_step(3, collect_health=True)
     xl = _local(rank, sizes, x).to(dtype).requires_grad_()
     head(xl, _local(rank, sizes, labels)).backward()
-    health = head.margin_health()
+    health = head.step_report().health
     assert isinstance(health, MarginHealth)
     got = health.to_floats()
     used = _used_classes(head, group)
@@ -137,7 +136,7 @@ def check_case(
     else:
         assert got["logit_scale"] == SCALE and got["margin"] == MARGIN
         assert got["scale_lower_bound"] == pytest.approx(scale_lower_bound(NUM_CLASSES, 0.9))
-    assert head.margin_health() is None  # consumed: a later log needs a new forward
+    assert head.step_report().health is None  # consumed: a later log needs a new forward
 
 
 def all_cases(rank, group, world):
@@ -184,7 +183,7 @@ def check_collectives_unchanged(rank, group, data, kernel="torch"):
     shapes = {}
     for want in (False, True):
         head = _head(weight, group, "cosface", kernel=kernel)
-        head.collect_health = want
+        head.begin_step(0, collect_health=want)
         calls.clear()
         dist.all_reduce = counting
         try:
@@ -242,7 +241,7 @@ def test_loss_and_gradients_do_not_depend_on_collecting():
     results = []
     for want in (False, True):
         head = _head(weight.float(), None, "arcface", chunk_size=4)
-        head.collect_health = want
+        head.begin_step(0, collect_health=want)
         xl = x.float().requires_grad_()
         loss = head(xl, labels)
         loss.backward()
@@ -258,20 +257,18 @@ def test_classes_seen_accumulate_within_an_epoch_and_reset_on_a_new_one():
     head.set_epoch(0)
     union = set()
     for step in range(3):
-        head.set_step(step)
-        head.collect_health = True
+        head.begin_step(step, collect_health=True)
         head(x.float(), labels)
         union |= set(head.last_sampled_rows.tolist())
-        got = head.margin_health().to_floats()
+        got = head.step_report().health.to_floats()
         assert got["classes_seen_fraction"] == pytest.approx(len(union) / NUM_CLASSES)
     assert len(union) > len(head.last_sampled_rows)  # the steps sampled different negatives
     head.set_epoch(0)  # same epoch: nothing forgotten
     assert int(head.seen.sum()) == len(union)
     head.set_epoch(1)
-    head.set_step(3)
-    head.collect_health = True
+    head.begin_step(3, collect_health=True)
     head(x.float(), labels)
-    got = head.margin_health().to_floats()
+    got = head.step_report().health.to_floats()
     assert got["classes_seen_fraction"] == pytest.approx(len(head.last_sampled_rows) / NUM_CLASSES)
 
 
@@ -279,7 +276,7 @@ def test_no_statistics_without_collecting_or_in_eval_mode():
     sizes, x, labels, weight = _batch(1)
     head = _head(weight.float(), None, "cosface", sample_rate=0.2)
     head(x.float(), labels)
-    assert head.margin_health() is None
+    assert head.step_report().health is None
     assert head.seen.any()
     head.set_epoch(1)
     head.eval()
@@ -301,13 +298,13 @@ def test_cuda_half_precision_matches_reference_with_no_extra_sync(dtype, kernel)
     head = _head(weight.float(), None, "cosface", kernel=kernel).cuda()
     syncs = {}
     for want in (False, True):
-        head.collect_health = want
+        head.begin_step(0, collect_health=want)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")  # every synchronising call warns
             try:
                 head(x.cuda().to(dtype), labels.cuda())
-                health = head.margin_health()
+                health = head.step_report().health
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         syncs[want] = len(caught)

@@ -11,10 +11,9 @@ import torch.distributed as dist
 
 from dist_cosface.distributed import context_from_group
 from dist_cosface.engine import train
-from dist_cosface.engine.checkpoint import Checkpointer, find_latest_checkpoint
+from dist_cosface.engine.checkpoint import find_latest_checkpoint
 from dist_cosface.engine.ckpt_read import read_tree
-from dist_cosface.engine.loop import _train_state
-from dist_cosface.engine.parts import build_parts
+from dist_cosface.engine.trainer import Trainer
 from tests.multiproc import run_ranks
 from tests.tiny import tiny_config
 
@@ -29,17 +28,16 @@ _OVERRIDES = (
 
 def _score_checkpoint(cfg, ctx, ckpt: str) -> dict:
     """Restore ``ckpt`` into fresh parts and score a fixed global batch of 12 images."""
-    parts = build_parts(cfg, ctx)
-    checkpointer = Checkpointer(Path(ckpt).parent, ctx, keep_last=1, async_save=False)
-    checkpointer.restore(Path(ckpt), _train_state(cfg, ctx, parts, checkpointer))
+    parts = Trainer(cfg, ctx)
+    parts.checkpointer.restore(Path(ckpt), parts.state)
     gen = torch.Generator().manual_seed(123)
     images = torch.rand(12, 3, 32, 32, generator=gen) * 2 - 1
     labels = torch.randint(0, 9, (12,), generator=gen)
     per_rank = 12 // ctx.world_size
     mine = slice(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
-    parts.backbone.eval()  # BatchNorm running statistics: independent of the batch split
+    parts.strategy.backbone.eval()  # BatchNorm running statistics: independent of the split
     with torch.no_grad():
-        loss = parts.head(parts.backbone(images[mine]), labels[mine]).item()
+        loss = parts.head(parts.strategy.backbone(images[mine]), labels[mine]).item()
     momentum = parts.head_optim.state[parts.head.weight]["momentum_buffer"]
     # numpy: tensors would travel as shared-memory handles that die with the rank
     return {

@@ -42,6 +42,8 @@ def tiny_config(out: Path | str, *overrides: str) -> RunConfig:
 class FixedLoader:
     """A deterministic list of batches per epoch with the TrainLoader interface."""
 
+    failure = None  # never meets bad data
+
     def __init__(self, batches, num_classes):
         self.batches, self.num_classes, self.stats = batches, num_classes, {}
         self.epoch, self.position = 0, 0

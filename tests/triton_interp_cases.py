@@ -111,13 +111,13 @@ def group_half() -> None:
 
 
 def group_row_stats() -> None:
-    """Per-row target cosine and hardest-negative cosine of a forward with collect_health."""
+    """Per-row target cosine and hardest-negative cosine of a forward begun with collect_health."""
     x, labels, weight = problem(5, 19, 45, 64)
     head = make_head(45, 64, weight.float(), margin_type="cosface", kernel="triton")
     run_head(head, x, labels)
     if head.last_row_stats is not None:
         raise AssertionError("row statistics without collect_health")
-    head.collect_health = True
+    head.begin_step(0, collect_health=True)
     run_head(head, x, labels)
     cos = F.normalize(x, dim=1) @ F.normalize(weight, dim=1).T
     target = cos.gather(1, labels[:, None]).squeeze(1)

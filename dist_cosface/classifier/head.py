@@ -21,6 +21,7 @@ labels) and 2 all-reduces; backward 1 reduce-scatter.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -46,6 +47,20 @@ from dist_cosface.sharding import mark_sharded
 
 _INIT_BLOCK = 65536  # rows per init RNG block: the full matrix does not depend on world size
 _HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class HeadStepReport:
+    """What the head measured during one optimizer step (see :meth:`ShardedClassifier.step_report`).
+
+    ``comm_seconds``: seconds in the head's collectives during the step's last forward and its
+    backward; None unless the head was built with ``time_collectives=True``.
+    ``health``: margin statistics of the step's last forward; None unless the step began with
+    ``collect_health=True`` (device tensors: :meth:`MarginHealth.to_floats` copies to the host).
+    """
+
+    comm_seconds: float | None
+    health: MarginHealth | None
 
 
 def class_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -97,6 +112,7 @@ class ShardedClassifier(nn.Module):
         sample_seed: int = 0,
         feature_norm: bool = True,
         kernel: Literal["auto", "torch", "triton"] = "torch",
+        time_collectives: bool = False,
     ) -> None:
         super().__init__()
         _check_args(num_classes, embedding_size, margin_type, margin, sample_rate, chunk_size)
@@ -128,12 +144,14 @@ class ShardedClassifier(nn.Module):
         self.register_buffer(
             "touched", torch.zeros(self.num_local_classes, dtype=torch.bool), persistent=False
         )
-        self.time_collectives = False
+        # timing adds device syncs around every collective: opt-in, fixed for the head's life
+        self.time_collectives = bool(time_collectives)
         self.last_sampled_rows: torch.Tensor | None = None
-        # margin health (classifier/health.py): set collect_health before a forward whose
-        # statistics are wanted; rows used this epoch are tracked on every training forward
+        # margin health (classifier/health.py): begin_step(..., collect_health=True) before the
+        # forwards whose statistics are wanted; rows used this epoch are tracked on every
+        # training forward
         self.scale_p_w = scale_p_w
-        self.collect_health = False
+        self._collect_health = False
         self.last_row_stats: RowStats | None = None
         self.register_buffer(
             "seen", torch.zeros(self.num_local_classes, dtype=torch.bool), persistent=False
@@ -144,7 +162,12 @@ class ShardedClassifier(nn.Module):
 
     @classmethod
     def from_config(
-        cls, cfg: ClassifierConfig, embedding_size: int, process_group: dist.ProcessGroup | None
+        cls,
+        cfg: ClassifierConfig,
+        embedding_size: int,
+        process_group: dist.ProcessGroup | None,
+        *,
+        time_collectives: bool = False,
     ) -> ShardedClassifier:
         return cls(
             cfg.num_classes,
@@ -160,28 +183,35 @@ class ShardedClassifier(nn.Module):
             sample_seed=cfg.sample_seed,
             feature_norm=cfg.feature_norm,
             kernel=cfg.kernel,
+            time_collectives=time_collectives,
         )
 
     @property
     def scale(self) -> float:
         return self.spec.scale
 
-    @property
-    def last_comm_seconds(self) -> float:
-        """Seconds in the head's collectives during the last forward (+ its backward).
+    def begin_step(self, step: int, *, collect_health: bool = False) -> None:
+        """Start optimizer step ``step``: call once before the step's first forward.
 
-        Only measured while ``time_collectives`` is True (it adds device syncs).
-        """
-        return self.comm.seconds
-
-    def set_step(self, step: int) -> None:
-        """Key Partial FC sampling to the optimizer step (call before each step's forwards).
-
-        The i-th forward after ``set_step(t)`` samples with
-        ``stable_seed(sample_seed, t, i, class_start)``, so a run resumed at step t repeats the
-        original negatives exactly.
+        Keys Partial FC sampling to the step: the i-th forward after ``begin_step(t)`` samples
+        with ``stable_seed(sample_seed, t, i, class_start)``, so a run resumed at step t
+        repeats the original negatives exactly. ``collect_health`` makes this step's forwards
+        gather margin statistics (read them with :meth:`step_report`). The data epoch is not
+        an argument: it can change between two micro-batches of one step (see
+        :meth:`set_epoch`).
         """
         self.step, self._micro_step = int(step), 0
+        self._collect_health = bool(collect_health)
+
+    def step_report(self) -> HeadStepReport:
+        """Collective time and margin health of the step; call once after its backward.
+
+        The health statistics are consumed: a second call (or a step begun without
+        ``collect_health``) reports None. Computing them queues a few device ops (row norms of
+        the shard, reductions over ``[N]``); nothing is copied to the host.
+        """
+        seconds = float(self.comm.seconds) if self.time_collectives else None
+        return HeadStepReport(comm_seconds=seconds, health=self._margin_health())
 
     def reset_parameters(self, seed: int | None = None) -> None:
         """N(0, 0.01) rows; the full matrix depends only on ``seed``, not on the world size.
@@ -238,7 +268,7 @@ class ShardedClassifier(nn.Module):
         self._mark_touched(rows)
         if self.training:
             self._mark_seen(rows)
-        slot = RowStatsSlot() if self.collect_health else None
+        slot = RowStatsSlot() if self._collect_health else None
         loss_fn = (
             TritonMarginLoss
             if use_triton(self.kernel, x.device, plan.compute_dtype)
@@ -251,17 +281,17 @@ class ShardedClassifier(nn.Module):
         return loss
 
     def set_epoch(self, epoch: int) -> None:
-        """Start counting the classes seen this epoch afresh when ``epoch`` changes."""
+        """The data epoch of the next training forward; call before every one of them.
+
+        The count of classes seen this epoch (margin health) starts afresh when ``epoch``
+        changes, which can happen between two micro-batches of one optimizer step.
+        """
         if epoch != self.epoch:
             self.seen.zero_()
             self.epoch = epoch
 
-    def margin_health(self) -> MarginHealth | None:
-        """Statistics of the last forward run with ``collect_health`` (None without one).
-
-        Queues a few device ops (row norms of the shard, reductions over ``[N]``); nothing
-        is copied to the host until :meth:`MarginHealth.to_floats`.
-        """
+    def _margin_health(self) -> MarginHealth | None:
+        """Statistics of the last forward run with ``collect_health`` (None without one)."""
         if self.last_row_stats is None:
             return None
         if self.last_sampled_rows is None:

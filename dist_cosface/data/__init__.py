@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dist_cosface.data.base import TrainLoader
 from dist_cosface.data.config import DataConfig
+from dist_cosface.data.protocol import TrainLoader
 from dist_cosface.distributed import DistContext
 
 __all__ = ["DataConfig", "TrainLoader", "build_loader"]

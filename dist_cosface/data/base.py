@@ -19,8 +19,11 @@ from dist_cosface.data.integrity import BadDataLog
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class TrainLoader:
-    """Iterable of ``(images [B, 3, S, S], labels [B] int64)`` with exact-resume state."""
+class BaseLoader:
+    """Iterable of ``(images [B, 3, S, S], labels [B] int64)`` with exact-resume state.
+
+    Conforms to :class:`~dist_cosface.data.protocol.TrainLoader`.
+    """
 
     def __init__(self, num_batches: int, num_classes: int):
         if num_batches < 1:

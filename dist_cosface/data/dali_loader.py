@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
-from dist_cosface.data.base import DTYPES, TrainLoader, repair_batch
+from dist_cosface.data.base import DTYPES, BaseLoader, repair_batch
 from dist_cosface.data.config import DataConfig
 from dist_cosface.data.dataset import ShardSet, open_shards
 from dist_cosface.distributed import DistContext
@@ -32,7 +32,7 @@ def dali_device(cfg: DataConfig, ctx: DistContext) -> str:
     return device
 
 
-class DaliLoader(TrainLoader):
+class DaliLoader(BaseLoader):
     def __init__(self, cfg: DataConfig, ctx: DistContext, shards: ShardSet | None = None):
         # the index files are checked against their tars here: a stale or swapped .idx is
         # named before DALI, which reads by the index's offsets, ever sees it

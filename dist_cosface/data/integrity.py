@@ -131,7 +131,7 @@ class BadDataLog:
 
 def raise_data_failure(loader, votes: int) -> None:
     """Raise on every rank once ``votes`` ranks reported a data failure (after the vote)."""
-    own = getattr(loader, "failure", None)
+    own = loader.failure
     if own is not None:
         raise ValueError(f"bad input data: {own}")
     raise ValueError(

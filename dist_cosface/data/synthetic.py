@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from dist_cosface.data.base import DTYPES, TrainLoader
+from dist_cosface.data.base import DTYPES, BaseLoader
 from dist_cosface.data.config import DataConfig
 from dist_cosface.distributed import DistContext
 from dist_cosface.seeding import stable_seed
@@ -22,7 +22,7 @@ _PATTERN_RES = 8  # identity patterns are drawn at this resolution, then upsampl
 _MAX_SHIFT = 4  # pixels of jitter
 
 
-class SyntheticLoader(TrainLoader):
+class SyntheticLoader(BaseLoader):
     def __init__(self, cfg: DataConfig, ctx: DistContext):
         total = cfg.synthetic_num_classes * cfg.synthetic_samples_per_class
         super().__init__(total // ctx.world_size // cfg.batch_size, cfg.synthetic_num_classes)

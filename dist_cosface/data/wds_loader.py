@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import torch
 
-from dist_cosface.data.base import DTYPES, TrainLoader, repair_batch
+from dist_cosface.data.base import DTYPES, BaseLoader, repair_batch
 from dist_cosface.data.config import DataConfig
 from dist_cosface.data.dataset import ShardSet, balanced_groups, open_shards
 from dist_cosface.data.streams import open_stream
@@ -169,7 +169,7 @@ def _shard_event(url: str, read: int, expected: int, errors: list[str]):
     return (url, problem, max(0, expected - read), url)
 
 
-class WebDatasetLoader(TrainLoader):
+class WebDatasetLoader(BaseLoader):
     def __init__(self, cfg: DataConfig, ctx: DistContext, shards: ShardSet | None = None):
         shards = shards or open_shards(cfg.path, cfg.on_bad_sample, cfg.max_skip_fraction)
         self.groups = balanced_groups(shards.counts, ctx.world_size)

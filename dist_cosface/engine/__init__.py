@@ -6,10 +6,16 @@ inside the functions that use them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
 
-def train(cfg, ctx, **kwargs) -> dict:
-    """See :func:`dist_cosface.engine.loop.train`."""
-    from dist_cosface.engine.loop import train as _train
+if TYPE_CHECKING:
+    from dist_cosface.config import RunConfig
+    from dist_cosface.distributed import DistContext
+
+
+def train(cfg: RunConfig, ctx: DistContext, **kwargs: Any) -> dict:
+    """See :func:`dist_cosface.engine.trainer.train`."""
+    from dist_cosface.engine.trainer import train as _train
 
     return _train(cfg, ctx, **kwargs)
 

@@ -2,7 +2,8 @@
 
 DeepSpeed owns the backbone's gradient averaging, ZeRO partitioning (stages 0-2) and bf16
 master weights (and the backbone's clipping when it keeps the gradients, see
-``owns_backbone_grads``). The sharded classifier keeps its own
+``owns_backbone_grads``, the one place of that rule; ``strategy.DeepSpeedStrategy`` applies
+it). The sharded classifier keeps its own
 row optimizer (DeepSpeed must not average or partition its rows). ``engine.backward``
 divides the loss by the accumulation steps, which also scales the classifier's gradients,
 so both halves see the same averaged loss as the ddp engine.
@@ -11,13 +12,17 @@ so both halves see the same averaged loss as the ddp engine.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from dist_cosface.distributed import DistContext
 
+if TYPE_CHECKING:
+    from dist_cosface.config import RunConfig
 
-def owns_backbone_grads(cfg) -> bool:
+
+def owns_backbone_grads(cfg: RunConfig) -> bool:
     """Whether DeepSpeed keeps the backbone's gradients outside ``param.grad``.
 
     ZeRO >= 1 partitions them and bf16 keeps them in fp32 buffers; then DeepSpeed clips the
@@ -28,7 +33,7 @@ def owns_backbone_grads(cfg) -> bool:
     return cfg.train.zero_stage > 0 or cfg.train.precision != "fp32"
 
 
-def deepspeed_config(cfg, world_size: int) -> dict:
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     micro = cfg.data.batch_size
     accum = cfg.optim.grad_accum_steps
     return {
@@ -46,7 +51,7 @@ def deepspeed_config(cfg, world_size: int) -> dict:
 
 
 def build_deepspeed_engine(
-    backbone: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg, ctx: DistContext
+    backbone: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, ctx: DistContext
 ):
     """Wrap ``backbone`` and its optimizer; needs a launched process group (torchrun)."""
     if not ctx.is_distributed:

@@ -1,0 +1,200 @@
+"""How the backbone is data-parallel: DDP or DeepSpeed, one strategy object chosen once.
+
+The trainer never asks which engine runs; it calls the strategy for everything that differs:
+the wrapped model, input dtype and autocast, the micro-batch backward, which gradients the
+trainer norms and clips, the backbone's optimizer step, the optimizers the LR schedule sets,
+the backbone gradient norm DeepSpeed computes on its own, and what a checkpoint holds of the
+backbone (``checkpoint_state`` in the DCP tree, ``native_checkpoint`` beside it). The sharded
+classifier and its row optimizer stay outside both (their rows are never averaged or
+partitioned).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from dist_cosface.distributed import DistContext
+from dist_cosface.engine.amp import ShardedLossScaler, autocast
+from dist_cosface.engine.optim import build_backbone_optimizer
+from dist_cosface.engine.train_state import BackboneState
+
+if TYPE_CHECKING:
+    from dist_cosface.config import RunConfig
+    from dist_cosface.engine.ds import DeepSpeedCheckpoint
+
+
+class DDPStrategy:
+    """Plain torch: the backbone in ``DistributedDataParallel`` (or bare in one process).
+
+    ``model`` averages backbone gradients over the group on the last micro-batch of a step
+    only; the loss is divided by the accumulation steps (and scaled for fp16) before backward.
+    """
+
+    def __init__(
+        self,
+        backbone: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        ctx: DistContext,
+        *,
+        precision: str,
+        accum_steps: int,
+    ) -> None:
+        self.backbone = backbone
+        self.model: torch.nn.Module = backbone
+        if ctx.is_distributed:
+            device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            # only the backbone is wrapped: the classifier's rows are sharded, never averaged
+            self.model = DistributedDataParallel(
+                backbone, device_ids=device_ids, process_group=ctx.group
+            )
+        self._optimizer = optimizer
+        self._distributed = ctx.is_distributed
+        self._device = ctx.device
+        self.precision = precision
+        self.accum_steps = accum_steps
+        self.scaler = ShardedLossScaler(precision == "fp16")
+
+    def checkpoint_state(self) -> BackboneState:
+        """The backbone's weights and optimizer, for the DCP state tree."""
+        return BackboneState(self.backbone, self._optimizer)
+
+    def native_checkpoint(self) -> None:
+        """Nothing is saved outside DCP."""
+        return None
+
+    def cast_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        return images  # autocast handles bf16/fp16
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.precision, self._device)
+
+    @contextlib.contextmanager
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        """DDP all-reduces backbone gradients only on the last micro-batch of the step."""
+        if self._distributed and not last:
+            with self.model.no_sync():
+                yield
+        else:
+            yield
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        del last  # DDP's sync is chosen by micro_batch
+        self.scaler.scale_loss(loss / self.accum_steps).backward()
+
+    def clip_params(self, head_params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+        """The gradients the trainer norms and clips: backbone and classifier together."""
+        return list(self.backbone.parameters()) + head_params
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The backbone's optimizers (the LR schedule sets them with the classifier's)."""
+        return [self._optimizer]
+
+    def step(self) -> None:
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+
+    def zero_grad(self) -> None:
+        self._optimizer.zero_grad(set_to_none=True)
+
+    def backbone_grad_norm(self) -> float | None:
+        """A backbone norm the trainer did not compute itself: none here."""
+        return None
+
+
+class DeepSpeedStrategy:
+    """The backbone inside a DeepSpeed engine (ZeRO 0-2, bf16 master weights).
+
+    ``engine.backward`` divides the loss by the accumulation steps itself, which also scales
+    the classifier's gradients, so both halves see the same averaged loss as under DDP.
+    """
+
+    def __init__(
+        self, engine: Any, *, owns_backbone_grads: bool, zero_stage: int, world_size: int
+    ) -> None:
+        self.engine = engine
+        self.zero_stage, self.world_size = zero_stage, world_size
+        self.model = engine
+        self.backbone: torch.nn.Module = engine.module
+        # ZeRO >= 1 or bf16: backbone gradients live outside param.grad (see ds.py)
+        self.owns_backbone_grads = owns_backbone_grads
+        self.scaler = ShardedLossScaler(False)  # fp16 is refused with DeepSpeed (config)
+
+    def checkpoint_state(self) -> BackboneState:
+        """The backbone's weights only (for eval and export): the optimizer is DeepSpeed's."""
+        return BackboneState(self.backbone, None)
+
+    def native_checkpoint(self) -> DeepSpeedCheckpoint:
+        """DeepSpeed's own checkpoint: ZeRO partitions, master weights, optimizer."""
+        from dist_cosface.engine.ds import DeepSpeedCheckpoint
+
+        return DeepSpeedCheckpoint(self.engine, self.zero_stage, self.world_size)
+
+    def cast_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        # DeepSpeed bf16 keeps the backbone itself in bf16: inputs follow its dtype
+        return images.to(next(self.backbone.parameters()).dtype)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # no autocast on top of DeepSpeed's own precision
+
+    @contextlib.contextmanager
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        del last  # DeepSpeed decides itself when to reduce gradients
+        yield
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.engine.backward(loss)  # divides by the accumulation steps itself
+        if not last:
+            self.engine.step()  # DeepSpeed counts micro-steps; no update yet
+
+    def clip_params(self, head_params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+        """Classifier only when DeepSpeed holds (and clips) the backbone's gradients."""
+        if self.owns_backbone_grads:
+            return head_params
+        return list(self.backbone.parameters()) + head_params
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.engine.optimizer]
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def zero_grad(self) -> None:
+        self.engine.optimizer.zero_grad(set_to_none=True)
+
+    def backbone_grad_norm(self) -> float | None:
+        """The backbone norm DeepSpeed computed in its step when it clipped it itself."""
+        if not self.owns_backbone_grads:
+            return None
+        from dist_cosface.engine.ds import engine_grad_norm
+
+        return engine_grad_norm(self.engine)
+
+
+Strategy = DDPStrategy | DeepSpeedStrategy
+
+
+def build_strategy(cfg: RunConfig, ctx: DistContext, backbone: torch.nn.Module) -> Strategy:
+    """Wrap ``backbone`` (already on ``ctx.device``) per ``cfg.train.engine``."""
+    optimizer = build_backbone_optimizer(backbone.parameters(), cfg.optim)
+    if cfg.train.engine == "deepspeed":
+        from dist_cosface.engine.ds import build_deepspeed_engine, owns_backbone_grads
+
+        engine = build_deepspeed_engine(backbone, optimizer, cfg, ctx)
+        return DeepSpeedStrategy(
+            engine,
+            owns_backbone_grads=owns_backbone_grads(cfg),
+            zero_stage=cfg.train.zero_stage,
+            world_size=ctx.world_size,
+        )
+    return DDPStrategy(
+        backbone,
+        optimizer,
+        ctx,
+        precision=cfg.train.precision,
+        accum_steps=cfg.optim.grad_accum_steps,
+    )

@@ -1,0 +1,427 @@
+"""The training loop: ``train(cfg, ctx) -> summary`` runs one :class:`Trainer`.
+
+One optimizer step = ``optim.grad_accum_steps`` micro-batches. Per step the trainer issues, in
+addition to the model's own collectives, ONE all-reduce of a 4-element tensor that carries
+the global gradient norm (each classifier shard counted once), the "SIGTERM received" and
+"launcher died" flags and the loader's "bad input data" flag, and reads it on the host: that
+single synchronisation gives every rank the same decision about clipping, fp16 overflow skips,
+non-finite stops, preemption and stops on bad data.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from dist_cosface.classifier import class_range
+from dist_cosface.classifier.state import ClassifierState
+from dist_cosface.config import RunConfig, dump_config
+from dist_cosface.configtools import to_mapping
+from dist_cosface.data.integrity import raise_data_failure
+from dist_cosface.data.protocol import TrainLoader
+from dist_cosface.distributed import DistContext
+from dist_cosface.engine.checkpoint import Checkpointer, resolve_checkpoint
+from dist_cosface.engine.optim import clip_grads_, global_grad_norm_and_flags, lr_at, set_lr
+from dist_cosface.engine.parts import (
+    build_checked_loader,
+    build_head,
+    check_config,
+    describe_loader,
+    seed_everything,
+)
+from dist_cosface.engine.progress import ProgressLog
+from dist_cosface.engine.runlock import RunLock
+from dist_cosface.engine.signals import StopRequest
+from dist_cosface.engine.strategy import build_strategy
+from dist_cosface.engine.stream import EpochStream
+from dist_cosface.engine.train_state import TrainState
+
+if TYPE_CHECKING:
+    from dist_cosface.metrics.exporter import RunMetrics
+
+log = logging.getLogger(__name__)
+
+
+def train(
+    cfg: RunConfig,
+    ctx: DistContext,
+    *,
+    backbone: torch.nn.Module | None = None,
+    loader: TrainLoader | None = None,
+) -> dict:
+    """Train per ``cfg``; every rank calls this. ``backbone``/``loader`` override the builders.
+
+    Returns a summary: ``step``, ``loss``, ``samples_per_s``, ``grad_norm`` (last log line),
+    ``preempted``, ``launcher_lost`` (stopped because a rank's launcher died), ``resumed_from``,
+    ``checkpoint``, ``eval``. An exception is logged with the rank and re-raised, so the
+    launcher sees a non-zero exit and stops the other ranks.
+    """
+    try:
+        check_inputs(cfg, ctx)  # before the lock: a bad config leaves no run folder behind
+        with RunLock(cfg.train.output_dir, ctx):  # a second job on this folder fails here
+            return Trainer(cfg, ctx, backbone=backbone, loader=loader).run()
+    except Exception:
+        log.exception("rank %d: training failed", ctx.rank)
+        raise
+
+
+def check_inputs(cfg: RunConfig, ctx: DistContext) -> None:
+    """Fail in seconds on what would otherwise fail late: config, evaluation targets."""
+    check_config(cfg)
+    if ctx.is_main and cfg.eval.targets:
+        from dist_cosface.eval.targets import check_targets
+
+        check_targets(cfg.eval)  # a bad or unsafe eval file fails now, not after training
+
+
+class Trainer:
+    """One training run on this rank: built once, then :meth:`run` (or :meth:`train_step`).
+
+    Construction builds the loader, the classifier (``head``, ``head_optim``) and the
+    backbone's :mod:`strategy <dist_cosface.engine.strategy>`; it writes nothing. ``run``
+    creates the output folder, resumes, steps to ``train.total_steps`` and evaluates.
+    """
+
+    # set by run() (its _start): they need the resumed state or write files
+    stream: EpochStream
+    metrics: RunMetrics
+    progress: ProgressLog
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        ctx: DistContext,
+        *,
+        backbone: torch.nn.Module | None = None,
+        loader: TrainLoader | None = None,
+    ) -> None:
+        from dist_cosface.models import build_backbone
+
+        self.cfg, self.ctx = cfg, ctx
+        self.out = Path(cfg.train.output_dir)
+        self.loader: TrainLoader = build_checked_loader(cfg, ctx, loader)
+        seed_everything(cfg.train.seed)  # identical backbone init on every rank
+        backbone = backbone if backbone is not None else build_backbone(cfg.model)
+        backbone = backbone.to(ctx.device)
+        self.head, self.head_optim = build_head(cfg, ctx)
+        self.strategy = build_strategy(cfg, ctx, backbone)
+        self.checkpointer = Checkpointer(
+            self.out / "checkpoints",
+            ctx,
+            keep_last=cfg.checkpoint.keep_last,
+            async_save=cfg.checkpoint.async_save,
+        )
+        self.state = self._train_state()
+        seed_everything(cfg.train.seed + 7919 * (ctx.rank + 1))  # per-rank dropout/augment
+        self.step = 0  # optimizer steps done
+        self.skipped = 0  # consecutive fp16 overflow skips
+        self.last_saved = -1  # step of the last checkpoint written or resumed from
+        self.summary: dict = {}
+
+    # ---- the run ---------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        """Train to ``train.total_steps`` (or an agreed stop); returns the summary."""
+        self._start()
+        try:
+            with StopRequest() as stop:
+                while self.step < self.cfg.train.total_steps:
+                    reason = self.train_step(stop)
+                    if reason is not None:
+                        self._preempt(reason)
+                        break
+            self.checkpointer.wait()  # the last checkpoint is published before evaluating
+            if self.cfg.eval.targets and not self.summary["preempted"]:
+                self.summary["eval"] = self._evaluate()
+        finally:
+            self.metrics.close()
+        self.summary["step"] = self.step
+        return self.summary
+
+    def train_step(self, stop: StopRequest) -> str | None:
+        """One optimizer step; returns why every rank stops now ("sigterm", ...) or None.
+
+        Reads top to bottom: begin (LR, head), data / forward / loss / backward per micro-batch,
+        global norm with the stop votes, clip, step (or the agreed fp16 skip), metrics,
+        checkpoint, evaluation.
+        """
+        t0 = time.perf_counter()
+        lr = self._begin_step()
+        loss, wait = self._forward_backward()  # data, forward, loss, backward per micro-batch
+        params = self.strategy.clip_params(list(self.head.parameters()))
+        norm, reason = self._grad_norm_and_votes(params, stop)
+        if not math.isfinite(norm):
+            self._skip_step(loss)
+            return reason
+        self._clip(params, norm)
+        norm = self._optimizer_step(norm)
+        self.step, self.skipped = self.step + 1, 0
+        self._record_metrics(time.perf_counter() - t0, wait, loss, lr, norm)
+        self._checkpoint_if_due()
+        self._evaluate_if_due()
+        return reason
+
+    # ---- the steps of train_step, in order -------------------------------------------------
+
+    def _begin_step(self) -> float:
+        """Learning rate of this step; the head learns the step and whether to collect health."""
+        lr = lr_at(self.cfg.optim, self.step, self.cfg.train.total_steps)
+        set_lr([*self.strategy.optimizers(), self.head_optim], lr)
+        health = self.cfg.metrics.margin_health and self._is_log_step(self.step + 1)
+        self.head.begin_step(self.step, collect_health=health)
+        return lr
+
+    def _forward_backward(self) -> tuple[torch.Tensor, float]:
+        """Run the micro-batches of one optimizer step; returns (mean loss, data wait seconds)."""
+        accum = self.cfg.optim.grad_accum_steps
+        loss_sum = torch.zeros((), device=self.ctx.device)
+        wait = 0.0
+        for micro in range(accum):
+            images, labels, waited = self._next_batch()
+            last = micro == accum - 1
+            with self.strategy.micro_batch(last):
+                embeddings = self._forward(images)
+                loss = self._loss(embeddings, labels)
+                self.strategy.backward(loss, last)
+            loss_sum += loss.detach().float()
+            wait += waited
+        return loss_sum / accum, wait
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The next micro-batch on the device and the seconds spent waiting for it."""
+        t0 = time.perf_counter()
+        images, labels = self.stream.next()
+        waited = time.perf_counter() - t0
+        self.head.set_epoch(self.stream.epoch)  # Partial FC: classes seen this epoch
+        device = self.ctx.device
+        return images.to(device, non_blocking=True), labels.to(device, non_blocking=True), waited
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        with self.strategy.autocast():
+            return self.strategy.model(self.strategy.cast_inputs(images))
+
+    def _loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with self.strategy.autocast():
+            return self.head(embeddings, labels)
+
+    def _grad_norm_and_votes(
+        self, params: list[torch.nn.Parameter], stop: StopRequest
+    ) -> tuple[float, str | None]:
+        """Global gradient norm and the ranks' stop votes, in the step's one all-reduce."""
+        self.strategy.scaler.unscale_(params)
+        # a rank's loader that met bad data it must stop for votes here: every rank raises alike
+        data_failed = float(self.loader.failure is not None)
+        flags = [float(stop.requested), float(stop.launcher_lost), data_failed]
+        norm, (stop_votes, lost_votes, data_votes) = global_grad_norm_and_flags(
+            params, self.ctx, flags
+        )
+        if data_votes > 0:
+            raise_data_failure(self.loader, int(data_votes))
+        reason = ("launcher_lost" if lost_votes > 0 else "sigterm") if stop_votes > 0 else None
+        return norm, reason
+
+    def _clip(self, params: list[torch.nn.Parameter], norm: float) -> None:
+        if self.cfg.optim.grad_clip is not None:
+            clip_grads_(params, norm, self.cfg.optim.grad_clip)
+
+    def _optimizer_step(self, norm: float) -> float:
+        """Step classifier and backbone; returns the norm with DeepSpeed's backbone share."""
+        self.head_optim.step()
+        self.head_optim.zero_grad(set_to_none=True)
+        self.strategy.step()
+        self.strategy.scaler.update(found_inf=False)
+        backbone_norm = self.strategy.backbone_grad_norm()
+        return math.sqrt(norm**2 + backbone_norm**2) if backbone_norm is not None else norm
+
+    def _skip_step(self, loss: torch.Tensor) -> None:
+        """Non-finite gradients (agreed by all ranks): drop them; fp16 retries, others stop."""
+        self.strategy.zero_grad()
+        self.head_optim.zero_grad(set_to_none=True)
+        scaler = self.strategy.scaler
+        scaler.update(found_inf=True)
+        self.skipped += 1
+        if not scaler.enabled or self.skipped >= self.cfg.train.max_skipped_steps:
+            raise FloatingPointError(
+                f"non-finite loss or gradient at step {self.step} (loss {loss.item():.4g}"
+                + (f", {self.skipped} consecutive fp16 overflow skips" if scaler.enabled else "")
+                + ")"
+            )
+        log.warning(
+            "step %d: fp16 overflow, step skipped, loss scale now %g", self.step, scaler.scale
+        )
+
+    def _record_metrics(
+        self, seconds: float, wait: float, loss: torch.Tensor, lr: float, norm: float
+    ) -> None:
+        """Metrics of every step; the log line (and margin health) on log steps."""
+        cfg, report = self.cfg, self.head.step_report()
+        rank_samples = cfg.data.batch_size * cfg.optim.grad_accum_steps
+        self.metrics.on_step(
+            step=self.step,
+            samples=rank_samples,  # per rank: Prometheus sums ranks for the global rate
+            step_seconds=seconds,
+            data_wait_seconds=wait,
+            comm_seconds=report.comm_seconds,
+        )
+        self.progress.add(seconds, rank_samples * self.ctx.world_size)
+        if not self._is_log_step(self.step):
+            return
+        loss_value = float(loss.item())
+        grad_norm = norm if math.isfinite(norm) else None
+        self.metrics.on_log(step=self.step, loss=loss_value, lr=lr, grad_norm=grad_norm)
+        stats = self.loader.stats
+        if "skipped_samples" in stats:
+            self.metrics.on_bad_samples(int(stats["skipped_samples"]))
+        if "bad_shards" in stats:
+            self.metrics.on_bad_shards(int(stats["bad_shards"]))
+        # one small host copy: the step's grad-norm read has already synchronised the device
+        health = report.health.to_floats() if report.health is not None else {}
+        if health:
+            self.metrics.on_margin_health(health)
+        rate = self.progress.log(
+            step=self.step, loss=loss_value, lr=lr, grad_norm=grad_norm, extra=health
+        )
+        self.summary.update(loss=loss_value, samples_per_s=rate, grad_norm=grad_norm)
+
+    def _checkpoint_if_due(self) -> None:
+        every = self.cfg.checkpoint.every_steps
+        if (every and self.step % every == 0) or self.step == self.cfg.train.total_steps:
+            self._save_checkpoint(self.step)
+
+    def _evaluate_if_due(self) -> None:
+        cfg, every = self.cfg, self.cfg.eval.every_steps
+        if cfg.eval.targets and every and self.step % every == 0:
+            if self.step < cfg.train.total_steps:  # the last step is evaluated by run()
+                self.summary["eval"] = self._evaluate()
+
+    def _is_log_step(self, step: int) -> bool:
+        return step % self.cfg.train.log_every == 0 or step == self.cfg.train.total_steps
+
+    # ---- start, stop, checkpoints ----------------------------------------------------------
+
+    def _start(self) -> None:
+        """Output folder, resume, the batch stream, metrics; training mode."""
+        from dist_cosface.metrics import build_metrics
+
+        cfg, ctx = self.cfg, self.ctx
+        if ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.out / "config.yaml")
+            log.info("data: %s", describe_loader(cfg.data, self.loader))
+        resumed = self._restore()
+        self.step = resumed["step"]
+        self.last_saved = self.step if resumed["from"] else -1
+        self.summary = {
+            "step": self.step,
+            "loss": None,
+            "samples_per_s": None,
+            "grad_norm": None,
+            "preempted": False,
+            "launcher_lost": False,
+            "checkpoint": None,
+            "eval": {},
+            "resumed_from": str(resumed["from"]) if resumed["from"] else None,
+        }
+        self.stream = EpochStream(self.loader, resumed["epoch"], resumed["position"])
+        self.metrics = build_metrics(cfg.metrics, ctx, self._run_info())
+        self.progress = ProgressLog(self.out / "metrics.jsonl", ctx.is_main, cfg.train.total_steps)
+        self.strategy.backbone.train()
+        self.head.train()
+
+    def _preempt(self, reason: str) -> None:
+        """A stop agreed by all ranks: make sure this step is checkpointed, then stop."""
+        if self.last_saved != self.step:
+            self._save_checkpoint(self.step)
+        self.checkpointer.wait()  # published before this process exits
+        self.summary["preempted"] = True
+        self.summary["launcher_lost"] = reason == "launcher_lost"  # the CLI exits non-zero
+        if self.ctx.is_main:
+            what = "a launcher died" if reason == "launcher_lost" else "SIGTERM"
+            log.info("%s: stopped at step %d, checkpoint written", what, self.step)
+
+    def _resolve_resume(self) -> Path | None:
+        """The verified checkpoint to resume (all ranks agree), or None to start fresh."""
+        resume = self.cfg.checkpoint.resume
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return resolve_checkpoint(self.out / "checkpoints", self.ctx)
+        found = resolve_checkpoint(resume, self.ctx)
+        if found is None:
+            raise ValueError(f"checkpoint.resume={resume!r}: no complete checkpoint there")
+        return found
+
+    def _restore(self) -> dict:
+        """Load the checkpoint to resume; returns its ``step``, ``epoch``, loader ``position``
+        and ``from`` (its path; None and step 0 when starting fresh)."""
+        ckpt = self._resolve_resume()
+        if ckpt is None:
+            return {"step": 0, "epoch": 0, "position": None, "from": None}
+        meta, position = self.checkpointer.restore(ckpt, self.state)
+        if self.ctx.is_main:
+            log.info("resumed from %s at step %d", ckpt, meta["step"])
+        return {"step": meta["step"], "epoch": meta["epoch"], "position": position, "from": ckpt}
+
+    def _save_checkpoint(self, step: int) -> None:
+        """Checkpoint this step (returns after the host snapshot when saves are async)."""
+        cfg, classes = self.cfg, self.cfg.classifier.num_classes
+        world = self.ctx.world_size
+        meta = {
+            "epoch": self.stream.epoch,
+            "engine": cfg.train.engine,
+            "model": to_mapping(cfg.model),
+            "image_size": cfg.data.image_size,
+            "num_classes": classes,
+            "class_layout": [class_range(classes, world, r) for r in range(world)],
+        }
+        blocked = self.checkpointer.save(step, self.state, meta)
+        self.metrics.on_checkpoint(blocked)
+        self.summary["checkpoint"] = str(self.checkpointer.root / f"step_{step}")
+        self.last_saved = step
+
+    def _train_state(self) -> TrainState:
+        """The owners of everything a checkpoint holds (engine/train_state.py)."""
+        return TrainState(
+            backbone=self.strategy.checkpoint_state(),
+            classifier=ClassifierState(self.head, self.head_optim, self.checkpointer.mesh),
+            scaler=self.strategy.scaler,
+            loader=self.loader,
+            rank=self.ctx.rank,
+            native=self.strategy.native_checkpoint(),
+        )
+
+    # ---- evaluation and run info -----------------------------------------------------------
+
+    def _evaluate(self) -> dict:
+        """Every rank embeds its share of the verification images; rank 0 logs and writes."""
+        from dist_cosface.engine.evaluation import evaluate_backbone
+
+        results = evaluate_backbone(self.cfg, self.ctx, self.strategy.backbone, self.out)
+        if self.ctx.is_main:
+            for target, res in results.items():
+                if "error" in res:
+                    print(
+                        f"eval {target}: FAILED ({res['error']}); training results are kept",
+                        flush=True,
+                    )
+                    continue
+                self.metrics.on_eval(target, float(res["accuracy"]))
+                print(f"eval {target}: accuracy {res['accuracy']:.4f}", flush=True)
+        return results
+
+    def _run_info(self) -> dict:
+        cfg, ctx = self.cfg, self.ctx
+        return {
+            "world_size": ctx.world_size,
+            "num_classes": cfg.classifier.num_classes,
+            "classes_per_rank": self.head.num_local_classes,
+            "model": cfg.model.name,
+            "engine": cfg.train.engine,
+            "precision": cfg.train.precision,
+            "global_batch": cfg.data.batch_size * ctx.world_size * cfg.optim.grad_accum_steps,
+        }
