@@ -14,6 +14,7 @@ import os
 import pickle
 import queue
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -31,6 +32,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def torchrun_command(nproc: int, *args: str) -> list[str]:
+    """``python -m torch.distributed.run --standalone``, ``nproc`` local ranks, then ``args``."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *args,
+    ]
 
 
 def _init_group(rank: int, world_size: int, port: int, backend: str, timeout_s: float) -> None:

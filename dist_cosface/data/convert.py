@@ -20,12 +20,11 @@ from typing import Literal
 
 from dist_cosface.data import recordio
 from dist_cosface.data.shards import (
-    LABELS_NAME,
-    MANIFEST_NAME,
     Manifest,
     ShardInfo,
     ShardWriter,
     atomic_write_text,
+    publish_shard_set,
     shard_stem,
 )
 from dist_cosface.imageio import (
@@ -373,8 +372,7 @@ def convert(src: str | Path, out_dir: str | Path, opts: ConvertOptions) -> Conve
         source=str(src),
         skipped=dict(problems.counts),
     )
-    atomic_write_text(out_dir / LABELS_NAME, json.dumps(label_map, indent=0))
-    atomic_write_text(out_dir / MANIFEST_NAME, manifest.to_json())
+    publish_shard_set(out_dir, manifest, label_map)
     return ConvertResult(manifest, len(jobs), reused, problems)
 
 
