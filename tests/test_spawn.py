@@ -1,14 +1,18 @@
-"""tools/spawn.py: per-rank results in rank order; a raising, dying or hung rank fails the call."""
+"""tools/spawn.py: per-rank results in rank order; a raising, dying or hung rank fails the call.
+
+(``torchrun_command`` is exercised by tests/test_failure.py.)
+"""
 
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from tools.spawn import RanksFailed, run_ranks
+from tools.spawn import RanksFailed, free_port_range, run_ranks
 
 
 def _all_reduce_rank(rank, world_size, scale):
@@ -63,3 +67,15 @@ def test_a_hung_rank_fails_the_call_after_the_timeout():
     # rank 1 may not have reported yet either on a loaded machine: "[0]" or "[0, 1]"
     with pytest.raises(RanksFailed, match=r"ranks \[0[, 1]*\] produced no result within 5.0s"):
         run_ranks(2, _rank0_hangs, timeout_s=5.0)
+
+
+def test_free_port_range_gives_consecutive_bindable_ports():
+    base = free_port_range(3)
+    socks = [socket.socket() for _ in range(3)]
+    try:
+        for offset, sock in enumerate(socks):
+            sock.bind(("127.0.0.1", base + offset))  # raises if a port of the range is taken
+    finally:
+        for sock in socks:
+            sock.close()
+

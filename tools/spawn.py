@@ -29,9 +29,31 @@ class RanksFailed(RuntimeError):
 
 
 def free_port() -> int:
+    """A local TCP port that is free right now (the OS picks it)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_port_range(n: int) -> int:
+    """A base port p with p .. p+n-1 all free right now (one per rank: exporters, launchers)."""
+    for _ in range(100):
+        base = free_port()
+        if base + n > 65535:
+            continue
+        socks = []
+        try:
+            for port in range(base, base + n):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
 
 
 def torchrun_command(nproc: int, *args: str) -> list[str]:
