@@ -78,4 +78,3 @@ def test_free_port_range_gives_consecutive_bindable_ports():
     finally:
         for sock in socks:
             sock.close()
-
