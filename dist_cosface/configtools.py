@@ -101,6 +101,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
 
 
+def check_minimums(cfg: object, minimums: dict[str, float]) -> None:
+    """For ``validate()``: ValueError ``<key> must be >= <minimum>, got <value>`` for the first
+    field of ``cfg`` below its minimum (NaN is not below: check floats' ranges separately)."""
+    for key, minimum in minimums.items():
+        value = getattr(cfg, key)
+        if value < minimum:
+            raise ValueError(f"{key} must be >= {minimum}, got {value}")
+
+
 def from_mapping(cls: type[T], data: Any, prefix: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; missing keys keep defaults, unknown keys fail."""
     where = prefix or cls.__name__

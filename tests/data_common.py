@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +10,7 @@ import pytest
 import torch
 
 from dist_cosface.data import DataConfig, build_loader
-from dist_cosface.data.shards import (
-    LABELS_NAME,
-    MANIFEST_NAME,
-    Manifest,
-    ShardInfo,
-    ShardWriter,
-    shard_stem,
-)
+from dist_cosface.data.shards import Manifest, ShardInfo, ShardWriter, publish_shard_set, shard_stem
 from dist_cosface.distributed import DistContext
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,8 +46,7 @@ def write_dataset(
             writer.write(f"{start + i:06d}", comps)
         shards.append(ShardInfo(writer.tar_path.name, writer.num_samples, writer.close()))
     manifest = Manifest(num_classes, len(samples), shards)
-    (out / MANIFEST_NAME).write_text(manifest.to_json())
-    (out / LABELS_NAME).write_text(json.dumps({}))
+    publish_shard_set(out, manifest)
     return manifest
 
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from dist_cosface.eval.ijb import read_ijb, run_ijb
 from dist_cosface.eval.images import embed_images
 from tests.eval_sets import build_ijb_set, numpy_normalize, numpy_tar_at_far, pixel_backbone, yaleb
-from tests.multiproc import run_ranks
+from tests.multiproc import on_subgroups, run_ranks
 
 SIZE = 32
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -75,22 +75,13 @@ def ijb_root(tmp_path_factory):
 
 
 def _ijb_on_subgroups(rank, world_size, root, detector_score):
-    torch.set_num_threads(1)
-    out = {}
-    for size in range(1, world_size + 1):
-        group = dist.new_group(list(range(size)))
-        if rank < size:
-            out[size] = run_ijb(
-                pixel_backbone(),
-                root,
-                "ijbx",
-                SIZE,
-                "cpu",
-                group if size > 1 else None,
-                batch_size=3,
-                detector_score=detector_score,
-            )
-    return out
+    def run(group):
+        backbone = pixel_backbone()
+        return run_ijb(
+            backbone, root, "ijbx", SIZE, "cpu", group, batch_size=3, detector_score=detector_score
+        )
+
+    return on_subgroups(rank, world_size, run)
 
 
 @pytest.mark.multiproc

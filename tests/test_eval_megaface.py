@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 import torch.distributed as dist
 
 from dist_cosface.eval.images import (
@@ -25,7 +24,7 @@ from tests.eval_sets import (
     pixel_backbone,
     yaleb,
 )
-from tests.multiproc import run_ranks
+from tests.multiproc import on_subgroups, run_ranks
 
 FARS = (1e-6, 1e-2)
 SIZE = 32
@@ -52,23 +51,12 @@ def numpy_megaface(probe_emb, labels, distractor_emb, n, fars):
 
 
 def _megaface_on_subgroups(rank, world_size, probes, distractors):
-    torch.set_num_threads(1)
-    out = {}
-    for size in range(1, world_size + 1):
-        group = dist.new_group(list(range(size)))
-        if rank < size:
-            out[size] = run_megaface(
-                pixel_backbone(),
-                probes,
-                distractors,
-                SIZE,
-                "cpu",
-                group if size > 1 else None,
-                batch_size=4,
-                fars=FARS,
-                chunk_size=7,
-            )
-    return out
+    def run(group):
+        backbone = pixel_backbone()
+        opts = {"batch_size": 4, "fars": FARS, "chunk_size": 7}
+        return run_megaface(backbone, probes, distractors, SIZE, "cpu", group, **opts)
+
+    return on_subgroups(rank, world_size, run)
 
 
 @pytest.fixture(scope="module")

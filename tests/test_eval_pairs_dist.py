@@ -1,4 +1,4 @@
-"""Pair verification split over ranks (evaluation during training) equals the 1-rank evaluator."""
+"""Pair verification split over ranks (evaluation during training) equals the one-process run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 
 from dist_cosface.eval.config import EvalConfig
-from dist_cosface.eval.evaluate import run_evaluation
 from dist_cosface.eval.pairs_dist import run_evaluation_all_ranks
 from tests.eval_sets import pixel_backbone, yaleb_bin
 from tests.multiproc import run_ranks
@@ -21,10 +20,10 @@ def _on_ranks(rank, world_size, cfg, out):
 
 
 @pytest.mark.multiproc
-def test_all_rank_pair_evaluation_equals_rank0_evaluator(tmp_path):
+def test_all_rank_pair_evaluation_equals_one_process_evaluation(tmp_path):
     target = yaleb_bin(tmp_path / "yb.bin")
     cfg = EvalConfig(targets=[str(target)], batch_size=4, n_folds=3, fars=[0.1])
-    ref = run_evaluation(pixel_backbone(), cfg, "cpu", 32, tmp_path / "one")
+    ref = run_evaluation_all_ranks(pixel_backbone(), cfg, "cpu", 32, tmp_path / "one", None)
     per_rank = run_ranks(3, _on_ranks, cfg, str(tmp_path / "three"))
     assert 0.0 < ref["yb"]["accuracy"] < 1.0  # not a degenerate figure
     for got in per_rank:

@@ -21,10 +21,10 @@ from dist_cosface.eval import (
     load_target,
     load_targets,
     make_verification_set,
-    run_evaluation,
+    run_evaluation_all_ranks,
     write_bin,
 )
-from dist_cosface.eval.evaluate import embed_set
+from dist_cosface.eval.pairs_dist import embed_set
 from tests.eval_sets import png_bytes
 
 
@@ -238,7 +238,7 @@ def test_embed_set_feeds_half_precision_backbones_in_their_dtype(tmp_path):
     )
 
 
-def test_evaluate_and_run_evaluation_end_to_end(tmp_path):
+def test_evaluate_and_run_evaluation_in_one_process_end_to_end(tmp_path):
     make_identity_folder(tmp_path / "faces", num_ids=6, per_id=3)
     make_verification_set(tmp_path / "faces", tmp_path / "held.bin", 40, seed=0)
     make_lfw_folder(tmp_path / "lfw")
@@ -250,7 +250,7 @@ def test_evaluate_and_run_evaluation_end_to_end(tmp_path):
     assert result["num_pairs"] == 40 and set(result["tar_at_far"]) == {1e-3, 1e-2}
     assert len(result["fold_accuracies"]) == 4
 
-    out = run_evaluation(PoolEmbedder(), cfg, "cpu", 16, tmp_path / "out")
+    out = run_evaluation_all_ranks(PoolEmbedder(), cfg, "cpu", 16, tmp_path / "out")
     assert set(out) == {"held", "lfw"}
     assert out["held"]["accuracy"] == result["accuracy"]
     for name in ("held", "lfw"):
@@ -259,6 +259,25 @@ def test_evaluate_and_run_evaluation_end_to_end(tmp_path):
     assert saved["held"]["tar_at_far"]["0.001"] == 1.0
     with pytest.raises(ValueError, match=r"pairs\.txt: 4 pairs < eval\.n_folds=10"):
         evaluate(PoolEmbedder(), str(tmp_path / "lfw"), EvalConfig(), "cpu", 16)
+
+
+def test_one_process_evaluation_keeps_going_past_failing_targets(tmp_path):
+    make_identity_folder(tmp_path / "faces", num_ids=6, per_id=3)
+    make_verification_set(tmp_path / "faces", tmp_path / "held.bin", 40, seed=0)
+    missing, short = tmp_path / "missing.bin", tmp_path / "short.bin"
+    write_bin(short, [random_png(0), random_png(1)], [True])  # 1 pair < n_folds
+    targets = [str(missing), str(tmp_path / "held.bin"), str(short)]
+    cfg = EvalConfig(targets=targets, n_folds=4, roc_png=False)
+    out = run_evaluation_all_ranks(PoolEmbedder(), cfg, "cpu", 16, tmp_path / "o", keep_going=True)
+    assert out["held"]["accuracy"] == 1.0 and "roc_png" not in out["held"]
+    failed = out[str(missing)]
+    assert failed["target"] == str(missing) and "missing.bin" in failed["error"]
+    assert "1 pairs < eval.n_folds=4" in out["short"]["error"]
+    assert json.loads((tmp_path / "o" / "eval.json").read_text()) == json.loads(json.dumps(out))
+    assert not list((tmp_path / "o").glob("*.png"))
+    with pytest.raises(ValueError, match="missing.bin"):  # without keep_going: the first failure
+        run_evaluation_all_ranks(PoolEmbedder(), cfg, "cpu", 16, tmp_path / "p")
+    assert not (tmp_path / "p" / "eval.json").exists()
 
 
 def test_load_targets_rejects_duplicate_names(tmp_path):

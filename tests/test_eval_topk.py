@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from dist_cosface.eval.ranks import gather_rows, run_agreed
 from dist_cosface.eval.topk import local_topk, merge_topk, shard_range, sharded_topk
-from tests.multiproc import run_ranks
+from tests.multiproc import on_subgroups, run_ranks
 
 
 def numpy_topk(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -76,20 +76,22 @@ def _search_on_subgroups(rank, world_size, k, chunk):
     """Every world size 1..world_size in one spawn: a sub-group of the first ranks each time."""
     results = {}
     for name, (q, g) in {"tied": tied_data(), "random": random_data()}.items():
-        for size in range(1, world_size + 1):
-            group = dist.new_group(list(range(size)))  # collective: every rank calls it
-            if rank >= size:
-                continue
+
+        def search(group, q=q, g=g):
+            size = 1 if group is None else dist.get_world_size(group)
             start, stop = shard_range(g.shape[0], rank, size)
             out = sharded_topk(
                 torch.from_numpy(q),
                 torch.from_numpy(g[start:stop]),
                 k,
                 offset=start,
-                group=group if size > 1 else None,
+                group=group,
                 chunk_size=chunk,
             )
-            results[(name, size)] = (out.scores, out.indices)
+            return out.scores, out.indices
+
+        for size, found in on_subgroups(rank, world_size, search).items():
+            results[(name, size)] = found
     return results
 
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-import torch.distributed as dist
 
 from dist_cosface.eval.images import embed_images
 from dist_cosface.eval.ytf import frame_refs, read_video_pairs, run_ytf
 from tests.eval_sets import build_ytf_set, numpy_normalize, pixel_backbone, yaleb
-from tests.multiproc import run_ranks
+from tests.multiproc import on_subgroups, run_ranks
 
 SIZE = 32
 
@@ -29,15 +27,9 @@ def numpy_fold_accuracy(scores, issame, folds):
 
 
 def _ytf_on_subgroups(rank, world_size, pairs, frames):
-    torch.set_num_threads(1)
-    out = {}
-    for size in range(1, world_size + 1):
-        group = dist.new_group(list(range(size)))
-        if rank < size:
-            out[size] = run_ytf(
-                pixel_backbone(), pairs, frames, SIZE, "cpu", group if size > 1 else None
-            )
-    return out
+    return on_subgroups(
+        rank, world_size, lambda group: run_ytf(pixel_backbone(), pairs, frames, SIZE, "cpu", group)
+    )
 
 
 @pytest.mark.multiproc

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
+
+from tools.spawn import torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,15 +64,7 @@ def test_failing_rank_stops_the_job_long_before_the_collective_timeout(tmp_path)
         f"train.output_dir={tmp_path / 'run'}",
         "dist.timeout_s=300",  # a hang would last this long; the job must end far sooner
     ]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(script),
-        *overrides,
-    ]
+    cmd = torchrun_command(2, str(script), *overrides)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)

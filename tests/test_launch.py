@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -123,13 +124,19 @@ def test_kill_9_then_resume_continues_at_the_right_step(tmp_path):
     assert _steps_of(out)[-1] == latest + 2
 
 
-@pytest.mark.multiproc
-def test_sigterm_writes_a_checkpoint_and_exits_zero(tmp_path):
+def _two_rank_run_past_step_2(tmp_path: Path, total_steps: int) -> tuple[Path, Any, list[int]]:
+    """A 2-rank torchrun training run that has logged two steps: (run dir, agent, workers)."""
     out = tmp_path / "run"
-    proc = _torchrun(tmp_path, out, "train.total_steps=500", "checkpoint.every_steps=0")
+    proc = _torchrun(tmp_path, out, f"train.total_steps={total_steps}", "checkpoint.every_steps=0")
     _wait_for(lambda: len(_logged_steps(out)) >= 2, proc, 240, "two training steps")
     workers = _children(proc.pid)
     assert len(workers) == 2
+    return out, proc, workers
+
+
+@pytest.mark.multiproc
+def test_sigterm_writes_a_checkpoint_and_exits_zero(tmp_path):
+    out, proc, workers = _two_rank_run_past_step_2(tmp_path, 500)
     os.kill(workers[0], signal.SIGTERM)  # one rank preempted: all must stop together
     assert proc.wait(timeout=120) == 0, (tmp_path / "log.txt").read_text()[-3000:]
     steps = _steps_of(out)
@@ -151,11 +158,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_workers_stop_when_their_torchrun_agent_is_killed(tmp_path):
-    out = tmp_path / "run"
-    proc = _torchrun(tmp_path, out, "train.total_steps=100000", "checkpoint.every_steps=0")
-    _wait_for(lambda: len(_logged_steps(out)) >= 2, proc, 240, "two training steps")
-    workers = _children(proc.pid)
-    assert len(workers) == 2
+    out, proc, workers = _two_rank_run_past_step_2(tmp_path, 100000)
     os.kill(proc.pid, signal.SIGKILL)  # the agent dies; its workers are reparented
     proc.wait(timeout=30)
     end = time.monotonic() + 180  # polling is 1 s; then one step and a checkpoint

@@ -5,7 +5,6 @@ from __future__ import annotations
 import bisect
 import http.server
 import math
-import socket
 import threading
 import time
 
@@ -26,23 +25,7 @@ from dist_cosface.metrics import (
 from dist_cosface.metrics.exporter import STEP_BUCKETS
 from tests.multiproc import run_ranks
 from tests.prom_scrape import scrape, value
-
-
-def base_port_with_free_pair() -> int:
-    """A base port p such that p and p+1 are both free right now."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            p = a.getsockname()[1]
-            if p >= 65535:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", p + 1))
-                except OSError:
-                    continue
-                return p
-    raise RuntimeError("no free port pair found")
+from tools.spawn import free_port, free_port_range
 
 
 @pytest.fixture
@@ -141,7 +124,7 @@ def test_disabled_is_a_silent_no_op():
 
 
 def test_port_is_base_plus_local_rank_and_collisions_are_reported(metrics):
-    base = base_port_with_free_pair()
+    base = free_port_range(2)
     m = metrics(MetricsConfig(port=base), DistContext(rank=5, local_rank=1))
     assert m.port == base + 1
     assert value(scrape(m.port), "dist_cosface_step", rank="5") == 0
@@ -202,9 +185,7 @@ def test_pushgateway_mode_pushes_periodically_and_at_close():
 
 
 def test_push_failure_is_logged_not_raised(caplog):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        dead = sock.getsockname()[1]  # closed again before the push: connection refused
+    dead = free_port()  # nobody listens there: connection refused
     cfg = MetricsConfig(pushgateway=f"http://127.0.0.1:{dead}", push_every_s=60)
     m = build_metrics(cfg, DistContext(), {})
     assert m.push() is False
@@ -253,7 +234,7 @@ def _two_ranks_serve(rank, world_size, base):
 
 @pytest.mark.multiproc
 def test_ranks_of_one_node_serve_distinct_ports():
-    base = base_port_with_free_pair()
+    base = free_port_range(2)
     results = run_ranks(2, _two_ranks_serve, base, timeout_s=120)
     for rank, seen in enumerate(results):
         assert seen == {0: (10.0, base + rank), 1: (20.0, base + rank)}

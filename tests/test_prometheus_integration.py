@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tools.spawn import free_port, free_port_range
 
 ROOT = Path(__file__).resolve().parent.parent
 MONITORING = ROOT / "monitoring"
@@ -32,29 +33,6 @@ pytestmark = [
         reason="the Prometheus server is not installed (tools/install.sh test installs it)",
     ),
 ]
-
-
-def free_ports(n: int) -> int:
-    """A base port p with p .. p+n-1 all free right now."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
-        socks = []
-        try:
-            for p in range(base, base + n):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError(f"no {n} consecutive free ports")
 
 
 def write_prometheus_config(tmp: Path, rank_base: int, ranks: int) -> Path:
@@ -140,7 +118,7 @@ def train_command(rank_base: int, out_dir: Path) -> list[str]:
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(free_ports(1)),
+        str(free_port()),
         "-m",
         "dist_cosface.cli",
         "train",
@@ -157,7 +135,7 @@ def train_command(rank_base: int, out_dir: Path) -> list[str]:
 
 def test_two_rank_run_is_scraped_alerts_load_and_dashboard_queries_parse(tmp_path):
     ranks = 2
-    rank_base, prom_port = free_ports(ranks), free_ports(1)
+    rank_base, prom_port = free_port_range(ranks), free_port()
     config = write_prometheus_config(tmp_path, rank_base, ranks)
     url = f"http://127.0.0.1:{prom_port}"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

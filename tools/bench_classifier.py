@@ -33,17 +33,18 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # runnable as a plain script from a checkout (tools.spawn)
+    sys.path.insert(0, str(REPO))
 
 H100_H200_BF16_DENSE_TFLOPS = 989.0  # NVIDIA datasheet, SXM, dense (no sparsity)
 IMPLS = ("torch", "triton", "naive")
@@ -245,29 +246,14 @@ def measure_bf16_peak(device: torch.device, n: int = 8192, iters: int = 20) -> f
     return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
 
 
-def _rank_main(rank: int, args, impl: str, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _rank_main(rank: int, world_size: int, args, impl: str) -> dict | None:
+    """One rank's measurement; rank 0 returns the figures."""
     cuda = args.device == "cuda"
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.world_size))
-    dist.init_process_group(
-        "nccl" if cuda else "gloo",
-        rank=rank,
-        world_size=args.world_size,
-        timeout=datetime.timedelta(minutes=10),
-        device_id=device if cuda else None,
-    )
-    try:
-        out = _measure(args, impl, rank, device, dist.group.WORLD)
-        if cuda and rank == 0:
-            out["bf16_peak"] = measure_bf16_peak(device)
-        if rank == 0:
-            results.put(out)
-    finally:
-        dist.destroy_process_group()
+    out = _measure(args, impl, rank, device, dist.group.WORLD)
+    if cuda and rank == 0:
+        out["bf16_peak"] = measure_bf16_peak(device)
+    return out if rank == 0 else None
 
 
 def run_impl(args, impl: str) -> dict:
@@ -275,22 +261,25 @@ def run_impl(args, impl: str) -> dict:
 
     A failing implementation (e.g. out of memory) is reported as ``{"error": ...}``.
     """
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = [
-        ctx.Process(target=_rank_main, args=(r, args, impl, port, results))
-        for r in range(args.world_size)
-    ]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join()
-    if any(proc.exitcode != 0 for proc in procs):
-        return {"error": f"a rank failed (exit codes {[p.exitcode for p in procs]})"}
-    return results.get(timeout=10)
+    from tools.spawn import RanksFailed, run_ranks
+
+    cuda = args.device == "cuda"
+    threads = None if cuda else args.threads or max(1, (os.cpu_count() or 1) // args.world_size)
+    try:
+        per_rank = run_ranks(
+            args.world_size,
+            _rank_main,
+            args,
+            impl,
+            timeout_s=1800.0,
+            backend="nccl" if cuda else "gloo",
+            threads=threads,
+            collective_timeout_s=600.0,
+        )
+    except RanksFailed as exc:  # which rank, and the last line of its traceback
+        lines = str(exc).strip().splitlines()
+        return {"error": " ".join(dict.fromkeys([lines[0], lines[-1]]))}
+    return per_rank[0]
 
 
 def figures(args, results: dict[str, dict]) -> dict:
@@ -352,7 +341,6 @@ def report(args, fig: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout works too
     fig = figures(args, {impl: run_impl(args, impl) for impl in args.impls})
     report(args, fig)
     if args.json:

@@ -23,17 +23,17 @@ Example (the figures in docs/evaluation.md):
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import pickle
-import queue
-import socket
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # runnable as a plain script from a checkout (tools.spawn)
+    sys.path.insert(0, str(REPO))
 
 BLOCK = 65536  # rows drawn per generator seed: slices do not depend on the number of ranks
 
@@ -101,68 +101,46 @@ def peak_bytes() -> int:
     return _status_kib("VmHWM") * 1024
 
 
-def _rank_main(rank: int, args, port: int, threads: int, results) -> None:
+def _rank_main(rank: int, world_size: int, args) -> tuple:
+    """(seconds, memory growth, bytes held, top-k scores, top-k indices) of this rank's search."""
     from dist_cosface.eval.topk import shard_range, sharded_topk
 
-    torch.set_num_threads(threads)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=args.ranks,
-        timeout=datetime.timedelta(seconds=1800),
-    )
-    try:
-        group = dist.group.WORLD
-        start, stop = shard_range(args.gallery, rank, args.ranks)
-        shard = draw_rows(start, stop, args.dim, args.seed)
-        queries = draw_queries(args)
-        held = reset_peak()
-        dist.barrier(group=group)
-        t0 = time.perf_counter()
-        top = sharded_topk(queries, shard, args.k, offset=start, group=group, chunk_size=args.chunk)
-        dist.barrier(group=group)
-        seconds = time.perf_counter() - t0
-        grow = peak_bytes() - held
-        # plain pickle: tensors by value (shared memory would vanish when this rank exits)
-        results.put(pickle.dumps((rank, seconds, grow, shard.numel() * 4, top.scores, top.indices)))
-    finally:
-        dist.destroy_process_group()
+    group = dist.group.WORLD
+    start, stop = shard_range(args.gallery, rank, world_size)
+    shard = draw_rows(start, stop, args.dim, args.seed)
+    queries = draw_queries(args)
+    held = reset_peak()
+    dist.barrier(group=group)
+    t0 = time.perf_counter()
+    top = sharded_topk(queries, shard, args.k, offset=start, group=group, chunk_size=args.chunk)
+    dist.barrier(group=group)
+    seconds = time.perf_counter() - t0
+    grow = peak_bytes() - held
+    return seconds, grow, shard.numel() * 4, top.scores, top.indices
 
 
 def run_sharded(args) -> dict:
+    from tools.spawn import RanksFailed, run_ranks
+
     threads = max(1, (os.cpu_count() or 1) // args.ranks)
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = [
-        ctx.Process(target=_rank_main, args=(r, args, port, threads, results))
-        for r in range(args.ranks)
-    ]
-    for p in procs:
-        p.start()
-    per_rank = []
-    while len(per_rank) < len(procs):  # a rank that dies fails the run instead of hanging it
-        try:
-            per_rank.append(pickle.loads(results.get(timeout=5)))
-        except queue.Empty:
-            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            if dead:
-                for p in procs:
-                    p.kill()
-                raise SystemExit(f"a rank exited with status {dead[0]}") from None
-    for p in procs:
-        p.join()
-    per_rank.sort(key=lambda r: r[0])
-    worst = max(per_rank, key=lambda r: r[2] / r[3])
+    try:  # a rank that dies fails the run instead of hanging it
+        per_rank = run_ranks(
+            args.ranks,
+            _rank_main,
+            args,
+            timeout_s=1800.0,
+            threads=threads,
+            collective_timeout_s=1800.0,
+        )
+    except RanksFailed as exc:
+        raise SystemExit(str(exc)) from None
+    worst = max(per_rank, key=lambda r: r[1] / r[2])
     return {
-        "seconds": max(r[1] for r in per_rank),
-        "growth": worst[2],
-        "held": worst[3],
-        "scores": per_rank[0][4],
-        "indices": per_rank[0][5],
+        "seconds": max(r[0] for r in per_rank),
+        "growth": worst[1],
+        "held": worst[2],
+        "scores": per_rank[0][3],
+        "indices": per_rank[0][4],
         "threads": threads,
     }
 

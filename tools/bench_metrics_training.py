@@ -26,6 +26,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # runnable as a plain script from a checkout (tools.spawn)
+    sys.path.insert(0, str(REPO))
 
 
 SETTINGS = {
@@ -38,12 +40,10 @@ SETTINGS = {
 def run_once(
     config: str, steps: int, setting: str, out: Path, port: int, log_every: int, extra: list[str]
 ) -> float:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
+    from tools.spawn import torchrun_command
+
+    cmd = torchrun_command(
+        2,
         "-m",
         "dist_cosface.cli",
         "train",
@@ -58,7 +58,7 @@ def run_once(
         f"train.output_dir={out}",
         "eval.targets=[]",
         *extra,
-    ]
+    )
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     subprocess.run(cmd, check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
     lines = (out / "metrics.jsonl").read_text().splitlines()[1:]

@@ -15,7 +15,7 @@ from pathlib import Path
 from unittest import mock
 
 from dist_cosface.data import dataset
-from dist_cosface.data.shards import LABELS_NAME, MANIFEST_NAME, Manifest, ShardInfo, ShardWriter
+from dist_cosface.data.shards import Manifest, ShardInfo, ShardWriter, publish_shard_set
 
 
 def _write(out: Path, shards: int, shard_size: int) -> None:
@@ -31,8 +31,7 @@ def _write(out: Path, shards: int, shard_size: int) -> None:
         for i in range(shard_size):
             writer.write(f"{s * shard_size + i:09d}", {"jpg": buf.getvalue(), "cls": b"0"})
         infos.append(ShardInfo(writer.tar_path.name, writer.num_samples, writer.close()))
-    (out / MANIFEST_NAME).write_text(Manifest(1, shards * shard_size, infos).to_json())
-    (out / LABELS_NAME).write_text("{}")
+    publish_shard_set(out, Manifest(1, shards * shard_size, infos))
 
 
 def _length_check_only(tar: Path, entries) -> str:

@@ -140,6 +140,27 @@ def global_log_sum_exp(
     return global_max + sum_exp.log(), global_tgt_logit
 
 
+def backward_scales(
+    plan: LossPlan,
+    grad_loss: torch.Tensor,
+    tgt_logit: torch.Tensor,
+    tgt_cos: torch.Tensor,
+    lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(target column of G [N], factor)`` for the backward of both kernels (torch, Triton).
+
+    G = d(N * loss)/d(logit) with the target column rescaled to dlogit = s f'(c) dcos, so
+    that d/dx_hat = s G W_hat and d/dW_hat = G^T (s x_hat) hold for every column; G is in
+    [-f'(c), 1] (fp16 safe) and ``factor`` = grad_loss / N is applied after the matmuls in
+    fp32.
+    """
+    tgt_grad = (torch.exp(tgt_logit - lse) - 1.0) * target_fn_grad(plan.spec, tgt_cos)
+    if plan.compute_dtype == torch.float16:
+        # ArcFace's f'(c) is unbounded as c -> 1; keep G finite in fp16
+        tgt_grad = tgt_grad.clamp(-6e4, 6e4)
+    return tgt_grad, grad_loss.to(plan.stat_dtype) / tgt_logit.shape[0]
+
+
 class ShardedMarginLoss(torch.autograd.Function):
     """Mean over the global batch of ``logsumexp_j(logit_j) - logit_target``.
 
@@ -214,14 +235,7 @@ class ShardedMarginLoss(torch.autograd.Function):
         x_scaled, weight, rows, target_col, tgt_cos, tgt_logit, lse = ctx.saved_tensors
         plan: LossPlan = ctx.plan
         num_cols = weight.shape[0] if rows is None else rows.shape[0]
-        # G = d(N * loss)/d(logit) with the target column rescaled to dlogit = s f'(c) dcos,
-        # so that d/dx_hat = s G W_hat and d/dW_hat = G^T (s x_hat) hold for every column;
-        # G is in [-f'(c), 1] (fp16 safe) and 1/N is applied after the matmuls in fp32
-        tgt_grad = (torch.exp(tgt_logit - lse) - 1.0) * target_fn_grad(plan.spec, tgt_cos)
-        if plan.compute_dtype == torch.float16:
-            # ArcFace's f'(c) is unbounded as c -> 1; keep G finite in fp16
-            tgt_grad = tgt_grad.clamp(-6e4, 6e4)
-        factor = grad_loss.to(plan.stat_dtype) / x_scaled.shape[0]
+        tgt_grad, factor = backward_scales(plan, grad_loss, tgt_logit, tgt_cos, lse)
         grad_x = torch.zeros(x_scaled.shape, dtype=plan.stat_dtype, device=x_scaled.device)
         grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for c0, c1 in _chunks(num_cols, plan, x_scaled):

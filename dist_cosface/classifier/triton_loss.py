@@ -22,9 +22,9 @@ from dist_cosface.classifier.loss import (
     _chunks,
     _mm,
     _target_stats,
+    backward_scales,
     global_log_sum_exp,
 )
-from dist_cosface.classifier.margins import target_fn_grad
 
 KERNELS = ("auto", "torch", "triton")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -262,10 +262,7 @@ class TritonMarginLoss(torch.autograd.Function):
         x_scaled, weight, rows, target_col, tgt_cos, tgt_logit, lse, inv = ctx.saved_tensors
         plan: LossPlan = ctx.plan
         # same G convention as loss.ShardedMarginLoss.backward (target column rescaled by f')
-        tgt_grad = (torch.exp(tgt_logit - lse) - 1.0) * target_fn_grad(plan.spec, tgt_cos)
-        if plan.compute_dtype == torch.float16:
-            tgt_grad = tgt_grad.clamp(-6e4, 6e4)
-        factor = grad_loss.to(plan.stat_dtype) / x_scaled.shape[0]
+        tgt_grad, factor = backward_scales(plan, grad_loss, tgt_logit, tgt_cos, lse)
         grad_x, grad_w = weight_and_input_grads(
             x_scaled, weight, rows, inv, target_col.contiguous(), tgt_grad, lse, factor,
             plan, ctx.needs_input_grad[1],

@@ -5,6 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from dist_cosface.configtools import check_minimums
+
+_MINIMUMS = {
+    "batch_size": 1,
+    "image_size": 16,
+    "num_workers": 0,
+    "shuffle_buffer": 1,
+    "dali_prefetch": 1,
+    "synthetic_num_classes": 2,
+    "synthetic_samples_per_class": 1,
+    "synthetic_noise": 0,
+}
+
 
 @dataclass
 class DataConfig:
@@ -32,28 +45,9 @@ class DataConfig:
     synthetic_noise: float = 0.35
 
     def validate(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.image_size < 16:
-            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        if self.shuffle_buffer < 1:
-            raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        check_minimums(self, _MINIMUMS)
         if not 0.0 <= self.max_skip_fraction <= 1.0:  # also false for NaN
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
-        if self.dali_prefetch < 1:
-            raise ValueError(f"dali_prefetch must be >= 1, got {self.dali_prefetch}")
-        if self.synthetic_num_classes < 2:
-            raise ValueError(
-                f"synthetic_num_classes must be >= 2, got {self.synthetic_num_classes}"
-            )
-        if self.synthetic_samples_per_class < 1:
-            raise ValueError(
-                f"synthetic_samples_per_class must be >= 1, got {self.synthetic_samples_per_class}"
-            )
-        if self.synthetic_noise < 0:
-            raise ValueError(f"synthetic_noise must be >= 0, got {self.synthetic_noise}")
         if self.backend != "synthetic" and not self.path:
             raise ValueError(f"data.path is required for backend {self.backend!r}")
         if self.path.startswith("pipe:"):

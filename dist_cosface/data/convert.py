@@ -18,14 +18,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from dist_cosface.configtools import check_minimums
 from dist_cosface.data import recordio
 from dist_cosface.data.shards import (
-    LABELS_NAME,
-    MANIFEST_NAME,
     Manifest,
     ShardInfo,
     ShardWriter,
     atomic_write_text,
+    publish_shard_set,
     shard_stem,
 )
 from dist_cosface.imageio import (
@@ -54,16 +54,10 @@ class ConvertOptions:
     align_size: int = 112  # side of the aligned crops (the 112 template, scaled)
 
     def validate(self) -> None:
-        if self.shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
-        if self.max_shard_bytes < 0:
-            raise ValueError(f"max_shard_bytes must be >= 0, got {self.max_shard_bytes}")
+        minimums = {"shard_size": 1, "max_shard_bytes": 0, "workers": 1, "align_size": 8}
+        check_minimums(self, minimums)
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
-        if self.align_size < 8:
-            raise ValueError(f"align_size must be >= 8, got {self.align_size}")
         if self.image_format not in ("keep", "jpeg") or self.on_bad not in ("skip", "stop"):
             raise ValueError(f"bad image_format/on_bad: {self.image_format}/{self.on_bad}")
 
@@ -373,8 +367,7 @@ def convert(src: str | Path, out_dir: str | Path, opts: ConvertOptions) -> Conve
         source=str(src),
         skipped=dict(problems.counts),
     )
-    atomic_write_text(out_dir / LABELS_NAME, json.dumps(label_map, indent=0))
-    atomic_write_text(out_dir / MANIFEST_NAME, manifest.to_json())
+    publish_shard_set(out_dir, manifest, label_map)
     return ConvertResult(manifest, len(jobs), reused, problems)
 
 

@@ -177,3 +177,12 @@ class Manifest:
         if manifest.num_classes < 1 or not manifest.shards:
             raise ValueError(f"{where}: needs num_classes >= 1 and at least one shard")
         return manifest
+
+
+def publish_shard_set(out_dir: Path, manifest: Manifest, label_map: dict | None = None) -> None:
+    """Write ``labels.json`` then ``manifest.json`` (atomically) beside the finished shards.
+
+    The manifest comes last: a folder whose manifest exists is a complete shard set.
+    """
+    atomic_write_text(Path(out_dir) / LABELS_NAME, json.dumps(label_map or {}, indent=0))
+    atomic_write_text(Path(out_dir) / MANIFEST_NAME, manifest.to_json())

@@ -10,15 +10,7 @@ from pathlib import Path
 import torch
 
 from dist_cosface.data.config import DataConfig
-from dist_cosface.data.shards import (
-    LABELS_NAME,
-    MANIFEST_NAME,
-    Manifest,
-    ShardInfo,
-    ShardWriter,
-    atomic_write_text,
-    shard_stem,
-)
+from dist_cosface.data.shards import Manifest, ShardInfo, ShardWriter, publish_shard_set, shard_stem
 from dist_cosface.data.synthetic import SyntheticLoader
 from dist_cosface.distributed import DistContext
 from dist_cosface.seeding import stable_seed
@@ -74,8 +66,7 @@ def write_synthetic_shards(
             writer.write(f"{start + i:09d}", {"jpg": jpeg, "cls": str(label).encode()})
         shards.append(ShardInfo(writer.tar_path.name, writer.num_samples, writer.close()))
     manifest = Manifest(num_classes, num_images, shards, image_ext="jpg", source="synthetic")
-    atomic_write_text(out / LABELS_NAME, "{}")
-    atomic_write_text(out / MANIFEST_NAME, manifest.to_json())
+    publish_shard_set(out, manifest)
     return manifest
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dist_cosface.eval.bin_file import load_bin, write_bin
 from dist_cosface.eval.config import EvalConfig
-from dist_cosface.eval.evaluate import evaluate, run_evaluation
 from dist_cosface.eval.make_set import make_verification_set
+from dist_cosface.eval.pairs_dist import evaluate, run_evaluation_all_ranks
 from dist_cosface.eval.pairs_file import load_pairs
 from dist_cosface.eval.targets import load_target, load_targets
 from dist_cosface.eval.verification_set import VerificationSet
@@ -20,6 +20,6 @@ __all__ = [
     "load_target",
     "load_targets",
     "make_verification_set",
-    "run_evaluation",
+    "run_evaluation_all_ranks",
     "write_bin",
 ]

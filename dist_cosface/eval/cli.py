@@ -42,7 +42,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval_command(args: argparse.Namespace, load_backbone: LoadBackbone) -> int:
-    """Pair verification on rank 0, then the benchmarks on all ranks (under torchrun)."""
+    """Pair verification, then the benchmarks, on all ranks (one process without torchrun)."""
     if not (args.target or args.megaface or args.ijb or args.ytf):
         print("dist-cosface eval: give --target, --megaface, --ijb or --ytf", file=sys.stderr)
         return 2

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dist_cosface.configtools import check_minimums
+
 
 @dataclass
 class EvalConfig:
@@ -16,12 +18,7 @@ class EvalConfig:
     roc_png: bool = True
 
     def validate(self) -> None:
-        if self.every_steps < 0:
-            raise ValueError(f"every_steps must be >= 0, got {self.every_steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.n_folds < 2:
-            raise ValueError(f"n_folds must be >= 2, got {self.n_folds}")
+        check_minimums(self, {"every_steps": 0, "batch_size": 1, "n_folds": 2})
         for far in self.fars:
             if not 0.0 < far < 1.0:
                 raise ValueError(f"fars entries must be in (0, 1), got {far}")

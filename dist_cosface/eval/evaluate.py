@@ -1,8 +1,10 @@
-"""Embed verification pairs with a backbone and score them (rank 0 only; no collectives)."""
+"""Helpers of pair verification: preprocessing, pair scores, the ROC PNG, failure entries.
+
+The evaluation itself (one process or all ranks) is :mod:`dist_cosface.eval.pairs_dist`.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -11,10 +13,10 @@ import torch
 from torch import nn
 
 from dist_cosface.eval.config import EvalConfig
-from dist_cosface.eval.metrics import roc_auc, roc_curve, verification_metrics
-from dist_cosface.eval.targets import add_target, check_set, load_target, load_targets
+from dist_cosface.eval.metrics import roc_auc, roc_curve
+from dist_cosface.eval.targets import add_target, load_target
 from dist_cosface.eval.verification_set import VerificationSet
-from dist_cosface.imageio import decode_image, to_uint8, to_unit_range
+from dist_cosface.imageio import to_uint8, to_unit_range
 
 log = logging.getLogger(__name__)
 
@@ -30,39 +32,6 @@ def input_dtype(backbone: nn.Module) -> torch.dtype:
         if param.is_floating_point():
             return param.dtype
     return torch.float32
-
-
-@torch.no_grad()
-def embed_set(
-    backbone: nn.Module,
-    vset: VerificationSet,
-    image_size: int,
-    device: torch.device | str,
-    batch_size: int = 64,
-    flip: bool = True,
-) -> torch.Tensor:
-    """L2-normalised float32 embeddings ``[2 * num_pairs, D]`` on the CPU.
-
-    Pass the bare backbone (not a DDP/DeepSpeed wrapper): this runs on one rank only.
-
-    With ``flip``, each embedding is the sum of the image's and its mirror image's embedding.
-    """
-    was_training = backbone.training
-    backbone.eval()
-    dtype = input_dtype(backbone)
-    chunks = []
-    try:
-        for start in range(0, len(vset.images), batch_size):
-            indices = range(start, min(start + batch_size, len(vset.images)))
-            pil = [decode_image(vset.read_image_bytes(i), vset.image_name(i)) for i in indices]
-            x = preprocess(pil, image_size).to(device, dtype)
-            emb = backbone(x).float()
-            if flip:
-                emb = emb + backbone(torch.flip(x, dims=[3])).float()
-            chunks.append(emb.cpu())
-    finally:
-        backbone.train(was_training)
-    return torch.nn.functional.normalize(torch.cat(chunks), dim=1)
 
 
 def pair_scores(embeddings: torch.Tensor) -> np.ndarray:
@@ -99,30 +68,6 @@ def save_roc_png(scores: np.ndarray, issame: np.ndarray, path: str | Path, title
     return path
 
 
-def evaluate(
-    backbone: nn.Module,
-    target: str | Path | VerificationSet,
-    cfg: EvalConfig,
-    device: torch.device | str,
-    image_size: int,
-    roc_path: str | Path | None = None,
-) -> dict:
-    """Verification metrics of ``backbone`` on one set (optionally writing a ROC PNG).
-
-    Keys: accuracy, accuracy_std, best_threshold, fold_accuracies, tar_at_far {far: tar},
-    roc_auc, num_pairs.
-    """
-    vset = target if isinstance(target, VerificationSet) else load_target(target)
-    check_set(vset, cfg)
-    embeddings = embed_set(backbone, vset, image_size, device, cfg.batch_size, cfg.flip)
-    scores = pair_scores(embeddings)
-    issame = np.asarray(vset.issame, dtype=bool)
-    result = verification_metrics(scores, issame, cfg.fars, cfg.n_folds)
-    if roc_path is not None:
-        add_roc_png(result, scores, issame, roc_path, vset)
-    return result
-
-
 def add_roc_png(result: dict, scores, issame, roc_path: str | Path, vset: VerificationSet) -> None:
     """Write the ROC PNG and record it in ``result``; a failed plot is recorded, never raised."""
     try:
@@ -153,39 +98,3 @@ def load_each_target(cfg: EvalConfig, failures: dict[str, dict]) -> dict[str, Ve
         except Exception as exc:
             failures[str(target)] = failure_entry(target, exc)
     return sets
-
-
-def run_evaluation(
-    backbone: nn.Module,
-    cfg: EvalConfig,
-    device: torch.device | str,
-    image_size: int,
-    out_dir: str | Path,
-    sets: dict[str, VerificationSet] | None = None,
-    *,
-    keep_going: bool = False,
-) -> dict[str, dict]:
-    """Evaluate on every target; writes ``roc_<name>.png`` and ``eval.json`` in ``out_dir``.
-
-    With ``keep_going`` (training's final evaluation: a finished run must not fail because of
-    it), a target that cannot be loaded or evaluated is logged and recorded as
-    ``{"error": ..., "target": ...}`` and the other targets are still evaluated; without it
-    the first failure raises. A ROC plot that fails is never fatal (``roc_png_error``).
-    """
-    from dist_cosface.data.shards import atomic_write_text
-
-    out_dir = Path(out_dir)
-    results: dict[str, dict] = {}
-    if sets is None:
-        sets = load_each_target(cfg, results) if keep_going else load_targets(cfg)
-    for name, vset in sets.items():
-        roc_path = out_dir / f"roc_{name}.png" if cfg.roc_png else None
-        try:
-            results[name] = evaluate(backbone, vset, cfg, device, image_size, roc_path)
-        except Exception as exc:
-            if not keep_going:
-                raise
-            results[name] = failure_entry(vset.source or name, exc)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "eval.json", json.dumps(results, indent=2))
-    return results

@@ -1,9 +1,10 @@
-"""Pair verification (``.bin`` / pairs.txt targets) with the images split over all ranks.
+"""Pair verification (``.bin`` / pairs.txt targets): the one evaluation entry point.
 
-The same figures as :func:`dist_cosface.eval.evaluate.run_evaluation`, which runs on one rank:
-each rank embeds its slice (whole batches), the embeddings are gathered, every rank computes
-the metrics and rank 0 writes ``eval.json`` and the ROC PNGs. Used by evaluation during
-training so that no rank idles at a barrier.
+With a process group, the images are split over its ranks: each rank embeds a batch-aligned
+slice, the embeddings are gathered, every rank computes the metrics and rank 0 writes
+``eval.json`` and the ROC PNGs, so that no rank idles at a barrier during training. With
+``group=None`` everything runs in this process (``dist-cosface eval`` without torchrun, tools,
+tests); the figures are the same whatever the number of ranks.
 """
 
 from __future__ import annotations
@@ -15,40 +16,75 @@ import torch
 import torch.distributed as dist
 
 from dist_cosface.eval.config import EvalConfig
+from dist_cosface.eval.evaluate import add_roc_png, failure_entry, load_each_target, pair_scores
 from dist_cosface.eval.verification_set import VerificationSet
 
 
-def embed_pairs(
+def embed_set(
     backbone: torch.nn.Module,
     vset: VerificationSet,
     image_size: int,
     device: torch.device | str,
-    cfg: EvalConfig,
-    group: dist.ProcessGroup | None,
+    batch_size: int = 64,
+    flip: bool = True,
+    group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
-    """L2-normalised embeddings of every image of the set, on every rank."""
+    """L2-normalised float32 embeddings ``[2 * num_pairs, D]`` on the CPU, on every rank.
+
+    Pass the bare backbone (not a DDP/DeepSpeed wrapper): each rank runs it on its own slice.
+    With ``flip``, each embedding is the sum of the image's and its mirror image's embedding.
+    """
     from dist_cosface.eval.images import embed_images, rank_slice
     from dist_cosface.eval.ranks import gather_rows, run_agreed
     from dist_cosface.imageio import decode_image
 
-    start, stop = rank_slice(len(vset.images), group, cfg.batch_size)
+    start, stop = rank_slice(len(vset.images), group, batch_size)
 
     def load(i: int):
         return decode_image(vset.read_image_bytes(i), vset.image_name(i))
 
     local = run_agreed(
         lambda: embed_images(
-            backbone,
-            list(range(start, stop)),
-            image_size,
-            device,
-            cfg.batch_size,
-            cfg.flip,
-            load=load,
+            backbone, list(range(start, stop)), image_size, device, batch_size, flip, load=load
         ),
         group,
     )
     return torch.nn.functional.normalize(gather_rows(local, group), dim=1)
+
+
+def evaluate(
+    backbone: torch.nn.Module,
+    target: str | Path | VerificationSet,
+    cfg: EvalConfig,
+    device: torch.device | str,
+    image_size: int,
+    roc_path: str | Path | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> dict:
+    """Verification metrics of ``backbone`` on one set (collective with a ``group``).
+
+    Keys: accuracy, accuracy_std, best_threshold, fold_accuracies, tar_at_far {far: tar},
+    roc_auc, num_pairs; with ``roc_path``, rank 0 draws the ROC PNG there (``roc_png``, or
+    ``roc_png_error`` if the plot failed) and the other ranks record where it is drawn.
+    """
+    from dist_cosface.eval.metrics import verification_metrics
+    from dist_cosface.eval.ranks import run_agreed
+    from dist_cosface.eval.targets import check_set, load_target
+
+    if isinstance(target, VerificationSet):
+        vset = target
+    else:
+        vset = run_agreed(lambda: load_target(target), group)
+    check_set(vset, cfg)
+    embeddings = embed_set(backbone, vset, image_size, device, cfg.batch_size, cfg.flip, group)
+    scores = pair_scores(embeddings)
+    issame = np.asarray(vset.issame, dtype=bool)
+    result = verification_metrics(scores, issame, cfg.fars, cfg.n_folds)
+    if roc_path is not None and _is_main(group):
+        add_roc_png(result, scores, issame, roc_path, vset)
+    elif roc_path is not None:
+        result["roc_png"] = str(roc_path)  # where rank 0 draws it; only rank 0's results are kept
+    return result
 
 
 def run_evaluation_all_ranks(
@@ -57,20 +93,23 @@ def run_evaluation_all_ranks(
     device: torch.device | str,
     image_size: int,
     out_dir: str | Path,
-    group: dist.ProcessGroup | None,
+    group: dist.ProcessGroup | None = None,
     sets: dict[str, VerificationSet] | None = None,
     *,
     keep_going: bool = False,
 ) -> dict[str, dict]:
-    """Collective: every rank calls it and gets the results; rank 0 writes the files.
+    """Evaluate on every target; writes ``roc_<name>.png`` and ``eval.json`` in ``out_dir``.
 
-    ``keep_going`` has the meaning of :func:`dist_cosface.eval.evaluate.run_evaluation`: a
-    target that fails is recorded as ``{"error", "target"}`` and the others are still evaluated.
-    Every failure inside a collective step is raised on all ranks alike (``run_agreed``), so
-    all ranks record the same entry and stay in step.
+    Collective with a ``group``: every rank calls it and gets the results; rank 0 writes the
+    files. ``sets`` (from ``load_targets``) avoids re-reading the files at every evaluation.
+    With ``keep_going`` (training's final evaluation: a finished run must not fail because of
+    it), a target that cannot be loaded or evaluated is logged and recorded as
+    ``{"error": ..., "target": ...}`` and the other targets are still evaluated; without it
+    the first failure raises. A ROC plot that fails is never fatal (``roc_png_error``). Every
+    failure inside a collective step is raised on all ranks alike (``run_agreed``), so all
+    ranks record the same entry and stay in step.
     """
     from dist_cosface.eval.benchmarks import write_results
-    from dist_cosface.eval.evaluate import failure_entry, load_each_target
     from dist_cosface.eval.ranks import run_agreed
     from dist_cosface.eval.targets import load_targets
 
@@ -78,44 +117,19 @@ def run_evaluation_all_ranks(
     if sets is None:
         load = (lambda: load_each_target(cfg, results)) if keep_going else lambda: load_targets(cfg)
         sets = run_agreed(load, group)
-    main = group is None or dist.get_rank(group) == 0
     out_dir = Path(out_dir)
     for name, vset in sets.items():
+        roc_path = out_dir / f"roc_{name}.png" if cfg.roc_png else None
         try:
-            results[name] = _evaluate_set(
-                backbone, vset, cfg, device, image_size, group, main, out_dir / f"roc_{name}.png"
-            )
+            results[name] = evaluate(backbone, vset, cfg, device, image_size, roc_path, group)
         except Exception as exc:
             if not keep_going:
                 raise
             results[name] = failure_entry(vset.source or name, exc)
-    if main:
+    if _is_main(group):
         write_results(out_dir / "eval.json", results)
     return results
 
 
-def _evaluate_set(
-    backbone: torch.nn.Module,
-    vset: VerificationSet,
-    cfg: EvalConfig,
-    device: torch.device | str,
-    image_size: int,
-    group: dist.ProcessGroup | None,
-    main: bool,
-    roc_path: Path,
-) -> dict:
-    """Collective: the metrics of one set on every rank; rank 0 draws the ROC PNG."""
-    from dist_cosface.eval.evaluate import add_roc_png, pair_scores
-    from dist_cosface.eval.metrics import verification_metrics
-
-    if vset.num_pairs < cfg.n_folds:
-        raise ValueError(f"{vset.source}: {vset.num_pairs} pairs < eval.n_folds={cfg.n_folds}")
-    embeddings = embed_pairs(backbone, vset, image_size, device, cfg, group)
-    scores = pair_scores(embeddings)
-    issame = np.asarray(vset.issame, dtype=bool)
-    result = verification_metrics(scores, issame, cfg.fars, cfg.n_folds)
-    if cfg.roc_png and main:
-        add_roc_png(result, scores, issame, roc_path, vset)
-    elif cfg.roc_png:
-        result["roc_png"] = str(roc_path)  # where rank 0 draws it; only rank 0's results are kept
-    return result
+def _is_main(group: dist.ProcessGroup | None) -> bool:
+    return group is None or dist.get_rank(group) == 0

@@ -22,7 +22,7 @@ from torch import nn
 from dist_cosface.classifier import ShardedClassifier, build_classifier_optimizer
 from dist_cosface.engine.config import OptimConfig
 from dist_cosface.engine.optim import lr_at, set_lr
-from dist_cosface.eval.metrics import kfold_accuracy, roc_auc, tar_at_far
+from dist_cosface.eval.metrics import verification_metrics
 from dist_cosface.experiments.faces import FaceSet, identity_split, load_faces, make_pairs
 from dist_cosface.experiments.smallnet import SmallFaceNet
 from dist_cosface.imageio import to_unit_range
@@ -189,20 +189,20 @@ def embed(model: nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Ten
 
 
 def verify(features: torch.Tensor, labels: torch.Tensor, max_pairs: int) -> dict:
+    """The evaluator's figures (``verification_metrics``, 10 folds) as one flat result row."""
     pairs, issame = make_pairs(labels, max_pairs, seed=0)  # same pairs for every run
     f = F.normalize(features.double(), dim=1)
     scores = (f[pairs[:, 0]] * f[pairs[:, 1]]).sum(1).numpy()
-    result = kfold_accuracy(scores, issame, n_folds=10)
-    result.pop("fold_accuracies")
+    metrics = verification_metrics(scores, issame, list(FARS), n_folds=10)
+    tars = metrics.pop("tar_at_far")
+    metrics.pop("fold_accuracies")
     negatives = int((~issame).sum())
+    row = {k: metrics.pop(k) for k in ("accuracy", "accuracy_std", "best_threshold")}
     for far in FARS:
         # TAR at a FAR below 1/negatives would be decided by a single pair: not reported
-        result[f"tar_at_far_{far:g}"] = (
-            tar_at_far(scores, issame, far) if far * negatives >= 1 else None
-        )
-    result["roc_auc"] = roc_auc(scores, issame)
-    result["num_pairs"] = int(len(issame))
-    return result
+        row[f"tar_at_far_{far:g}"] = tars[far] if far * negatives >= 1 else None
+    row.update(metrics)  # roc_auc, num_pairs
+    return row
 
 
 def run_experiment(cfg: ExperimentConfig, repo_root: str | Path = ".") -> dict:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from dist_cosface.configtools import check_minimums
+
 
 @dataclass
 class ModelConfig:
@@ -16,9 +18,6 @@ class ModelConfig:
     dropout: float = 0.0
 
     def validate(self) -> None:
-        if self.embedding_size < 2:
-            raise ValueError(f"embedding_size must be >= 2, got {self.embedding_size}")
-        if self.input_size < 16:
-            raise ValueError(f"input_size must be >= 16, got {self.input_size}")
+        check_minimums(self, {"embedding_size": 2, "input_size": 16})
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
