@@ -25,19 +25,11 @@ from dist_cosface.engine import train
 from dist_cosface.engine.ckpt_read import read_value
 from dist_cosface.engine.parts import seed_everything
 from tests.multiproc import run_ranks
-from tests.tiny import tiny_config
+from tests.tiny import DS_COMPARE_OVERRIDES, tiny_config
 
 pytest.importorskip("deepspeed")
 
-# accumulation 2 (DeepSpeed scales the loss itself), SGD momentum + weight decay, no clipping:
-# with DeepSpeed the backbone is clipped by DeepSpeed on its own norm (see docs/training.md)
-_OVERRIDES = (
-    "optim.grad_accum_steps=2",
-    "optim.grad_clip=null",
-    "optim.weight_decay=0.01",
-    "optim.lr=0.02",
-    "classifier.scale=8.0",
-)
+_OVERRIDES = DS_COMPARE_OVERRIDES
 
 
 def _state(backbone: dict, head: torch.Tensor, loss: float, grad_norm: float) -> dict:

@@ -84,3 +84,15 @@ def fixed_batches(n, batch, seed=0):
         )
         for _ in range(n)
     ]
+
+
+# DeepSpeed vs DDP comparisons (tests/test_engine_deepspeed.py, tools/ds_rounding_check.py):
+# accumulation 2 (DeepSpeed scales the loss itself), SGD momentum + weight decay, no clipping
+# (with DeepSpeed the backbone is clipped by DeepSpeed on its own norm, docs/training.md)
+DS_COMPARE_OVERRIDES = (
+    "optim.grad_accum_steps=2",
+    "optim.grad_clip=null",
+    "optim.weight_decay=0.01",
+    "optim.lr=0.02",
+    "classifier.scale=8.0",
+)

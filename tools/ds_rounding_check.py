@@ -22,12 +22,11 @@ def _train(engine: str, zero_stage: int, out: str, seed: int, ulp_sign_seed: int
     from dist_cosface.engine import train
     from dist_cosface.engine.parts import seed_everything
     from dist_cosface.models import build_backbone
-    from tests.test_engine import tiny_config
-    from tests.test_engine_deepspeed import _OVERRIDES
+    from tests.tiny import DS_COMPARE_OVERRIDES, tiny_config
 
     cfg = tiny_config(
         out,
-        *_OVERRIDES,
+        *DS_COMPARE_OVERRIDES,
         "train.total_steps=2",
         f"train.seed={seed}",
         f"train.engine={engine}",
