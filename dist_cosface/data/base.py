@@ -11,10 +11,16 @@ backend dies keeps handing out placeholder batches until the shared decision sto
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from dist_cosface.data.integrity import BadDataLog
+
+if TYPE_CHECKING:
+    from dist_cosface.data.config import DataConfig
+    from dist_cosface.data.dataset import ShardSet
+    from dist_cosface.distributed import DistContext
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -38,7 +44,7 @@ class BaseLoader:
         self.sync_device = torch.device("cpu")
         self.out_device = torch.device("cpu")
 
-    def track_bad_data(self, cfg, ctx, shards) -> None:
+    def track_bad_data(self, cfg: DataConfig, ctx: DistContext, shards: ShardSet) -> None:
         """Count losses against the manifest's sample count; static ones are logged once."""
         self.bad = BadDataLog(
             cfg.on_bad_sample, cfg.max_skip_fraction, shards.manifest.num_samples, ctx.rank

@@ -93,7 +93,8 @@ class RunMetrics:
         """At log steps, with values the engine has already copied to the host."""
 
     def on_checkpoint(self, seconds: float) -> None:
-        """After a checkpoint was written, with its wall time."""
+        """After a checkpoint save returned, with the seconds it blocked training (the host
+        snapshot with ``checkpoint.async_save``, the whole write otherwise)."""
 
     def on_eval(self, target: str, accuracy: float) -> None:
         """After evaluating on ``target`` (e.g. ``lfw``)."""
@@ -199,7 +200,7 @@ class PrometheusMetrics(RunMetrics):
         self._ckpt = make(
             Histogram,
             "checkpoint_duration_seconds",
-            "Wall time of a checkpoint save",
+            "Seconds a checkpoint save blocked training",
             buckets=CHECKPOINT_BUCKETS,
         )
         self._skipped = make(
