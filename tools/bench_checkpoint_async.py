@@ -16,15 +16,17 @@ given as a ratio of the sync one.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # runnable as a plain script from a checkout (tools.spawn)
+    sys.path.insert(0, str(REPO))
 
 
 class _Position:
@@ -74,12 +76,9 @@ def _one_save(args, ctx, root: Path, async_save: bool, step: int) -> tuple[float
     return blocked, time.perf_counter() - t0
 
 
-def _rank(rank: int, world: int, port: int, args, root: str, out) -> None:
+def _rank(rank: int, world: int, args, root: str) -> dict:
     from dist_cosface.distributed import context_from_group
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     ctx = context_from_group(dist.group.WORLD, torch.device("cpu"))
     results = {}
     for mode in ("sync", "async"):
@@ -88,17 +87,12 @@ def _rank(rank: int, world: int, port: int, args, root: str, out) -> None:
             for step in range(args.repeats)
         ]
         results[mode] = min(runs)
-    out.put((rank, results))
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return results
 
 
 def main() -> None:
+    from tools.spawn import run_ranks
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", type=int, default=2_000_000)
     parser.add_argument("--dim", type=int, default=128)
@@ -106,25 +100,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dir", default=None, help="where to write (default: a temp folder)")
     args = parser.parse_args()
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
     with tempfile.TemporaryDirectory(dir=args.dir) as root:
-        port = _free_port()
-        procs = [
-            ctx.Process(target=_rank, args=(r, args.ranks, port, args, root, queue))
-            for r in range(args.ranks)
-        ]
-        for p in procs:
-            p.start()
-        results = dict(queue.get(timeout=1800) for _ in procs)
-        for p in procs:
-            p.join()
+        results = run_ranks(
+            args.ranks, _rank, args, root, timeout_s=1800, collective_timeout_s=1800
+        )
     gb = args.classes * args.dim * 4 * 2 / 1e9
     print(f"head {args.classes} x {args.dim} fp32 + momentum = {gb:.2f} GB on {args.ranks} ranks")
-    sync_block = max(r["sync"][0] for r in results.values())
+    sync_block = max(r["sync"][0] for r in results)
     for mode in ("sync", "async"):
-        block = max(r[mode][0] for r in results.values())
-        done = max(r[mode][1] for r in results.values())
+        block = max(r[mode][0] for r in results)
+        done = max(r[mode][1] for r in results)
         print(
             f"{mode:5}  blocks the loop {block:7.2f} s ({block / sync_block:.2f}x sync)   "
             f"published after {done:7.2f} s"
