@@ -15,13 +15,6 @@ import torch
 import torch.distributed as dist
 
 
-def _first_available(*names: str) -> str:
-    for name in names:
-        if hasattr(dist, name):
-            return name
-    raise RuntimeError(f"torch.distributed has none of {names}")
-
-
 class Comm:
     """A process group (or None) plus a seconds counter for the head's collectives."""
 
@@ -32,9 +25,8 @@ class Comm:
         self.timed = False
         self.seconds = 0.0
 
-    def _run(self, name: str, *args: Any, **kwargs: Any) -> None:
-        # looked up at call time so tests can count calls by monkeypatching torch.distributed
-        fn: Callable[..., Any] = getattr(dist, name)
+    def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Call the collective ``fn`` on this group, timed when ``timed``."""
         if not self.timed:
             fn(*args, group=self.group, **kwargs)
             return
@@ -50,8 +42,7 @@ class Comm:
         if self.group is None:
             return local
         out = local.new_empty((self.world_size * local.shape[0], *local.shape[1:]))
-        name = _first_available("all_gather_single", "all_gather_into_tensor")
-        self._run(name, out, local.contiguous())
+        self._run(dist.all_gather_into_tensor, out, local.contiguous())
         return out
 
     def reduce_scatter(self, full: torch.Tensor) -> torch.Tensor:
@@ -59,13 +50,12 @@ class Comm:
         if self.group is None:
             return full
         out = full.new_empty((full.shape[0] // self.world_size, *full.shape[1:]))
-        name = _first_available("reduce_scatter_single", "reduce_scatter_tensor")
-        self._run(name, out, full.contiguous(), op=dist.ReduceOp.SUM)
+        self._run(dist.reduce_scatter_tensor, out, full.contiguous(), op=dist.ReduceOp.SUM)
         return out
 
     def all_reduce_(self, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> None:
         if self.group is not None:
-            self._run("all_reduce", tensor, op=op)
+            self._run(dist.all_reduce, tensor, op=op)
 
 
 def _sync(device: torch.device) -> None:
