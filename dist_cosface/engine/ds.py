@@ -108,8 +108,8 @@ class DeepSpeedCheckpoint:
             raise ValueError(
                 f"{folder}: a DeepSpeed ZeRO-{self.zero_stage} checkpoint written by "
                 f"{saved_world_size} ranks cannot resume on {self.world_size}: its optimizer "
-                "partitions are per rank. Resume on the same rank count, or convert "
-                "deepspeed/ with DeepSpeed's ds_to_universal.py first (docs/training.md, "
-                "'DeepSpeed and rank counts')"
+                "partitions are per rank. Resume on the same rank count (DeepSpeed's "
+                "ds_to_universal.py converts deepspeed/ for other counts, which dist_cosface "
+                "does not load yet; docs/training.md, 'DeepSpeed and rank counts')"
             )
         self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
