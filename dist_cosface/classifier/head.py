@@ -32,7 +32,7 @@ from torch import nn
 from dist_cosface.classifier.comm import Comm, GatherBatch, gather_labels
 from dist_cosface.classifier.config import ClassifierConfig
 from dist_cosface.classifier.health import MarginHealth, RowStats, RowStatsSlot, margin_health
-from dist_cosface.classifier.loss import LossPlan, ShardedMarginLoss
+from dist_cosface.classifier.loss import LossPlan, LossTask, ShardedMarginLoss
 from dist_cosface.classifier.margins import (
     MARGIN_TYPES,
     MarginSpec,
@@ -274,9 +274,8 @@ class ShardedClassifier(nn.Module):
             if use_triton(self.kernel, x.device, plan.compute_dtype)
             else ShardedMarginLoss
         )
-        loss = loss_fn.apply(
-            x.to(plan.compute_dtype), self.weight, rows, target_col, plan, comm, slot
-        )
+        task = LossTask(rows, target_col, plan, comm, slot)
+        loss = loss_fn.apply(x.to(plan.compute_dtype), self.weight, task)
         self.last_row_stats = slot.value if slot is not None else None
         return loss
 

@@ -161,17 +161,31 @@ def backward_scales(
     return tgt_grad, grad_loss.to(plan.stat_dtype) / tgt_logit.shape[0]
 
 
+@dataclass(frozen=True)
+class LossTask:
+    """The non-differentiable inputs of one margin-loss forward (torch or Triton kernels).
+
+    rows ``[Ks]`` int64 or None: local rows in use (Partial FC), None means all K;
+    target_col ``[N]`` int64: column of the sample's class among the used rows, -1 when
+    another rank owns it; plan: the maths and dtypes; comm: the group the two all-reduces run
+    on; row_stats: a :class:`health.RowStatsSlot` to receive the global per-row target and
+    hardest-negative cosines (margin health), or None.
+    """
+
+    rows: torch.Tensor | None
+    target_col: torch.Tensor
+    plan: LossPlan
+    comm: Comm
+    row_stats: RowStatsSlot | None = None
+
+
 class ShardedMarginLoss(torch.autograd.Function):
     """Mean over the global batch of ``logsumexp_j(logit_j) - logit_target``.
 
     Shapes (N: global batch, D: embedding width, K: local classes, Ks: used local classes):
       x ``[N, D]``: gathered embeddings in the compute dtype (L2-normalized unless softmax),
       weight ``[K, D]``: this rank's class rows (raw, normalized per chunk),
-      rows ``[Ks]`` int64 or None: local rows in use (Partial FC), None means all K,
-      target_col ``[N]`` int64: column of the sample's class among the used rows, -1 when
-      another rank owns it.
-      row_stats: a :class:`health.RowStatsSlot` to receive the global per-row target and
-      hardest-negative cosines (margin health), or None.
+      task: a :class:`LossTask` (used rows, target columns, plan, group, margin-health slot).
     Returns the scalar loss (identical on every rank).
 
     Collectives per call: forward 2 all-reduces on ``comm``'s group (row max: MAX over
@@ -184,16 +198,8 @@ class ShardedMarginLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        rows: torch.Tensor | None,
-        target_col: torch.Tensor,
-        plan: LossPlan,
-        comm: Comm,
-        row_stats: RowStatsSlot | None = None,
-    ) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, task: LossTask) -> torch.Tensor:
+        rows, target_col, plan = task.rows, task.target_col, task.plan
         num_cols = weight.shape[0] if rows is None else rows.shape[0]
         n = x.shape[0]
         # the scale is folded into the small [N, D] operand instead of every logit
@@ -224,7 +230,7 @@ class ShardedMarginLoss(torch.autograd.Function):
             run_sum.add_(logits.exp_().sum(dim=1))
             run_max = new_max
         lse, global_tgt_logit = global_log_sum_exp(
-            comm, run_max, run_sum, tgt_logit, tgt_cos, run_neg, plan, row_stats
+            task.comm, run_max, run_sum, tgt_logit, tgt_cos, run_neg, plan, task.row_stats
         )
         ctx.save_for_backward(x_scaled, weight, rows, target_col, tgt_cos, tgt_logit, lse)
         ctx.plan, ctx.kept = plan, kept
@@ -250,7 +256,7 @@ class ShardedMarginLoss(torch.autograd.Function):
                 _store_weight_grad(grad_w, rows, c0, c1, grad_w_hat, w, inv_norm, factor)
         ctx.kept = None
         grad_x *= factor * plan.spec.logit_scale
-        return grad_x.to(x_scaled.dtype), grad_w, None, None, None, None, None
+        return grad_x.to(x_scaled.dtype), grad_w, None
 
 
 def _store_weight_grad(

@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 
-from dist_cosface.classifier.comm import Comm
-from dist_cosface.classifier.health import RowStatsSlot
 from dist_cosface.classifier.loss import (
     LossPlan,
+    LossTask,
     _chunks,
     _mm,
     _target_stats,
@@ -210,10 +209,8 @@ class TritonMarginLoss(torch.autograd.Function):
 
     Shapes (N: global batch, D: embedding width, K: local classes, Ks: used local classes):
       x ``[N, D]``: gathered embeddings in the compute dtype (fp32/fp16/bf16; L2-normalized
-      unless softmax), weight ``[K, D]``: this rank's raw class rows, rows ``[Ks]`` int64 or
-      None (Partial FC), target_col ``[N]`` int64 (-1: another rank owns the target),
-      row_stats: a :class:`health.RowStatsSlot` to receive the global per-row target and
-      hardest-negative cosines (margin health), or None.
+      unless softmax), weight ``[K, D]``: this rank's raw class rows, task: a
+      :class:`loss.LossTask` (used rows, target columns, plan, group, margin-health slot).
     Returns the scalar loss (identical on every rank).
 
     Collectives per call: forward 2 all-reduces on ``comm``'s group (row max: MAX over
@@ -224,16 +221,8 @@ class TritonMarginLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        rows: torch.Tensor | None,
-        target_col: torch.Tensor,
-        plan: LossPlan,
-        comm: Comm,
-        row_stats: RowStatsSlot | None = None,
-    ) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, task: LossTask) -> torch.Tensor:
+        rows, target_col, plan = task.rows, task.target_col, task.plan
         scale = plan.spec.logit_scale
         x_scaled = (x.to(plan.stat_dtype) * scale).to(plan.compute_dtype).contiguous()
         weight_c = weight.detach().contiguous()
@@ -244,14 +233,14 @@ class TritonMarginLoss(torch.autograd.Function):
         )
         row_max, row_sum = row_max.to(plan.stat_dtype), row_sum.to(plan.stat_dtype)
         lse, global_tgt_logit = global_log_sum_exp(
-            comm,
+            task.comm,
             row_max,
             row_sum,
             tgt_logit,
             tgt_cos,
             hard_neg.to(plan.stat_dtype),
             plan,
-            row_stats,
+            task.row_stats,
         )
         ctx.save_for_backward(x_scaled, weight_c, rows, target_col, tgt_cos, tgt_logit, lse, inv)
         ctx.plan = plan
@@ -268,4 +257,4 @@ class TritonMarginLoss(torch.autograd.Function):
             plan, ctx.needs_input_grad[1],
         )  # fmt: skip
         grad_x *= factor * plan.spec.logit_scale
-        return grad_x.to(x_scaled.dtype), grad_w, None, None, None, None, None
+        return grad_x.to(x_scaled.dtype), grad_w, None
