@@ -1,5 +1,6 @@
 """What verified checkpoints cost: CRC32 + fsync at save, verification at resume.
 
+(The blocking time of sync vs async DCP saves is tools/bench_checkpoint_async.py.)
 Writes one realistic classifier shard (default: Glint360K's 360,232 identities over 8 ranks,
 512-d fp32 weight + SGD momentum, ~184 MB) with ``torch.save`` and reports, against that save
 in the same run:
@@ -45,7 +46,7 @@ def main() -> None:
         "optim": {"state": {0: {"momentum_buffer": torch.randn(args.rows, args.dim)}}},
     }
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        path = Path(tmp) / "classifier_rank0.pt"
+        path = Path(tmp) / "shard.pt"
         save = _best(lambda: torch.save(shard, path), args.repeats)
         recorded = _best(lambda: (torch.save(shard, path), file_record(path)), args.repeats)
         verify = _best(lambda: file_record(path), args.repeats)

@@ -1,7 +1,7 @@
 """Partial FC class sampling: every positive class plus uniform negatives, reproducibly.
 
 The negatives of one forward depend only on ``(seed, step, micro_step, class_start)``, so a
-run resumed at step ``t`` (``head.set_step(t)``) draws exactly what the original run drew.
+run resumed at step ``t`` (``head.begin_step(t)``) draws exactly what the original run drew.
 """
 
 from __future__ import annotations
