@@ -33,7 +33,7 @@ class ClassifierState:
         self.head, self.optimizer, self.mesh = head, optimizer, mesh
 
     def state_dict(self) -> dict:
-        rows = {name: t for name, t in self.optimizer.row_state().items()}
+        rows = self.optimizer.row_state()
         return {
             "weight": self._global(self.head.weight.detach()),
             "optim": {name: self._global(t) for name, t in rows.items()},

@@ -123,12 +123,8 @@ class Checkpointer:
     def __init__(self, root: Path, ctx: DistContext, *, keep_last: int, async_save: bool):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-        self.root, self.ctx, self.keep_last, self.async_save = (
-            Path(root),
-            ctx,
-            keep_last,
-            async_save,
-        )
+        self.root, self.ctx = Path(root), ctx
+        self.keep_last, self.async_save = keep_last, async_save
         self.group = build_checkpoint_group(ctx)
         self.mesh = None
         if self.group is not None:
@@ -168,11 +164,11 @@ class Checkpointer:
         import torch.distributed.checkpoint as dcp
 
         meta = read_meta(ckpt)
+        _check_classes(ckpt, meta, state)  # before anything is loaded
         same_world = meta["world_size"] == self.ctx.world_size
         if state.native is not None:
             state.native.load(ckpt, meta["world_size"])
         tree = state.template(same_world)
-        _check_classes(ckpt, meta, state)
         run_dcp(dcp.load, tree, self.group, storage_reader=dcp.FileSystemReader(str(ckpt)))
         position = state.restore(tree, skip_backbone=state.native is not None)
         if not same_world:

@@ -28,22 +28,17 @@ def _metadata(ckpt: Path):
         raise ValueError(f"{ckpt / '.metadata'} cannot be read: {exc}") from exc
 
 
-def files_holding(ckpt: Path, prefix: str) -> set[str]:
-    """The checkpoint files holding the entries whose key starts with ``prefix``."""
-    storage = _metadata(ckpt).storage_data
-    return {".metadata"} | {
-        info.relative_path for index, info in storage.items() if index.fqn.startswith(prefix)
-    }
-
-
 def read_tree(ckpt: Path, prefix: str) -> dict[str, Any]:
     """``{key: value}`` of every entry under ``prefix`` (dotted keys), tensors at full size."""
+    return _load_entries(ckpt, _metadata(ckpt), prefix)
+
+
+def _load_entries(ckpt: Path, metadata, prefix: str) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    entries = _metadata(ckpt).state_dict_metadata
     tree: dict[str, Any] = {}
-    for key, item in entries.items():
+    for key, item in metadata.state_dict_metadata.items():
         if key.startswith(prefix):
             is_tensor = isinstance(item, TensorStorageMetadata)
             tree[key] = torch.empty(item.size, dtype=item.properties.dtype) if is_tensor else None
@@ -53,37 +48,44 @@ def read_tree(ckpt: Path, prefix: str) -> dict[str, Any]:
     return tree
 
 
+def _read_verified(path: str | Path, prefix: str) -> tuple[Path, dict[str, Any]]:
+    """(checkpoint, its entries under ``prefix``) of a checkpoint or a run folder's latest,
+    after verifying only the files that DCP's index says hold those entries."""
+    from dist_cosface.engine.checkpoint import find_latest_checkpoint
+
+    latest = find_latest_checkpoint(path)
+    if latest is None:
+        raise ValueError(f"no complete checkpoint found at {path}")
+    metadata = _metadata(latest)
+    holding = {
+        info.relative_path
+        for index, info in metadata.storage_data.items()
+        if index.fqn.startswith(prefix)
+    }
+    ckpt = resolve_checkpoint(latest, DistContext(), only={".metadata"} | holding)
+    return ckpt, _load_entries(ckpt, metadata, prefix)
+
+
 def load_backbone(checkpoint_or_run_dir: str | Path) -> tuple[torch.nn.Module, int]:
     """(backbone in eval mode on CPU, input image size) from a checkpoint or a run folder.
 
     A run folder resolves to its latest complete checkpoint; only the files holding the
     backbone are verified and read. The model config comes from meta.json.
     """
-    from dist_cosface.engine.checkpoint import find_latest_checkpoint
     from dist_cosface.models import build_backbone
     from dist_cosface.models.config import ModelConfig
 
-    latest = find_latest_checkpoint(checkpoint_or_run_dir)
-    if latest is None:
-        raise ValueError(f"no complete checkpoint found at {checkpoint_or_run_dir}")
-    ckpt = resolve_checkpoint(latest, DistContext(), only=files_holding(latest, "backbone.model."))
+    prefix = "backbone.model."
+    ckpt, tree = _read_verified(checkpoint_or_run_dir, prefix)
     meta = read_meta(ckpt)
     backbone = build_backbone(from_mapping(ModelConfig, meta["model"], "meta.model"))
-    prefix = "backbone.model."
-    state = {k[len(prefix) :]: v for k, v in read_tree(ckpt, prefix).items()}
-    backbone.load_state_dict(state)
+    backbone.load_state_dict({k.removeprefix(prefix): v for k, v in tree.items()})
     return backbone.eval(), int(meta["image_size"])
 
 
 def merge_classifier(checkpoint: str | Path) -> dict:
     """``{"weight": [C, D], "optim": {name: [C, ...]}, "num_classes": C}`` of a checkpoint."""
-    from dist_cosface.engine.checkpoint import find_latest_checkpoint
-
-    latest = find_latest_checkpoint(checkpoint)
-    if latest is None:
-        raise ValueError(f"no complete checkpoint at {checkpoint}")
-    ckpt = resolve_checkpoint(latest, DistContext(), only=files_holding(latest, "classifier."))
-    tree = read_tree(ckpt, "classifier.")
+    _, tree = _read_verified(checkpoint, "classifier.")
     weight = tree["classifier.weight"]
     optim = {k.removeprefix("classifier.optim."): v for k, v in tree.items() if ".optim." in k}
     return {"weight": weight, "optim": optim, "num_classes": weight.shape[0]}
