@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dist_cosface.data import build_loader
-from dist_cosface.distributed import context_from_group
+from dist_cosface.distributed import DistContext, context_from_group
 from tests.data_common import (
     BACKENDS,
     bad_data_config,
@@ -115,3 +115,18 @@ def test_ranks_with_different_bad_counts_stay_in_lockstep(tmp_path):
     assert results[0][0] == results[1][0] == 4
     skipped = sorted(r[1] for r in results)
     assert skipped[0] == 0 and skipped[1] >= 5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_losses_count_once_per_epoch_and_key(tmp_path, backend):
+    """Issue 17: 2 bad labels in 256 samples (0.78%) under max_skip_fraction 0.01. The
+    webdataset stream of a rank short of good samples re-reads the shard within the epoch and
+    meets both again: still 2 losses, and the run goes on."""
+    bad = {0: good_sample(0, label=9), 1: good_sample(1, label=9)}
+    small_dataset(tmp_path, bad, n=256, shard_size=256)
+    cfg = bad_data_config(backend, tmp_path, max_skip_fraction=0.01)
+    loader = build_loader(cfg, DistContext())
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        assert len(list(loader)) == 64
+        assert loader.stats["skipped_samples"] == 2 * (epoch + 1)  # cumulative, 2 per epoch
