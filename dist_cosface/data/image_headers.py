@@ -13,12 +13,16 @@ the IEND chunk), so a truncated or zero-filled image is refused as Pillow refuse
 
 from __future__ import annotations
 
+import struct
 import zlib
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # SOFn markers (frame headers); C4 (DHT), C8 (JPG) and CC (DAC) share the range
 _JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _JPEG_STANDALONE = frozenset([0x01, *range(0xD0, 0xD8)])  # TEM, RSTn: no length field
+_JPEG_SPECIAL = _JPEG_STANDALONE | {0x00, 0xD8, 0xD9, 0xFF}  # no segment follows these
+_SEGMENT = struct.Struct(">BBH")  # 0xFF, marker, segment length
+_FRAME = struct.Struct(">BHHB")  # SOFn body: precision, height, width, components
 
 
 def header_problem(data: bytes) -> str:
@@ -45,24 +49,21 @@ def header_problem(data: bytes) -> str:
 def _jpeg_problem(data: bytes) -> str:
     """Walk the marker segments from SOI to the first scan, then look for EOI."""
     i, end, frame = 2, len(data), False
+    unpack = _SEGMENT.unpack_from
     while i + 4 <= end:
-        if data[i] != 0xFF:
-            return f"JPEG: no marker at byte {i} (0x{data[i]:02x})"
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            i += 1
-            continue
-        if marker in _JPEG_STANDALONE:
-            i += 2
-            continue
-        length = data[i + 2] << 8 | data[i + 3]
-        if marker in (0x00, 0xD8, 0xD9) or length < 2 or i + 2 + length > end:
-            return f"JPEG: bad segment FF{marker:02X} at byte {i}"
-        if marker in _JPEG_FRAMES:
-            height, width = data[i + 5] << 8 | data[i + 6], data[i + 7] << 8 | data[i + 8]
-            if length < 11 or not height or not width or data[i + 9] not in (1, 3, 4):
-                return f"JPEG: bad frame header at byte {i}"
-            frame = True
+        ff, marker, length = unpack(data, i)  # the common case first: one call a segment
+        if ff != 0xFF:
+            return f"JPEG: no marker at byte {i} (0x{ff:02x})"
+        if marker in _JPEG_SPECIAL:
+            if marker == 0xFF:  # fill byte before a marker
+                i += 1
+                continue
+            if marker in _JPEG_STANDALONE:
+                i += 2
+                continue
+            return f"JPEG: unexpected marker FF{marker:02X} at byte {i}"
+        if length < 2 or i + 2 + length > end:
+            return f"JPEG: segment FF{marker:02X} at byte {i} runs past the end"
         if marker == 0xDA:  # start of scan: entropy-coded data follows
             if not frame:
                 return f"JPEG: scan before a frame header at byte {i}"
@@ -72,6 +73,11 @@ def _jpeg_problem(data: bytes) -> str:
             if data.rfind(b"\xff\xd9", i + 2 + length) < 0:
                 return "JPEG: no end-of-image marker (truncated or overwritten)"
             return ""
+        if marker in _JPEG_FRAMES:
+            _, height, width, components = _FRAME.unpack_from(data, i + 4)
+            if length < 11 or not height or not width or components not in (1, 3, 4):
+                return f"JPEG: bad frame header at byte {i}"
+            frame = True
         i += 2 + length
     return "JPEG: header ends before the image data"
 
