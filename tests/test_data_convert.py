@@ -287,6 +287,7 @@ def _in_child(fn, *args, timeout_s=60):
     parent, child_end = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=child, args=(child_end,))
     proc.start()
+    child_end.close()  # a child that dies closes the pipe: recv() then fails at once
     try:
         if not parent.poll(timeout_s):
             pytest.fail(f"{fn.__name__} did not finish in {timeout_s} s (blocked on a read?)")
