@@ -67,7 +67,7 @@ def test_dispatch_and_validation():
     cfg = from_mapping(ClassifierConfig, {"kernel": "triton"})
     assert ShardedClassifier.from_config(cfg, 4, None).kernel == "triton"
     with pytest.raises((ConfigError, ValueError), match="kernel"):
-        from_mapping(ClassifierConfig, {"kernel": "cuda"}).validate()
+        from_mapping(ClassifierConfig, {"kernel": "cuda"})
 
 
 @pytest.mark.multiproc

@@ -21,7 +21,7 @@ class _Inner:
     rate: float = 0.5
     mode: Literal["a", "b"] = "a"
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.rate > 1:
             raise ValueError(f"rate must be <= 1, got {self.rate}")
 
@@ -128,6 +128,33 @@ def test_non_finite_numbers_are_rejected_naming_the_key(key, raw):
 def test_optimizer_ranges_are_checked_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be"):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model.dropout=1.0",
+        "classifier.sample_rate=0.0",
+        "data.batch_size=0",
+        "optim.lr=0.0",
+        "train.total_steps=0",
+        "checkpoint.keep_last=0",
+        "eval.n_folds=1",
+        "metrics.port=70000",
+        "dist.timeout_s=0",
+    ],
+)
+def test_every_section_is_validated_when_constructed_directly(override):
+    """Code and tests that build a section get the check (and message) YAML gets."""
+    dotted, raw = override.split("=")
+    section, key = dotted.split(".")
+    with pytest.raises(ConfigError) as from_yaml:
+        load_config(None, [override])
+    section_cls = type(getattr(RunConfig(), section))
+    with pytest.raises(ValueError) as direct:
+        section_cls(**{key: yaml.safe_load(raw)})
+    assert str(direct.value).startswith(f"{key} must be"), direct.value
+    assert str(from_yaml.value) == f"{section}.{direct.value}"
 
 
 def test_optimizer_boundaries_are_accepted():

@@ -25,7 +25,7 @@ class ClassifierConfig:
     # The default stays "torch" until tools/gpu_checks.sh has passed on a GPU (docs/classifier.md)
     kernel: Literal["auto", "torch", "triton"] = "torch"
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
         if not 0.0 < self.sample_rate <= 1.0:

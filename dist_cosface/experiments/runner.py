@@ -55,7 +55,7 @@ class ExperimentConfig:
     max_per_identity: Union[int, None] = None
     max_pairs: int = 6000
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         for key in ("image_size", "embedding_size", "epochs", "batch_size", "max_pairs"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
@@ -207,7 +207,6 @@ def verify(features: torch.Tensor, labels: torch.Tensor, max_pairs: int) -> dict
 
 def run_experiment(cfg: ExperimentConfig, repo_root: str | Path = ".") -> dict:
     """Train on the training identities, verify on the held-out ones; one result row."""
-    cfg.validate()
     start = time.perf_counter()
     train, held = split_sets(cfg, Path(repo_root))
     model, head, summary = train_model(cfg, train)
