@@ -13,7 +13,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_cosface.classifier import ShardedClassifier, build_classifier_optimizer
+from dist_cosface.classifier import (
+    ClassifierConfig,
+    ShardedClassifier,
+    build_classifier_optimizer,
+)
 from tests.classifier_ref import reference_loss_and_grads
 from tests.multiproc import run_ranks
 
@@ -51,7 +55,7 @@ def _local(rank, sizes, tensor):
 
 
 def _head(weight, group, **kwargs):
-    head = ShardedClassifier(NUM_CLASSES, DIM, process_group=group, **kwargs)
+    head = ShardedClassifier(ClassifierConfig(num_classes=NUM_CLASSES, **kwargs), DIM, group)
     with torch.no_grad():
         head.weight.copy_(weight[head.class_start : head.class_start + head.num_local_classes])
     return head
@@ -183,11 +187,12 @@ def _check_bad_input_fails_on_every_rank(rank, world, group, sizes, x, labels, w
 def _check_default_group_and_timing(rank, world, group, sizes, x, labels, weight):
     if group is not dist.group.WORLD:
         return
-    head = ShardedClassifier(NUM_CLASSES, DIM)  # process_group=None: the default group
+    head = ShardedClassifier(ClassifierConfig(num_classes=NUM_CLASSES), DIM, None)  # default
     assert head.comm.world_size == world and head.comm.rank == rank
     _step(head, rank, sizes, x, labels)
     assert head.step_report().comm_seconds is None  # not timed unless asked at construction
-    head = ShardedClassifier(NUM_CLASSES, DIM, time_collectives=True)
+    cfg = ClassifierConfig(num_classes=NUM_CLASSES)
+    head = ShardedClassifier(cfg, DIM, group, time_collectives=True)
     head.begin_step(0)
     _step(head, rank, sizes, x, labels)
     assert head.step_report().comm_seconds > 0
@@ -224,7 +229,7 @@ def _two_world_sizes(rank, world, sub_world):
     else:
         # a rank outside the group must be refused, not left waiting in a collective
         try:
-            ShardedClassifier(NUM_CLASSES, DIM, process_group=sub_group)
+            ShardedClassifier(ClassifierConfig(num_classes=NUM_CLASSES), DIM, sub_group)
         except ValueError as exc:
             assert "not a member" in str(exc) and f"rank {rank}" in str(exc), str(exc)
         else:

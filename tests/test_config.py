@@ -176,26 +176,26 @@ _MARGIN_CASES = [
 
 
 @pytest.mark.parametrize("margin_type, margin, num_classes, ok", _MARGIN_CASES)
-def test_config_and_head_apply_one_margin_rule(margin_type, margin, num_classes, ok):
-    from dist_cosface.classifier import ShardedClassifier
+def test_config_in_code_and_yaml_apply_one_margin_rule(margin_type, margin, num_classes, ok):
+    from dist_cosface.classifier import ClassifierConfig, ShardedClassifier
 
     overrides = [
         f"classifier.margin_type={margin_type}",
         f"classifier.margin={margin}",
         f"classifier.num_classes={num_classes}",
     ]
-    build = lambda: ShardedClassifier(  # noqa: E731
-        num_classes, 4, margin_type=margin_type, margin=margin, chunk_size=64
+    build = lambda: ClassifierConfig(  # noqa: E731
+        num_classes=num_classes, margin_type=margin_type, margin=margin, chunk_size=64
     )
     if ok:
         assert load_config(None, overrides).classifier.margin == margin
-        assert build().spec.margin == margin
+        assert ShardedClassifier(build(), 4, None).spec.margin == margin
         return
-    with pytest.raises(ValueError, match=r"margin must be") as head_error:
+    with pytest.raises(ValueError, match=r"margin must be") as code_error:
         build()
     with pytest.raises(ConfigError, match=r"^classifier\.margin must be") as config_error:
         load_config(None, overrides)
-    assert str(config_error.value) == f"classifier.{head_error.value}"
+    assert str(config_error.value) == f"classifier.{code_error.value}"
 
 
 def test_non_utf8_file_is_named(tmp_path):

@@ -21,8 +21,8 @@ labels) and 2 all-reduces; backward 1 reduce-scatter.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -33,14 +33,9 @@ from dist_cosface.classifier.comm import Comm, GatherBatch, gather_labels
 from dist_cosface.classifier.config import ClassifierConfig
 from dist_cosface.classifier.health import MarginHealth, RowStats, RowStatsSlot, margin_health
 from dist_cosface.classifier.loss import LossPlan, LossTask, ShardedMarginLoss
-from dist_cosface.classifier.margins import (
-    MARGIN_TYPES,
-    MarginSpec,
-    check_margin,
-    scale_lower_bound,
-)
+from dist_cosface.classifier.margins import scale_lower_bound
 from dist_cosface.classifier.sampling import columns_of_targets, sample_rows, sampling_seed
-from dist_cosface.classifier.triton_loss import KERNELS, TritonMarginLoss, use_triton
+from dist_cosface.classifier.triton_loss import TritonMarginLoss, use_triton
 from dist_cosface.classifier.unnormalized import unnormalized_feature_loss
 from dist_cosface.seeding import stable_seed
 from dist_cosface.sharding import mark_sharded
@@ -94,50 +89,42 @@ def _resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
 
 
 class ShardedClassifier(nn.Module):
-    """Margin softmax head whose ``[num_classes, D]`` weight is split by rows over a group."""
+    """Margin softmax head whose ``[num_classes, D]`` weight is split by rows over a group.
+
+    ``cfg`` was validated when it was built (``ClassifierConfig.__post_init__``); the head
+    keeps its own copy and checks here only what needs the group (its size, membership).
+    """
 
     def __init__(
         self,
-        num_classes: int,
+        cfg: ClassifierConfig,
         embedding_size: int,
+        process_group: dist.ProcessGroup | None,
         *,
-        margin_type: Literal["softmax", "nsl", "cosface", "arcface"] = "cosface",
-        scale: float | Literal["auto"] = 64.0,
-        margin: float = 0.35,
-        sample_rate: float = 1.0,
-        process_group: dist.ProcessGroup | None = None,
-        chunk_size: int | None = None,
-        materialize: bool = False,
-        scale_p_w: float = 0.9,
-        sample_seed: int = 0,
-        feature_norm: bool = True,
-        kernel: Literal["auto", "torch", "triton"] = "torch",
         time_collectives: bool = False,
     ) -> None:
         super().__init__()
-        _check_args(num_classes, embedding_size, margin_type, margin, sample_rate, chunk_size)
-        if scale == "auto":
-            scale = scale_lower_bound(num_classes, scale_p_w)
-        elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
-            raise ValueError(f"scale must be a positive number or 'auto', got {scale!r}")
+        if not isinstance(cfg, ClassifierConfig):
+            raise TypeError(f"cfg must be a ClassifierConfig, got {type(cfg).__name__}")
+        if (
+            isinstance(embedding_size, bool)
+            or not isinstance(embedding_size, int)
+            or (embedding_size < 1)
+        ):
+            raise ValueError(f"embedding_size must be a positive integer, got {embedding_size!r}")
+        self.cfg = copy.copy(cfg)  # later edits of the caller's config do not reach the head
         self.comm = Comm(_resolve_group(process_group))
-        if num_classes < self.comm.world_size:
+        world, classes = self.comm.world_size, cfg.num_classes
+        if classes < world:
+            raise ValueError(f"num_classes={classes} is smaller than the group size {world}")
+        if not cfg.feature_norm and world > 1:
             raise ValueError(
-                f"num_classes={num_classes} is smaller than the group size {self.comm.world_size}"
+                "feature_norm=False (the paper's unnormalized-feature ablation) is implemented "
+                f"for one process only; got world size {world}"
             )
-        self.num_classes, self.embedding_size = num_classes, embedding_size
-        self.spec = MarginSpec(margin_type, float(scale), float(margin))
-        self.feature_norm = feature_norm
-        if not feature_norm:
-            _check_unnormalized_features(margin_type, sample_rate, self.comm.world_size)
-        self.sample_rate, self.sample_seed = sample_rate, sample_seed
-        self.chunk_size, self.materialize = chunk_size, materialize
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {list(KERNELS)}, got {kernel!r}")
-        self.kernel = kernel
-        self.class_start, self.num_local_classes = class_range(
-            num_classes, self.comm.world_size, self.comm.rank
-        )
+        self.num_classes, self.embedding_size = classes, embedding_size
+        self.spec = cfg.margin_spec()
+        self.class_start, self.num_local_classes = class_range(classes, world, self.comm.rank)
         shard = torch.empty(self.num_local_classes, embedding_size)
         self.weight = mark_sharded(nn.Parameter(shard))
         # rows that received gradient since the optimizer's last step (row-sparse updates)
@@ -150,7 +137,6 @@ class ShardedClassifier(nn.Module):
         # margin health (classifier/health.py): begin_step(..., collect_health=True) before the
         # forwards whose statistics are wanted; rows used this epoch are tracked on every
         # training forward
-        self.scale_p_w = scale_p_w
         self._collect_health = False
         self.last_row_stats: RowStats | None = None
         self.register_buffer(
@@ -159,32 +145,6 @@ class ShardedClassifier(nn.Module):
         self.epoch: int | None = None
         self.step, self._micro_step = 0, 0
         self.reset_parameters()
-
-    @classmethod
-    def from_config(
-        cls,
-        cfg: ClassifierConfig,
-        embedding_size: int,
-        process_group: dist.ProcessGroup | None,
-        *,
-        time_collectives: bool = False,
-    ) -> ShardedClassifier:
-        return cls(
-            cfg.num_classes,
-            embedding_size,
-            margin_type=cfg.margin_type,
-            scale=cfg.scale,
-            margin=cfg.margin,
-            sample_rate=cfg.sample_rate,
-            process_group=process_group,
-            chunk_size=cfg.chunk_size,
-            materialize=cfg.materialize,
-            scale_p_w=cfg.scale_p_w,
-            sample_seed=cfg.sample_seed,
-            feature_norm=cfg.feature_norm,
-            kernel=cfg.kernel,
-            time_collectives=time_collectives,
-        )
 
     @property
     def scale(self) -> float:
@@ -247,7 +207,7 @@ class ShardedClassifier(nn.Module):
         return rows
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
-        if not self.feature_norm:
+        if not self.cfg.feature_norm:
             _local_raise(local_embeddings, local_labels, self.embedding_size, self.num_classes)
             self._mark_touched(None)
             return unnormalized_feature_loss(self.spec, local_embeddings, self.weight, local_labels)
@@ -256,9 +216,8 @@ class ShardedClassifier(nn.Module):
         sizes = self._exchange_metadata(local_embeddings, local_labels)
         embeddings = GatherBatch.apply(local_embeddings, sizes, comm)
         labels = gather_labels(local_labels, sizes, comm)
-        plan = LossPlan(
-            self.spec, self.chunk_size, self.materialize, _compute_dtype(local_embeddings)
-        )
+        cfg, dtype = self.cfg, _compute_dtype(local_embeddings)
+        plan = LossPlan(self.spec, cfg.chunk_size, cfg.materialize, dtype)
         x = embeddings.to(plan.stat_dtype)
         if self.spec.normalized:
             x = F.normalize(x, dim=1)
@@ -271,7 +230,7 @@ class ShardedClassifier(nn.Module):
         slot = RowStatsSlot() if self._collect_health else None
         loss_fn = (
             TritonMarginLoss
-            if use_triton(self.kernel, x.device, plan.compute_dtype)
+            if use_triton(cfg.kernel, x.device, plan.compute_dtype)
             else ShardedMarginLoss
         )
         task = LossTask(rows, target_col, plan, comm, slot)
@@ -297,7 +256,7 @@ class ShardedClassifier(nn.Module):
             sampled = self.num_local_classes
         else:
             sampled = self.last_sampled_rows.shape[0]
-        bound = scale_lower_bound(self.num_classes, self.scale_p_w)
+        bound = scale_lower_bound(self.num_classes, self.cfg.scale_p_w)
         stats, self.last_row_stats = self.last_row_stats, None
         return margin_health(self.spec, stats, self.weight, self.seen, sampled, bound)
 
@@ -308,12 +267,13 @@ class ShardedClassifier(nn.Module):
             self.seen[rows] = True
 
     def _pick_rows(self, local_labels_all: torch.Tensor) -> torch.Tensor | None:
-        if self.sample_rate >= 1.0 or not self.training:
+        sample_rate = self.cfg.sample_rate
+        if sample_rate >= 1.0 or not self.training:
             self.last_sampled_rows = None
             return None
-        seed = sampling_seed(self.sample_seed, self.step, self._micro_step, self.class_start)
+        seed = sampling_seed(self.cfg.sample_seed, self.step, self._micro_step, self.class_start)
         self._micro_step += 1
-        rows = sample_rows(local_labels_all, self.num_local_classes, self.sample_rate, seed)
+        rows = sample_rows(local_labels_all, self.num_local_classes, sample_rate, seed)
         self.last_sampled_rows = rows
         return rows
 
@@ -390,19 +350,6 @@ def _local_raise(emb: object, labels: object, width: int, num_classes: int) -> N
         raise ValueError(f"labels must be in [0, {num_classes}), got {wrong}")
 
 
-def _check_unnormalized_features(margin_type: str, sample_rate: float, world_size: int) -> None:
-    if margin_type == "softmax":
-        raise ValueError(
-            "feature_norm=False applies to nsl/cosface/arcface; softmax never normalizes"
-        )
-    if sample_rate < 1.0 or world_size > 1:
-        raise ValueError(
-            "feature_norm=False (the paper's unnormalized-feature ablation) is implemented for "
-            f"one process without sampling only; got world size {world_size}, "
-            f"sample_rate {sample_rate}"
-        )
-
-
 def _describe(obj: object) -> str:
     if isinstance(obj, torch.Tensor):
         return f"a {obj.dtype} tensor of shape {list(obj.shape)}"
@@ -416,25 +363,3 @@ def _compute_dtype(embeddings: torch.Tensor) -> torch.dtype:
     if embeddings.dtype in _HALF or embeddings.dtype == torch.float64:
         return embeddings.dtype
     return torch.float32
-
-
-def _check_args(
-    num_classes: int,
-    embedding_size: int,
-    margin_type: str,
-    margin: float,
-    sample_rate: float,
-    chunk_size: int | None,
-) -> None:
-    for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    if margin_type not in MARGIN_TYPES:
-        raise ValueError(f"margin_type must be one of {list(MARGIN_TYPES)}, got {margin_type!r}")
-    check_margin(margin_type, margin, num_classes)
-    if not 0.0 < sample_rate <= 1.0:
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from dist_cosface.classifier.config import KERNELS
 from dist_cosface.classifier.loss import (
     LossPlan,
     LossTask,
@@ -25,7 +26,6 @@ from dist_cosface.classifier.loss import (
     global_log_sum_exp,
 )
 
-KERNELS = ("auto", "torch", "triton")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # tile sizes: GPU (H100/H200 class, not tuned on hardware yet) and interpreter (small: the
 # interpreter runs programs one at a time, numpy-backed)
