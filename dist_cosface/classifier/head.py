@@ -15,8 +15,9 @@ concatenated global batch (also for uneven local batches, since the loss is the 
 mean). The weight shard's gradient is exactly ``d(loss)/d(weight_shard)``; it must never be
 averaged over ranks (the parameter is marked sharded).
 
-Per-step collectives with a group: forward 3 all-gathers (batch metadata, embeddings,
-labels) and 2 all-reduces; backward 1 reduce-scatter.
+Per-step collectives with a group: forward 3 all-gathers (the input check every rank agrees
+on, ``inputs.agree_on_batch``; embeddings; labels) and 2 all-reduces; backward 1
+reduce-scatter.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch import nn
 from dist_cosface.classifier.comm import Comm, GatherBatch, gather_labels
 from dist_cosface.classifier.config import ClassifierConfig
 from dist_cosface.classifier.health import MarginHealth, RowStats, RowStatsSlot, margin_health
+from dist_cosface.classifier.inputs import agree_on_batch, check_batch
 from dist_cosface.classifier.loss import LossPlan, LossTask, ShardedMarginLoss
 from dist_cosface.classifier.margins import scale_lower_bound
 from dist_cosface.classifier.sampling import columns_of_targets, sample_rows, sampling_seed
@@ -208,12 +210,19 @@ class ShardedClassifier(nn.Module):
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         if not self.cfg.feature_norm:
-            _local_raise(local_embeddings, local_labels, self.embedding_size, self.num_classes)
+            check_batch(local_embeddings, local_labels, self.embedding_size, self.num_classes)
             self._mark_touched(None)
             return unnormalized_feature_loss(self.spec, local_embeddings, self.weight, local_labels)
         comm = self.comm
         comm.timed, comm.seconds = self.time_collectives, 0.0
-        sizes = self._exchange_metadata(local_embeddings, local_labels)
+        sizes = agree_on_batch(
+            comm,
+            local_embeddings,
+            local_labels,
+            self.embedding_size,
+            self.num_classes,
+            self.weight.device,
+        )
         embeddings = GatherBatch.apply(local_embeddings, sizes, comm)
         labels = gather_labels(local_labels, sizes, comm)
         cfg, dtype = self.cfg, _compute_dtype(local_embeddings)
@@ -284,76 +293,6 @@ class ShardedClassifier(nn.Module):
             self.touched.fill_(True)
         else:
             self.touched[rows] = True
-
-    def _exchange_metadata(self, embeddings: object, labels: object) -> list[int]:
-        """Gather (batch size, error code, #bad labels) from every rank; raise on all ranks.
-
-        Checking after the exchange makes every rank raise together instead of leaving the
-        healthy ranks blocked in the next collective.
-        """
-        code, message, batch, bad = _local_check(
-            embeddings, labels, self.embedding_size, self.num_classes
-        )
-        device = self.weight.device
-        meta = torch.stack(
-            [
-                torch.tensor(batch, device=device),
-                torch.tensor(code, device=device),
-                bad.to(device=device, dtype=torch.long),
-            ]
-        )
-        rows = self.comm.all_gather(meta[None]).tolist()
-        if not any(r[1] or r[2] for r in rows):
-            return [r[0] for r in rows]
-        rank = self.comm.rank
-        if code:
-            raise (TypeError if code == 1 else ValueError)(f"rank {rank}: {message}")
-        if rows[rank][2]:
-            wrong = labels[(labels < 0) | (labels >= self.num_classes)].unique()[:8].tolist()
-            raise ValueError(f"rank {rank}: labels must be in [0, {self.num_classes}), got {wrong}")
-        bad_ranks = [r for r, row in enumerate(rows) if row[1] or row[2]]
-        raise ValueError(f"rank(s) {bad_ranks} passed invalid embeddings/labels to the head")
-
-
-def _local_check(
-    emb: object, labels: object, width: int, num_classes: int
-) -> tuple[int, str, int, torch.Tensor]:
-    """(code 0 ok / 1 TypeError / 2 ValueError, message, batch size, #out-of-range labels)."""
-    zero = torch.zeros((), dtype=torch.long)
-    if not isinstance(emb, torch.Tensor) or not emb.is_floating_point():
-        return 1, f"embeddings must be a floating tensor, got {_describe(emb)}", 0, zero
-    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
-        return 1, f"labels must be an int64 tensor, got {_describe(labels)}", 0, zero
-    if emb.dim() != 2 or emb.shape[1] != width:
-        return 2, f"embeddings must have shape [B, {width}], got {list(emb.shape)}", 0, zero
-    if labels.shape != emb.shape[:1]:
-        return (
-            2,
-            (
-                f"labels must have shape [{emb.shape[0]}] to match the embeddings, "
-                f"got {list(labels.shape)}"
-            ),
-            0,
-            zero,
-        )
-    bad = ((labels < 0) | (labels >= num_classes)).sum()
-    return 0, "", emb.shape[0], bad
-
-
-def _local_raise(emb: object, labels: object, width: int, num_classes: int) -> None:
-    """Single-process input checks (no peers to agree with)."""
-    code, message, _, bad = _local_check(emb, labels, width, num_classes)
-    if code:
-        raise (TypeError if code == 1 else ValueError)(message)
-    if int(bad):
-        wrong = labels[(labels < 0) | (labels >= num_classes)].unique()[:8].tolist()
-        raise ValueError(f"labels must be in [0, {num_classes}), got {wrong}")
-
-
-def _describe(obj: object) -> str:
-    if isinstance(obj, torch.Tensor):
-        return f"a {obj.dtype} tensor of shape {list(obj.shape)}"
-    return type(obj).__name__
 
 
 def _compute_dtype(embeddings: torch.Tensor) -> torch.dtype:
