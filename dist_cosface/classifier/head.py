@@ -32,9 +32,10 @@ from torch import nn
 
 from dist_cosface.classifier.comm import Comm, GatherBatch, gather_labels
 from dist_cosface.classifier.config import ClassifierConfig
-from dist_cosface.classifier.health import MarginHealth, RowStats, RowStatsSlot, margin_health
+from dist_cosface.classifier.health import MarginHealth, margin_health
 from dist_cosface.classifier.inputs import agree_on_batch, check_batch
-from dist_cosface.classifier.loss import LossPlan, LossTask, ShardedMarginLoss
+from dist_cosface.classifier.loss import ShardedMarginLoss
+from dist_cosface.classifier.loss_common import LossPlan, LossTask, RowStats, RowStatsSlot
 from dist_cosface.classifier.margins import scale_lower_bound
 from dist_cosface.classifier.sampling import columns_of_targets, sample_rows, sampling_seed
 from dist_cosface.classifier.triton_loss import TritonMarginLoss, use_triton
