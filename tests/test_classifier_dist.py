@@ -185,14 +185,20 @@ def _check_bad_input_fails_on_every_rank(rank, world, group, sizes, x, labels, w
     _step(head, rank, sizes, x, labels)
 
 
-def _check_default_group_and_timing(rank, world, group, sizes, x, labels, weight):
+def _check_explicit_group_and_timing(rank, world, group, sizes, x, labels, weight):
     if group is not dist.group.WORLD:
         return
-    head = ShardedClassifier(ClassifierConfig(num_classes=NUM_CLASSES), DIM, None)  # default
+    cfg = ClassifierConfig(num_classes=NUM_CLASSES)
+    try:  # no implicit default group: None means "no torch.distributed", refused here
+        ShardedClassifier(cfg, DIM, None)
+    except ValueError as exc:
+        assert "process_group is None but torch.distributed is initialized" in str(exc), exc
+    else:
+        raise AssertionError("process_group=None was accepted with torch.distributed running")
+    head = ShardedClassifier(cfg, DIM, dist.group.WORLD)
     assert head.comm.world_size == world and head.comm.rank == rank
     _step(head, rank, sizes, x, labels)
     assert head.step_report().comm_seconds is None  # not timed unless asked at construction
-    cfg = ClassifierConfig(num_classes=NUM_CLASSES)
     head = ShardedClassifier(cfg, DIM, group, time_collectives=True)
     head.begin_step(0)
     _step(head, rank, sizes, x, labels)
@@ -219,7 +225,7 @@ def _all_cases(rank, world, group):
     _check_partial_fc(rank, world, group, *data)
     _count_collectives(rank, world, group, *data)
     _check_bad_input_fails_on_every_rank(rank, world, group, *data)
-    _check_default_group_and_timing(rank, world, group, *data)
+    _check_explicit_group_and_timing(rank, world, group, *data)
 
 
 def _two_world_sizes(rank, world, sub_world):

@@ -80,10 +80,21 @@ def class_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]
     return start, count
 
 
-def _resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
-    if group is None and dist.is_available() and dist.is_initialized():
-        return dist.group.WORLD
-    if group is not None and dist.get_rank(group) < 0:
+def _check_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """The head's group exactly as the caller passed it: never the default group implicitly.
+
+    None means one process without torch.distributed; with torch.distributed initialized it
+    is refused, since each rank would silently train a full, unshared head of its own.
+    """
+    if group is None:
+        if dist.is_available() and dist.is_initialized():
+            raise ValueError(
+                "process_group is None but torch.distributed is initialized: pass the group "
+                "the classes are sharded over (DistContext.group, or dist.group.WORLD); None "
+                "means one process without torch.distributed"
+            )
+        return None
+    if dist.get_rank(group) < 0:
         raise ValueError(
             f"this process (global rank {dist.get_rank()}) is not a member of the "
             f"classifier's process_group (ranks {dist.get_process_group_ranks(group)})"
@@ -116,7 +127,7 @@ class ShardedClassifier(nn.Module):
         ):
             raise ValueError(f"embedding_size must be a positive integer, got {embedding_size!r}")
         self.cfg = copy.copy(cfg)  # later edits of the caller's config do not reach the head
-        self.comm = Comm(_resolve_group(process_group))
+        self.comm = Comm(_check_group(process_group))
         world, classes = self.comm.world_size, cfg.num_classes
         if classes < world:
             raise ValueError(f"num_classes={classes} is smaller than the group size {world}")
