@@ -195,7 +195,7 @@ def _reference_run(out, world, dtype=torch.float64):
     cfg = tiny_config(out, *_REF_OVERRIDES)
     seed_everything(cfg.train.seed)
     backbone = build_backbone(cfg.model).to(dtype)
-    head = ShardedClassifier(cfg.classifier.num_classes, cfg.model.embedding_size)
+    head = ShardedClassifier(cfg.classifier, cfg.model.embedding_size, None)
     head.reset_parameters(seed=cfg.train.seed)
     weight = torch.nn.Parameter(head.weight.detach().to(dtype).clone())
     params = list(backbone.parameters()) + [weight]
@@ -243,7 +243,7 @@ def test_two_ranks_match_float64_reference(tmp_path):
     assert json.loads((ckpt / "meta.json").read_text())["class_layout"] == [[0, 4], [4, 4]]
     full = read_value(ckpt, "classifier.weight")  # both ranks' rows, as one [8, D] tensor
     assert not torch.equal(full[:4], full[4:])
-    head = ShardedClassifier(8, cfg.model.embedding_size)
+    head = ShardedClassifier(cfg.classifier, cfg.model.embedding_size, None)
     head.reset_parameters(seed=cfg.train.seed)
     _assert_tracks_reference(full, ref_weight, head.weight.detach().double(), "classifier")
     assert sum0["loss"] == pytest.approx(ref_losses[-1], rel=1e-3)

@@ -53,7 +53,7 @@ class ConvertOptions:
     landmarks: str = ""  # folder only: file of "relative/path x1 y1 ... x5 y5"; aligns images
     align_size: int = 112  # side of the aligned crops (the 112 template, scaled)
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         minimums = {"shard_size": 1, "max_shard_bytes": 0, "workers": 1, "align_size": 8}
         check_minimums(self, minimums)
         if not 1 <= self.jpeg_quality <= 100:
@@ -309,7 +309,6 @@ def _prepare_out_dir(out_dir: Path, plan: dict, overwrite: bool) -> None:
 
 def convert(src: str | Path, out_dir: str | Path, opts: ConvertOptions) -> ConvertResult:
     """Convert an image folder or a ``.rec`` file into shards under ``out_dir``."""
-    opts.validate()
     src, out_dir = Path(src), Path(out_dir)
     problems = Problems(opts.on_bad)
     rec_offsets: dict[int, int] = {}
