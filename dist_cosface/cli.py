@@ -170,7 +170,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     finally:
         shutdown(ctx)
     if summary["launcher_lost"]:  # not done: a surviving agent must not count this a success
-        print("stopped because a launcher died; resume from the checkpoint", file=sys.stderr)
+        print(
+            f"dist-cosface train{_rank_suffix()}: error: stopped because a launcher died; the "
+            "checkpoint of this step is written: resume from it",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
