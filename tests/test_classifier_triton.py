@@ -59,15 +59,15 @@ def test_dispatch_and_validation():
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         with pytest.raises(ValueError, match="needs a CUDA device"):
             use_triton("triton", cpu, torch.float32)
-        head = ShardedClassifier(10, 4, kernel="triton")
+        head = ShardedClassifier(ClassifierConfig(num_classes=10, kernel="triton"), 4, None)
         with pytest.raises(ValueError, match="kernel=triton needs a CUDA device"):
             head(torch.randn(3, 4), torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="kernel"):
-        ShardedClassifier(10, 4, kernel="cuda")
+        ClassifierConfig(num_classes=10, kernel="cuda")
     cfg = from_mapping(ClassifierConfig, {"kernel": "triton"})
-    assert ShardedClassifier.from_config(cfg, 4, None).kernel == "triton"
+    assert ShardedClassifier(cfg, 4, None).cfg.kernel == "triton"
     with pytest.raises((ConfigError, ValueError), match="kernel"):
-        from_mapping(ClassifierConfig, {"kernel": "cuda"}).validate()
+        from_mapping(ClassifierConfig, {"kernel": "cuda"})
 
 
 @pytest.mark.multiproc
@@ -102,10 +102,11 @@ def test_cuda_triton_head_matches_reference(dtype, margin_type):
     labels = torch.randint(0, num_classes, (batch,), generator=gen)
     x[0] = -weight[labels[0]] + 0.05 * x[0]
     for sample_rate in (1.0, 0.3):
-        head = ShardedClassifier(
-            num_classes, dim, margin_type=margin_type, scale=16.0, margin=0.4,
+        cfg = ClassifierConfig(
+            num_classes=num_classes, margin_type=margin_type, scale=16.0, margin=0.4,
             sample_rate=sample_rate, kernel="triton", chunk_size=1024,
         )  # fmt: skip
+        head = ShardedClassifier(cfg, dim, None)
         with torch.no_grad():
             head.weight.copy_(weight.float())
         head = head.cuda()

@@ -121,7 +121,7 @@ def test_pipe_command_shell_syntax_refused_and_failures_named(tmp_path):
         with pytest.raises(ValueError, match=r"run without a shell; shell syntax"):
             open_stream(command)
     with pytest.raises(ValueError, match=r"run without a shell; shell syntax '\|'"):
-        DataConfig(backend="webdataset", path="pipe:curl http://h/manifest.json | cat").validate()
+        DataConfig(backend="webdataset", path="pipe:curl http://h/manifest.json | cat")
     assert not marker.exists()
     missing = f"pipe:cat {tmp_path / 'nothing' / 'manifest.json'}"
     with pytest.raises(OSError, match=r"nothing/manifest.json: command exited with status 1"):
@@ -323,7 +323,7 @@ def test_training_stops_on_every_rank_at_the_same_step(tmp_path):
 @pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
 def test_max_skip_fraction_is_validated(value):
     with pytest.raises(ValueError, match=r"max_skip_fraction must be in \[0, 1\]"):
-        DataConfig(max_skip_fraction=value).validate()
+        DataConfig(max_skip_fraction=value)
 
 
 def _png_with_broken_data(seed: int) -> bytes:

@@ -15,17 +15,17 @@ from typing import Any
 
 import torch
 
-from dist_cosface.classifier.loss import (
+from dist_cosface.classifier.config import KERNELS
+from dist_cosface.classifier.loss_common import (
     LossPlan,
     LossTask,
-    _chunks,
-    _mm,
-    _target_stats,
     backward_scales,
+    column_chunks,
     global_log_sum_exp,
+    stat_matmul,
+    target_stats,
 )
 
-KERNELS = ("auto", "torch", "triton")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # tile sizes: GPU (H100/H200 class, not tuned on hardware yet) and interpreter (small: the
 # interpreter runs programs one at a time, numpy-backed)
@@ -170,7 +170,7 @@ def weight_and_input_grads(
     grad_w = torch.zeros_like(weight) if rows is not None else torch.empty_like(weight)
     lse32, tgrad32 = lse.float().contiguous(), tgt_grad.float().contiguous()
     factor32 = factor.float().reshape(1)  # a pointer: no host sync on the loss gradient
-    for c0, c1 in _chunks(num_cols, plan, x_scaled):
+    for c0, c1 in column_chunks(num_cols, plan, x_scaled):
         g = torch.empty(n, c1 - c0, dtype=x_scaled.dtype, device=x_scaled.device)
         tk.grad_kernel[(triton_cdiv(c1 - c0, t["GRAD_BLOCK_C"]),)](
             x_scaled, weight, _rows_arg(rows, target_col), inv, target_col, tgrad32, lse32,
@@ -180,7 +180,7 @@ def weight_and_input_grads(
             BLOCK_N=t["GRAD_BLOCK_N"], BLOCK_C=t["GRAD_BLOCK_C"], BLOCK_K=t["BLOCK_K"],
             BLOCK_D=_next_pow2(d), num_warps=t["GRAD_WARPS"],
         )  # fmt: skip
-        grad_x += _mm(g, _normalized_rows(weight, rows, inv, c0, c1, plan), plan)
+        grad_x += stat_matmul(g, _normalized_rows(weight, rows, inv, c0, c1, plan), plan)
     return grad_x, (grad_w if need_weight_grad else None)
 
 
@@ -205,19 +205,11 @@ def _next_pow2(v: int) -> int:
 
 
 class TritonMarginLoss(torch.autograd.Function):
-    """Mean over the global batch of ``logsumexp_j(logit_j) - logit_target``, Triton kernels.
+    """The loss of :class:`dist_cosface.classifier.loss.ShardedMarginLoss` on Triton kernels.
 
-    Shapes (N: global batch, D: embedding width, K: local classes, Ks: used local classes):
-      x ``[N, D]``: gathered embeddings in the compute dtype (fp32/fp16/bf16; L2-normalized
-      unless softmax), weight ``[K, D]``: this rank's raw class rows, task: a
-      :class:`loss.LossTask` (used rows, target columns, plan, group, margin-health slot).
-    Returns the scalar loss (identical on every rank).
-
-    Collectives per call: forward 2 all-reduces on ``comm``'s group (row max: MAX over
-    ``[N]``, ``[2, N]`` with ``row_stats``; sum-exp and target logit: SUM over ``[2, N]``,
-    ``[3, N]`` with ``row_stats``), exactly as the torch path; backward none. Gradients:
-    exact d(loss)/dx (this rank's classes' share) and d(loss)/dweight (zero on unused rows).
-    ``plan.materialize`` is ignored (the logits are always recomputed tile by tile).
+    Same shapes, collectives and gradients: the contract is stated once, on
+    ``ShardedMarginLoss``. Here x is fp32/fp16/bf16, and ``plan.materialize`` is ignored
+    (the logits are always recomputed tile by tile).
     """
 
     @staticmethod
@@ -226,7 +218,7 @@ class TritonMarginLoss(torch.autograd.Function):
         scale = plan.spec.logit_scale
         x_scaled = (x.to(plan.stat_dtype) * scale).to(plan.compute_dtype).contiguous()
         weight_c = weight.detach().contiguous()
-        tgt_cos, tgt_logit = _target_stats(x, weight, rows, target_col, plan)
+        tgt_cos, tgt_logit = target_stats(x, weight, rows, target_col, plan)
         inv = _inverse_norms(weight_c, rows, plan.spec.normalized)
         row_max, row_sum, hard_neg = forward_statistics(
             x_scaled, weight_c, rows, inv, target_col.contiguous(), tgt_logit, plan

@@ -66,7 +66,7 @@ class ConvertOptions:
     align_size: int = 112  # side of the aligned crops (the 112 template, scaled)
     max_image_bytes: int = MAX_IMAGE_BYTES  # larger source images (or records) are bad inputs
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         minimums = {
             "shard_size": 1,
             "max_shard_bytes": 0,
@@ -447,7 +447,6 @@ def _prepare_out_dir(out_dir: Path, plan: dict, overwrite: bool) -> None:
 
 def convert(src: str | Path, out_dir: str | Path, opts: ConvertOptions) -> ConvertResult:
     """Convert an image folder or a ``.rec`` file into shards under ``out_dir``."""
-    opts.validate()
     src, out_dir = Path(src), Path(out_dir)
     check_apart(src, out_dir)
     problems = Problems(opts.on_bad)
