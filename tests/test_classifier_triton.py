@@ -119,18 +119,32 @@ def test_cuda_triton_head_matches_reference(dtype, margin_type):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 def test_gpu_checks_script_skips_gpu_steps_on_cpu(tmp_path):
-    env = {**os.environ, "GPU_CHECKS_STEPS": "device bench2m bench10m train dali_cpu"}
+    """The default run on a machine without CUDA: every GPU step skipped with the reason, the
+    summary written to $OUT; a spent time budget skips even the device step."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECKS_")}
     proc = subprocess.run(
-        ["bash", str(ROOT / "tools" / "gpu_checks.sh"), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=300,
+        ["bash", str(ROOT / "tools" / "gpu_checks.sh")],
+        env={**env, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    steps = {
-        s["step"]: s["status"] for s in json.loads((tmp_path / "summary.json").read_text())["steps"]
-    }
+    steps = _summary(tmp_path)
     assert steps["device"] == "ok"
     assert "torch" in (tmp_path / "device.txt").read_text()
-    for name in ("bench2m", "bench10m", "train", "dali_cpu"):
+    for name in ("triton", "bench2m", "bench10m", "train"):  # the default, in this order
         assert steps[name] == "skipped: no CUDA device"
-    assert steps["tests"] == "skipped: not selected"
+    for name in ("tests", "dali_cpu", "dali_mixed"):  # opt-in steps
+        assert steps[name] == "skipped: not selected"
+    assert list(steps)[:5] == ["device", "triton", "bench2m", "bench10m", "train"]
     assert (tmp_path / "summary.txt").read_text().count("\n") == len(steps)
+    out = tmp_path / "spent"
+    proc = subprocess.run(
+        ["bash", str(ROOT / "tools" / "gpu_checks.sh"), str(out)],
+        env={**env, "GPU_CHECKS_BUDGET_S": "0"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _summary(out)["device"] == "skipped: out of time budget"
+
+
+def _summary(out_dir: Path) -> dict[str, str]:
+    steps = json.loads((out_dir / "summary.json").read_text())["steps"]
+    return {s["step"]: s["status"] for s in steps}
