@@ -30,7 +30,7 @@ class DistConfig:
     timeout_s: int = 600  # a rank that stops answering fails the job after this long
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
 

@@ -59,16 +59,16 @@ def test_dispatch_and_validation():
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         with pytest.raises(ValueError, match="needs a CUDA device"):
             use_triton("triton", cpu, torch.float32)
-        head = ShardedClassifier(10, 4, kernel="triton")
+        head = ShardedClassifier(ClassifierConfig(num_classes=10, kernel="triton"), 4, None)
         with pytest.raises(ValueError, match="kernel=triton needs a CUDA device"):
             head(torch.randn(3, 4), torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="kernel"):
-        ShardedClassifier(10, 4, kernel="cuda")
+        ClassifierConfig(num_classes=10, kernel="cuda")
     check_fp32_follows_the_tf32_setting()
     cfg = from_mapping(ClassifierConfig, {"kernel": "triton"})
-    assert ShardedClassifier.from_config(cfg, 4, None).kernel == "triton"
+    assert ShardedClassifier(cfg, 4, None).cfg.kernel == "triton"
     with pytest.raises((ConfigError, ValueError), match="kernel"):
-        from_mapping(ClassifierConfig, {"kernel": "cuda"}).validate()
+        from_mapping(ClassifierConfig, {"kernel": "cuda"})
 
 
 def check_fp32_follows_the_tf32_setting():

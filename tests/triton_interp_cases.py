@@ -17,9 +17,9 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_cosface.classifier import ShardedClassifier
 from tests.classifier_ref import MARGINS, make_head, reference_loss_and_grads
 
 SCALE, MARGIN = 16.0, 0.4
@@ -150,12 +150,10 @@ def two_rank_case(rank, world, sample_rate):
     labels[0] = labels[1] = NUM_CLASSES - 1  # owned by rank 1: rank 0 sees target -1
     weight = torch.randn(NUM_CLASSES, DIM, generator=gen, dtype=torch.float64)
     x[2] = -weight[labels[2]] + 0.05 * x[2]  # ArcFace fallback branch
-    head = ShardedClassifier(
-        NUM_CLASSES, DIM, margin_type="arcface", scale=8.0, margin=0.4,
-        sample_rate=sample_rate, kernel="triton", chunk_size=8,
+    head = make_head(
+        NUM_CLASSES, DIM, weight, dist.group.WORLD, margin_type="arcface", scale=8.0,
+        margin=0.4, sample_rate=sample_rate, kernel="triton", chunk_size=8,
     )  # fmt: skip
-    with torch.no_grad():
-        head.weight.copy_(weight[head.class_start : head.class_start + head.num_local_classes])
     start = sum(sizes[:rank])
     xl = x[start : start + sizes[rank]].float().clone().requires_grad_()
     loss = head(xl, labels[start : start + sizes[rank]])
@@ -181,13 +179,10 @@ def cuda_case(dtype: torch.dtype, margin_type: str) -> None:
     matmul = torch.backends.cuda.matmul
     tf32_before = matmul.allow_tf32
     for sample_rate in (1.0, 0.3):
-        head = ShardedClassifier(
-            num_classes, dim, margin_type=margin_type, scale=16.0, margin=MARGIN,
-            sample_rate=sample_rate, kernel="triton", chunk_size=1024,
-        )  # fmt: skip
-        with torch.no_grad():
-            head.weight.copy_(weight.float())
-        head = head.cuda()
+        head = make_head(
+            num_classes, dim, weight.float(), margin_type=margin_type, scale=16.0,
+            margin=MARGIN, sample_rate=sample_rate, kernel="triton", chunk_size=1024,
+        ).cuda()  # fmt: skip
         xl = x.to("cuda", dtype).requires_grad_()
         if dtype == torch.float32:
             matmul.allow_tf32 = False

@@ -37,12 +37,16 @@ class _Position:
 
 
 def _state(args, ctx, checkpointer):
-    from dist_cosface.classifier import ShardedClassifier, build_classifier_optimizer
+    from dist_cosface.classifier import (
+        ClassifierConfig,
+        ShardedClassifier,
+        build_classifier_optimizer,
+    )
     from dist_cosface.classifier.state import ClassifierState
     from dist_cosface.engine.amp import ShardedLossScaler
     from dist_cosface.engine.train_state import BackboneState, TrainState
 
-    head = ShardedClassifier(args.classes, args.dim, process_group=ctx.group)
+    head = ShardedClassifier(ClassifierConfig(num_classes=args.classes), args.dim, ctx.group)
     optim = build_classifier_optimizer(head, "sgd", lr=0.1)
     backbone = torch.nn.Linear(512, args.dim)
     return head, TrainState(

@@ -186,15 +186,14 @@ def _sync(device: torch.device) -> None:
 
 
 def _measure(args, impl: str, rank: int, device: torch.device, group) -> dict:
-    from dist_cosface.classifier import ShardedClassifier
+    from dist_cosface.classifier import ClassifierConfig, ShardedClassifier
 
-    head = ShardedClassifier(
-        args.num_classes,
-        args.dim,
-        process_group=group,
+    cfg = ClassifierConfig(
+        num_classes=args.num_classes,
         chunk_size=args.chunk_size,
         kernel="triton" if impl == "triton" else "torch",
     )
+    head = ShardedClassifier(cfg, args.dim, group)
     head.reset_parameters(seed=0)  # same weights in the head's and the baseline's processes
     head = head.to(device)
     dtype = DTYPES[args.dtype]

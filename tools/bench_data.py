@@ -4,14 +4,20 @@ Makes its own JPEG shards of synthetic faces (or converts --src FOLDER) first, e
     python tools/bench_data.py --images 4096 --batches 30
     python tools/bench_data.py --images 51200 --batch-size 256 --workers 12 \
         --dali-device mixed --batches 150          # on a GPU machine
+    python tools/bench_data.py --backends dali --baseline-ref main --repeat 3
+        # the DALI loader of the working tree against the one of git revision main
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import types
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,7 +39,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--backends", default="webdataset,dali,synthetic")
     p.add_argument("--dali-device", choices=["cpu", "mixed"], default="cpu")
+    p.add_argument(
+        "--baseline-ref",
+        default="",
+        help="also time the DALI loader of this git revision (dist_cosface/data/dali_loader.py)",
+    )
+    p.add_argument("--repeat", type=int, default=1, help="rounds (interleaved); medians shown")
     return p.parse_args(argv)
+
+
+def loader_at_ref(ref: str) -> type:
+    """``DaliLoader`` of ``dist_cosface/data/dali_loader.py`` at git revision ``ref``, built on
+    the working tree's other modules (a baseline in the same run, same machine load)."""
+    repo = Path(__file__).resolve().parents[1]
+    source = subprocess.run(
+        ["git", "show", f"{ref}:dist_cosface/data/dali_loader.py"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    module = types.ModuleType(f"dali_loader_at_{ref}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up there
+    exec(compile(source, f"{ref}:dali_loader.py", "exec"), module.__dict__)  # noqa: S102
+    return module.DaliLoader
 
 
 def prepare_shards(args: argparse.Namespace, tmp: str) -> str:
@@ -59,23 +88,27 @@ def _sync(x: torch.Tensor) -> None:
         torch.cuda.synchronize(x.device)
 
 
-def measure(cfg: DataConfig, ctx: DistContext, batches: int, warmup: int) -> float:
-    """Images/s over ``batches`` batches, timed from the end of the warm-up batches."""
-    loader = build_loader(cfg, ctx)
-    seen, images, t0 = 0, 0, 0.0
+def measure(
+    make: Callable, cfg: DataConfig, ctx: DistContext, batches: int, warmup: int
+) -> tuple[float, float]:
+    """Images per second of wall time and per second of this process's CPU time (all its
+    threads: DALI's, not webdataset's worker processes) over ``batches`` batches after the
+    warm-up. On a shared machine the CPU figure moves less with the other jobs' load."""
+    loader = make(cfg, ctx)
+    seen, images, t0, cpu0 = 0, 0, 0.0, 0.0
     while seen < warmup + batches:
         for x, _ in loader:
             seen += 1
             if seen == warmup:
                 _sync(x)
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
             elif seen > warmup:
                 images += x.shape[0]
             if seen == warmup + batches:
                 break
         loader.set_epoch(loader.epoch + 1)
     _sync(x)
-    return images / (time.perf_counter() - t0)
+    return images / (time.perf_counter() - t0), images / (time.process_time() - cpu0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,26 +117,38 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--warmup and --batches must be >= 1")
     gpu = args.dali_device == "mixed"
     ctx = DistContext(device=torch.device("cuda", 0) if gpu else torch.device("cpu"))
-    rows = []
+    loaders = [(backend, backend, build_loader) for backend in args.backends.split(",")]
+    if args.baseline_ref:
+        name = f"dali@{args.baseline_ref}"
+        loaders.append((name, "dali", loader_at_ref(args.baseline_ref)))
+    rates: dict[str, list[float]] = {name: [] for name, _, _ in loaders}
+    cpu_rates: dict[str, list[float]] = {name: [] for name, _, _ in loaders}
     with tempfile.TemporaryDirectory() as tmp:
         path = prepare_shards(args, tmp)
-        for backend in args.backends.split(","):
-            cfg = DataConfig(
-                backend=backend,
-                path=path,
-                batch_size=args.batch_size,
-                image_size=args.image_size,
-                num_workers=args.workers,
-                dali_device=args.dali_device,
-                shuffle_buffer=1024,
-            )
-            rows.append((backend, measure(cfg, ctx, args.batches, args.warmup)))
-    base = dict(rows).get("webdataset")
-    print(f"\n{'backend':<12}{'images/s':>12}{'vs webdataset':>16}")
-    for backend, rate in rows:
-        ratio = f"{rate / base:.2f}x" if base else "-"
-        name = f"dali-{args.dali_device}" if backend == "dali" else backend
-        print(f"{name:<12}{rate:>12.0f}{ratio:>16}")
+        for _ in range(args.repeat):  # interleaved rounds: a load change hits every loader
+            for name, backend, make in loaders:
+                cfg = DataConfig(
+                    backend=backend,
+                    path=path,
+                    batch_size=args.batch_size,
+                    image_size=args.image_size,
+                    num_workers=args.workers,
+                    dali_device=args.dali_device,
+                    shuffle_buffer=1024,
+                )
+                rate, cpu_rate = measure(make, cfg, ctx, args.batches, args.warmup)
+                rates[name].append(rate)
+                cpu_rates[name].append(cpu_rate)
+    rows = [(n, statistics.median(rates[n]), statistics.median(cpu_rates[n])) for n in rates]
+    base_name = "webdataset" if "webdataset" in rates else rows[-1][0]
+    base, cpu_base = next(row[1:] for row in rows if row[0] == base_name)
+    print(f"\n{'backend':<16}{'images/s':>10}{'vs ' + base_name:>16}{'img/CPU-s':>11}{'vs':>8}")
+    for name, rate, cpu_rate in rows:
+        label = name.replace("dali", f"dali-{args.dali_device}", 1)
+        print(
+            f"{label:<16}{rate:>10.0f}{rate / base:>15.2f}x{cpu_rate:>11.0f}"
+            f"{cpu_rate / cpu_base:>7.2f}x   rounds: {' '.join(f'{r:.0f}' for r in rates[name])}"
+        )
     return 0
 
 

@@ -43,14 +43,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def samples_per_second(args: argparse.Namespace, variant: str) -> float:
-    from dist_cosface.classifier import ShardedClassifier
+    from dist_cosface.classifier import ClassifierConfig, ShardedClassifier
     from dist_cosface.models import ModelConfig, build_backbone
 
     device = torch.device("cuda")
     torch.manual_seed(0)
     backbone = build_backbone(ModelConfig(name=args.model, input_size=args.image_size))
     backbone = backbone.to(device, memory_format=torch.channels_last)
-    head = ShardedClassifier(args.num_classes, 512, kernel=args.kernel).to(device)
+    head_cfg = ClassifierConfig(num_classes=args.num_classes, kernel=args.kernel)
+    head = ShardedClassifier(head_cfg, 512, None).to(device)  # one process, no group
     params = list(backbone.parameters()) + list(head.parameters())
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     run = torch.compile(backbone) if variant == "compile" else backbone

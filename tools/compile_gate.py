@@ -132,20 +132,20 @@ def record(variant: Variant, arch: int) -> list[Any]:
     """The kernel launches of one forward + backward of the real head (nothing runs)."""
     import torch
 
-    from dist_cosface.classifier import ShardedClassifier
+    from dist_cosface.classifier import ClassifierConfig, ShardedClassifier
     from dist_cosface.classifier.triton_loss import record_launches
 
     gen = torch.Generator().manual_seed(0)
     # the weight's values play no part in what is launched: skip the (slow) initialization
     no_init = mock.patch.object(ShardedClassifier, "reset_parameters", lambda self, seed=None: None)
+    cfg = ClassifierConfig(
+        num_classes=variant.classes,
+        margin_type=variant.margin_type,
+        sample_rate=0.5 if variant.partial_fc else 1.0,
+        kernel="triton",
+    )
     with no_init, record_launches(arch) as launches:
-        head = ShardedClassifier(
-            variant.classes,
-            variant.dim,
-            margin_type=variant.margin_type,
-            sample_rate=0.5 if variant.partial_fc else 1.0,
-            kernel="triton",
-        ).to(getattr(torch, variant.rows_dtype))
+        head = ShardedClassifier(cfg, variant.dim, None).to(getattr(torch, variant.rows_dtype))
         x = torch.randn(variant.batch, variant.dim, generator=gen)
         x = x.to(getattr(torch, variant.dtype)).requires_grad_()
         labels = torch.randint(0, variant.classes, (variant.batch,), generator=gen)

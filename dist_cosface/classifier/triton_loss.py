@@ -24,16 +24,16 @@ from typing import Any
 
 import torch
 
-from dist_cosface.classifier.loss import (
+from dist_cosface.classifier.config import KERNELS
+from dist_cosface.classifier.loss_common import (
     LossPlan,
     LossTask,
-    _target_stats,
     auto_chunk_size,
     backward_scales,
     global_log_sum_exp,
+    target_stats,
 )
 
-KERNELS = ("auto", "torch", "triton")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -305,7 +305,7 @@ def forward_statistics(
     return row_max, row_sum, part_neg.amax(dim=0)
 
 
-def column_chunks(num_cols: int, n: int, plan: LossPlan, device: torch.device) -> list[int]:
+def _backward_chunks(num_cols: int, n: int, plan: LossPlan, device: torch.device) -> list[int]:
     """Chunk starts of the backward (``plan.chunk_size`` columns, or ~256 MiB of G in fp32)."""
     size = plan.chunk_size or auto_chunk_size(n, device)
     return list(range(0, num_cols, size)) + [num_cols]
@@ -334,7 +334,7 @@ def weight_and_input_grads(
     grad_w = None
     if need_weight_grad:
         grad_w = torch.zeros_like(weight) if rows is not None else torch.empty_like(weight)
-    starts = column_chunks(what.shape[0], n, plan, device)
+    starts = _backward_chunks(what.shape[0], n, plan, device)
     ldg = _round_up(max(b - a for a, b in zip(starts, starts[1:])), _g_alignment(tiles))
     g, r = _chunk_buffers(n, ldg, x_scaled.dtype, device)
     per_row = (target_col, tgt_grad.float().contiguous(), lse.float().contiguous())
@@ -395,20 +395,12 @@ def _g_alignment(tiles: dict[str, Tiles]) -> int:
 
 
 class TritonMarginLoss(torch.autograd.Function):
-    """Mean over the global batch of ``logsumexp_j(logit_j) - logit_target``, Triton kernels.
+    """The loss of :class:`dist_cosface.classifier.loss.ShardedMarginLoss` on Triton kernels.
 
-    Shapes (N: global batch, D: embedding width, K: local classes, Ks: used local classes):
-      x ``[N, D]``: gathered embeddings in the compute dtype (fp32/fp16/bf16; L2-normalized
-      unless softmax), weight ``[K, D]``: this rank's raw class rows, task: a
-      :class:`loss.LossTask` (used rows, target columns, plan, group, margin-health slot).
-    Returns the scalar loss (identical on every rank).
-
-    Collectives per call: forward 2 all-reduces on ``comm``'s group (row max: MAX over
-    ``[N]``, ``[2, N]`` with ``row_stats``; sum-exp and target logit: SUM over ``[2, N]``,
-    ``[3, N]`` with ``row_stats``), exactly as the torch path; backward none. Gradients:
-    exact d(loss)/dx (this rank's classes' share) and d(loss)/dweight (zero on unused rows).
-    ``plan.materialize`` is ignored (the logits are always recomputed tile by tile). Extra
-    memory from forward to backward: ``w_hat``, ``Ks x D`` in the compute dtype.
+    Same shapes, collectives and gradients: the contract is stated once, on
+    ``ShardedMarginLoss``. Here x is fp32/fp16/bf16, and ``plan.materialize`` is ignored
+    (the logits are always recomputed tile by tile). Extra memory from
+    forward to backward: ``w_hat``, ``Ks x D`` in the compute dtype.
     """
 
     @staticmethod
@@ -417,7 +409,7 @@ class TritonMarginLoss(torch.autograd.Function):
         scale = plan.spec.logit_scale
         x_scaled = (x.to(plan.stat_dtype) * scale).to(plan.compute_dtype).contiguous()
         weight_c = weight.detach().contiguous()
-        tgt_cos, tgt_logit = _target_stats(x, weight, rows, target_col, plan)
+        tgt_cos, tgt_logit = target_stats(x, weight, rows, target_col, plan)
         what, inv = used_rows(weight_c, rows, plan)
         row_max, row_sum, hard_neg = forward_statistics(x_scaled, what, target_col, tgt_logit)
         row_max, row_sum = row_max.to(plan.stat_dtype), row_sum.to(plan.stat_dtype)

@@ -44,7 +44,7 @@ class DataConfig:
     synthetic_samples_per_class: int = 32
     synthetic_noise: float = 0.35
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         check_minimums(self, _MINIMUMS)
         if not 0.0 <= self.max_skip_fraction <= 1.0:  # also false for NaN
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")

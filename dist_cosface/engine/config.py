@@ -20,7 +20,7 @@ class OptimConfig:
     grad_clip: Union[float, None] = 5.0  # global L2 norm; None disables
     grad_accum_steps: int = 1
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         # torch.optim would reject most of these only at the first step, without the key
@@ -56,7 +56,7 @@ class TrainConfig:
     # time the classifier's collectives for the metrics (adds device syncs; off by default)
     time_collectives: bool = False
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
         if self.zero_stage not in (0, 1, 2):
@@ -79,7 +79,7 @@ class CheckpointConfig:
     # write in a background thread once a host snapshot is taken (training goes on meanwhile)
     async_save: bool = False
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.every_steps < 0:
             raise ValueError(f"every_steps must be >= 0, got {self.every_steps}")
         if self.keep_last < 1:

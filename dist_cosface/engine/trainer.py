@@ -58,15 +58,16 @@ def train(
 
     Returns a summary: ``step``, ``loss``, ``samples_per_s``, ``grad_norm`` (last log line),
     ``preempted``, ``launcher_lost`` (stopped because a rank's launcher died), ``resumed_from``,
-    ``checkpoint``, ``eval``. An exception is logged with the rank and re-raised, so the
-    launcher sees a non-zero exit and stops the other ranks.
+    ``checkpoint``, ``eval``. An exception is re-raised, so the launcher sees a non-zero exit
+    and stops the other ranks; the CLI prints it as one line naming the rank (its traceback is
+    logged here at DEBUG, which ``dist-cosface --debug`` turns on).
     """
     try:
         check_inputs(cfg, ctx)  # before the lock: a bad config leaves no run folder behind
         with RunLock(cfg.train.output_dir, ctx):  # a second job on this folder fails here
             return Trainer(cfg, ctx, backbone=backbone, loader=loader).run()
     except Exception:
-        log.exception("rank %d: training failed", ctx.rank)
+        log.debug("rank %d: training failed", ctx.rank, exc_info=True)
         raise
 
 

@@ -13,17 +13,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dist_cosface.cli import existing_path, int_in
+
 
 def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--megaface",
         nargs=2,
+        type=existing_path,
         metavar=("PROBES", "DISTRACTORS"),
         help="identity-folder probe set and distractors (flat folder, file list or shard set)",
     )
     parser.add_argument(
         "--distractor-counts",
-        type=int,
+        type=int_in(1),
         nargs="+",
         help="distractor set sizes (default: those of 10, 100, ..., 1M that fit)",
     )
@@ -37,11 +40,17 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
         "--detector-score", action="store_true", help="IJB: weight images by detector score"
     )
     parser.add_argument(
-        "--ytf", nargs=2, metavar=("PAIRS", "FRAMES"), help="video pair list and frames root"
+        "--ytf",
+        nargs=2,
+        type=existing_path,
+        metavar=("PAIRS", "FRAMES"),
+        help="video pair list and frames root",
     )
-    parser.add_argument("--max-frames", type=int, default=100, help="YTF: frames per video")
     parser.add_argument(
-        "--chunk-size", type=int, default=65536, help="distractor rows scored at once"
+        "--max-frames", type=int_in(1), default=100, help="YTF: frames per video (>= 1)"
+    )
+    parser.add_argument(
+        "--chunk-size", type=int_in(1), default=65536, help="distractor rows scored at once"
     )
 
 

@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from dist_cosface.cli import (
+    UsageError,
+    device_arg,
+    existing_path,
+    float_in,
+    int_in,
+    output_file,
+    output_folder,
+)
 from dist_cosface.configtools import from_mapping
 from dist_cosface.eval.benchmarks import add_benchmark_arguments, run_benchmarks, write_results
 from dist_cosface.eval.config import EvalConfig
@@ -23,29 +32,44 @@ LoadBackbone = Callable[[str], tuple[nn.Module, int]]
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint folder or run directory")
+    parser.add_argument("checkpoint", type=existing_path, help="checkpoint folder or run directory")
     parser.add_argument(
         "--target",
         action="append",
         default=[],
+        type=existing_path,
         help=".bin file, pairs file, or folder with pairs.txt (repeatable)",
     )
     add_benchmark_arguments(parser)
     parser.add_argument(
-        "--out-dir", default=None, help="eval.json and ROC PNGs go here (default: CHECKPOINT/eval)"
+        "--out-dir",
+        type=output_folder,
+        default=None,
+        help="eval.json and ROC PNGs go here (default: CHECKPOINT/eval)",
     )
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--far", type=float, action="append", help="repeatable; default 1e-3 1e-2")
+    parser.add_argument("--batch-size", type=int_in(1), default=64)
+    parser.add_argument(
+        "--far",
+        type=float_in(0, 1, low_open=True, high_open=True),
+        action="append",
+        help="repeatable; default 1e-3 1e-2",
+    )
     parser.add_argument("--no-flip", action="store_true", help="skip the flip-test embedding")
     parser.add_argument("--no-roc", action="store_true", help="do not write ROC PNGs")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device",
+        type=device_arg,
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu, cuda or cuda:N (under torchrun each rank uses its own device)",
+    )
 
 
 def run_eval_command(args: argparse.Namespace, load_backbone: LoadBackbone) -> int:
     """Pair verification, then the benchmarks, on all ranks (one process without torchrun)."""
     if not (args.target or args.megaface or args.ijb or args.ytf):
-        print("dist-cosface eval: give --target, --megaface, --ijb or --ytf", file=sys.stderr)
-        return 2
+        raise UsageError("nothing to evaluate: give --target, --megaface, --ijb or --ytf")
+    if args.ijb and not Path(args.ijb[0]).is_dir():
+        raise UsageError(f"--ijb {args.ijb[0]}: not a folder (one holding meta/ and loose_crop/)")
     from dist_cosface.distributed import init_distributed, shutdown
 
     ctx = init_distributed()
@@ -94,10 +118,17 @@ def _pair_targets(args, backbone, image_size, device, out_dir, ctx) -> dict:
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint folder or run directory")
-    parser.add_argument("out", help="path of the .onnx file to write")
-    parser.add_argument("--opset", type=int, default=18)
-    parser.add_argument("--atol", type=float, default=1e-4, help="parity tolerance vs PyTorch")
+    parser.add_argument("checkpoint", type=existing_path, help="checkpoint folder or run directory")
+    parser.add_argument("out", type=output_file, help="path of the .onnx file to write")
+    parser.add_argument(
+        "--opset",
+        type=int_in(1),
+        default=18,
+        help="ONNX opset to write; one the exporter cannot produce is refused (nothing written)",
+    )
+    parser.add_argument(
+        "--atol", type=float_in(0, math.inf), default=1e-4, help="parity tolerance vs PyTorch"
+    )
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
 
 

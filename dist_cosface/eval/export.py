@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
+import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -10,30 +14,86 @@ from torch import nn
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
+# the exporter's messages: INFO lines per graph pass, and a failed opset conversion logged as
+# a warning with a traceback; the opset actually written is checked here instead
+_EXPORTER_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")
+
+log = logging.getLogger(__name__)
 
 
 def export_onnx(backbone: nn.Module, path: str | Path, image_size: int, opset: int = 18) -> Path:
     """Write ``backbone`` (eval mode, on CPU) as one ONNX file: ``images [N, 3, S, S] ->
-    embeddings [N, D]`` with N dynamic. Uses the torch.export-based exporter (torch >= 2.5)."""
+    embeddings [N, D]`` with N dynamic. Uses the torch.export-based exporter (torch >= 2.5).
+
+    That exporter builds opset 18 graphs and converts them to another ``opset`` where it can
+    (17 and 19..: yes; 13: no, no adapter for some operators). The file is written under a
+    temporary name and published only if its opset is ``opset``; otherwise ValueError and
+    nothing is written.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; give the path of the .onnx file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Export a CPU copy in eval mode so the caller's module (device, train flag) is untouched.
     model = copy.deepcopy(backbone).cpu().eval()
     # Batch 2 in the example: torch.export specialises dimensions of size 0/1 to constants.
     example = torch.zeros(2, 3, image_size, image_size)
-    torch.onnx.export(
-        model,
-        (example,),
-        str(path),
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        opset_version=opset,
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
-        dynamo=True,
-        external_data=False,  # a single self-contained file (backbones are far below 2 GB)
-        verbose=False,
-    )
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with _quiet_exporter():
+            torch.onnx.export(
+                model,
+                (example,),
+                str(tmp),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=opset,
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                dynamo=True,
+                external_data=False,  # one self-contained file (backbones are far below 2 GB)
+                verbose=False,
+            )
+        written = onnx_opset(tmp)
+        if written != opset:
+            raise ValueError(
+                f"{path}: the exporter cannot write this model in ONNX opset {opset} (it built "
+                f"opset {written} and could not convert it); nothing written: opset {written} "
+                "is the exporter's own"
+            )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def onnx_opset(path: str | Path) -> int:
+    """The default-domain (``ai.onnx``) opset version an ONNX file declares."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    versions = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    if not versions:
+        raise ValueError(f"{path}: declares no ai.onnx opset")
+    return versions[0]
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter's logging and warnings hidden, unless this package logs at DEBUG."""
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in _EXPORTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def check_onnx(

@@ -28,11 +28,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dist_cosface.eval.images import ImageRef
+from dist_cosface.eval.images import ImageRef, read_lines
 
 VERIFICATION_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 IDENTIFICATION_FPIRS = (1e-2, 1e-1)
 CMC_RANKS = (1, 5, 10)
+MAX_ID = 2**63 - 1  # ids are held in int64 arrays
 
 
 @dataclass
@@ -51,11 +52,7 @@ class IJBSet:
 
 def _rows(path: Path, fields: int, what: str):
     """(line number, fields) of a whitespace-separated meta file; wrong counts are errors."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read {what}: {exc}") from exc
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(read_lines(path, "IJB meta file"), start=1):
         parts = line.split()
         if not parts:
             continue
@@ -71,13 +68,31 @@ def _number(text: str, kind, where: str):
         raise ValueError(f"{where}: {text!r} is not a valid number") from exc
 
 
+def _id(text: str, where: str, what: str) -> int:
+    """A template, media or subject id: an integer that fits the int64 arrays it is kept in."""
+    value = _number(text, int, where)
+    if not 0 <= value <= MAX_ID:
+        raise ValueError(f"{where}: {what} {text} is not in [0, 2^63 - 1]")
+    return value
+
+
 def _read_landmarks(path: Path) -> dict[str, tuple[tuple[float, ...], float]]:
+    """image -> (10 landmark coordinates, detector score).
+
+    Non-finite landmarks are kept: alignment skips that image. The detector score (last
+    column) is the face detector's confidence that the crop is a face, a probability; with
+    ``--detector-score`` it multiplies the image's feature before media pooling, as in the
+    usual IJB protocol code. NaN or infinity would poison the template's mean, a negative
+    score would flip the feature: anything outside [0, 1] is an error.
+    """
     table = {}
     for lineno, parts in _rows(path, 12, "image, 10 landmark coordinates, detector score"):
         where = f"{path}:{lineno}"
         if parts[0] in table:
             raise ValueError(f"{where}: image {parts[0]} listed twice")
         values = [_number(v, float, where) for v in parts[1:]]
+        if not 0.0 <= values[10] <= 1.0:  # also false for NaN
+            raise ValueError(f"{where}: detector score {parts[11]} is not in [0, 1]")
         table[parts[0]] = (tuple(values[:10]), values[10])
     return table
 
@@ -85,22 +100,21 @@ def _read_landmarks(path: Path) -> dict[str, tuple[tuple[float, ...], float]]:
 def _read_subjects(path: Path) -> dict[int, int]:
     """``TEMPLATE_ID`` -> ``SUBJECT_ID`` of a 1:N CSV (one row per image)."""
     out: dict[int, int] = {}
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = [h.strip().upper() for h in next(reader, [])]
-        if "TEMPLATE_ID" not in header or "SUBJECT_ID" not in header:
-            raise ValueError(f"{path}:1: header needs TEMPLATE_ID and SUBJECT_ID columns")
-        t_col, s_col = header.index("TEMPLATE_ID"), header.index("SUBJECT_ID")
-        for lineno, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            where = f"{path}:{lineno}"
-            if len(row) != len(header):
-                raise ValueError(f"{where}: {len(row)} fields, expected {len(header)}")
-            template = _number(row[t_col], int, where)
-            subject = _number(row[s_col], int, where)
-            if out.setdefault(template, subject) != subject:
-                raise ValueError(f"{where}: template {template} has two subjects")
+    reader = csv.reader(read_lines(path, "IJB 1:N CSV"))  # one row per line: no quoted newlines
+    header = [h.strip().upper() for h in next(reader, [])]
+    if "TEMPLATE_ID" not in header or "SUBJECT_ID" not in header:
+        raise ValueError(f"{path}:1: header needs TEMPLATE_ID and SUBJECT_ID columns")
+    t_col, s_col = header.index("TEMPLATE_ID"), header.index("SUBJECT_ID")
+    for lineno, row in enumerate(reader, start=2):
+        if not row:
+            continue
+        where = f"{path}:{lineno}"
+        if len(row) != len(header):
+            raise ValueError(f"{where}: {len(row)} fields, expected {len(header)}")
+        template = _id(row[t_col], where, "template id")
+        subject = _id(row[s_col], where, "subject id")
+        if out.setdefault(template, subject) != subject:
+            raise ValueError(f"{where}: template {template} has two subjects")
     if not out:
         raise ValueError(f"{path}: no templates")
     return out
@@ -123,8 +137,8 @@ def read_ijb(root: str | Path, name: str) -> IJBSet:
             raise ValueError(f"{where}: image {path} not found")
         points, score = marks[image]
         images.append(ImageRef(path, landmarks=points))
-        templates.append(_number(tid, int, where))
-        media.append(_number(mid, int, where))
+        templates.append(_id(tid, where, "template id"))
+        media.append(_id(mid, where, "media id"))
         scores.append(score)
         lines.append(where)
     if not images:
@@ -134,7 +148,7 @@ def read_ijb(root: str | Path, name: str) -> IJBSet:
     pairs, labels = [], []
     for lineno, (t1, t2, label) in _rows(pair_path, 3, "template 1, template 2, label"):
         where = f"{pair_path}:{lineno}"
-        pair = (_number(t1, int, where), _number(t2, int, where))
+        pair = (_id(t1, where, "template id"), _id(t2, where, "template id"))
         unknown = [t for t in pair if t not in known]
         if unknown:
             raise ValueError(f"{where}: template {unknown[0]} is not in {tid_path}")
@@ -145,9 +159,9 @@ def read_ijb(root: str | Path, name: str) -> IJBSet:
     ijb = IJBSet(
         name,
         images,
-        np.array(templates),
-        np.array(media),
-        np.array(scores),
+        np.array(templates, dtype=np.int64),
+        np.array(media, dtype=np.int64),
+        np.array(scores, dtype=np.float64),
         lines,
         np.array(pairs, dtype=np.int64).reshape(-1, 2),
         np.array(labels, dtype=bool),
@@ -207,6 +221,11 @@ def template_features(
     pooled = torch.zeros((len(ids), emb.shape[1]), dtype=emb.dtype)
     pooled.index_add_(0, template_of, media_means)
     pooled /= torch.bincount(template_of, minlength=len(ids)).unsqueeze(1)
+    zero = np.flatnonzero((pooled.norm(dim=1) == 0).numpy())
+    if detector_score and zero.size:  # every usable image weighted 0: no direction to compare
+        t = int(ids[zero[0]])
+        line = ijb.image_lines[first[zero[0]]]
+        raise ValueError(f"{line}: template {t}: every usable image has detector score 0")
     return TemplateFeatures(ids, torch.nn.functional.normalize(pooled, dim=1))
 
 

@@ -8,6 +8,7 @@ of ranks, so gathered embeddings do not depend on it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dist_cosface.configtools import read_utf8
 from dist_cosface.eval.evaluate import input_dtype, preprocess
 from dist_cosface.eval.topk import shard_range
 from dist_cosface.imageio import decode_image, is_image_file
@@ -35,6 +37,12 @@ class ImageRef:
             if self.offset < 0:
                 return self.path.read_bytes()
             with open(self.path, "rb") as f:
+                end = os.fstat(f.fileno()).st_size
+                if self.offset + self.size > end:  # never allocate what the file cannot hold
+                    raise ValueError(
+                        f"{self}: {self.size} bytes at offset {self.offset} run past the end "
+                        f"of the file ({end} bytes)"
+                    )
                 f.seek(self.offset)
                 data = f.read(self.size)
         except OSError as exc:
@@ -68,10 +76,16 @@ def list_identity_folders(root: str | Path) -> tuple[list[ImageRef], list[int], 
     return refs, labels, names
 
 
+def read_lines(path: str | Path, what: str) -> list[str]:
+    """The lines of a UTF-8 text file; ValueError naming the file (and the line of a byte that
+    is not UTF-8)."""
+    return read_utf8(path, what, ValueError).splitlines()
+
+
 def _read_file_list(path: Path) -> list[ImageRef]:
     """One image path per line (relative to the list's folder); blank and '#' lines skipped."""
     refs = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_lines(path, "image list"), start=1):
         text = line.strip()
         if not text or text.startswith("#"):
             continue
@@ -83,19 +97,24 @@ def _read_file_list(path: Path) -> list[ImageRef]:
 
 
 def _read_shard_set(folder: Path) -> list[ImageRef]:
-    from dist_cosface.data.shards import MANIFEST_NAME, Manifest, read_index
+    """Every sample's image of a dist_cosface shard set, after the checks the training
+    loaders run (each index against its tar and the manifest): a shard set that would lose
+    samples is an error naming the shard, never a smaller distractor set."""
+    from dist_cosface.data.dataset import open_shards
+    from dist_cosface.data.shards import read_index
 
-    manifest_path = folder / MANIFEST_NAME
-    manifest = Manifest.from_json(manifest_path.read_text(), str(manifest_path))
+    shards = open_shards(str(folder), on_bad="stop")
     refs = []
-    for shard in manifest.shards:
-        for entry in read_index(folder / shard.index_name):
-            ext = manifest.image_ext if manifest.image_ext in entry.components else None
+    for url, index_path in zip(shards.urls, shards.index_paths):
+        for entry in read_index(Path(index_path)):
+            ext = (
+                shards.manifest.image_ext if shards.manifest.image_ext in entry.components else None
+            )
             ext = ext or next((e for e in entry.components if e != "cls"), None)
             if ext is None:
-                raise ValueError(f"{folder / shard.index_name}: sample {entry.key} has no image")
+                raise ValueError(f"{index_path}: sample {entry.key} has no image")
             offset, size = entry.components[ext]
-            refs.append(ImageRef(folder / shard.name, offset, size))
+            refs.append(ImageRef(Path(url), offset, size))
     return refs
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dist_cosface.eval.images import ImageRef
+from dist_cosface.eval.images import ImageRef, read_lines
 from dist_cosface.imageio import is_image_file
 
 
@@ -56,11 +56,13 @@ def read_video_pairs(pairs_path: str | Path, root: str | Path, n_folds: int = 10
     pairs_path, root = Path(pairs_path), Path(root)
     videos: dict[str, int] = {}
     pairs, labels, splits = [], [], []
-    for lineno, line in enumerate(pairs_path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_lines(pairs_path, "pair list"), start=1):
         if not line.strip() or (lineno == 1 and "split" in line.lower()):
             continue  # blank lines and the splits.txt header
         where = f"{pairs_path}:{lineno}"
         split, first, second, label = _parse_line(line, where)
+        if splits and (split is None) != (splits[0] is None):
+            raise ValueError(f"{where}: mixes the CSV and the 'folder1 folder2 label' forms")
         if label not in ("0", "1"):
             raise ValueError(f"{where}: label {label!r} is not 0 or 1")
         for video in (first, second):
@@ -79,6 +81,11 @@ def read_video_pairs(pairs_path: str | Path, root: str | Path, n_folds: int = 10
             folds[block] = i
     else:
         folds = np.array(splits, dtype=np.int64)
+        if len(np.unique(folds)) < 2:  # each split's threshold is chosen on the others
+            raise ValueError(
+                f"{pairs_path}: every pair is in split {folds[0]}; cross-validation needs at "
+                "least 2 splits (YTF's splits.txt has 10)"
+            )
     return VideoPairs(
         [root / v for v in videos], np.array(pairs), np.array(labels, dtype=bool), folds
     )
@@ -86,6 +93,8 @@ def read_video_pairs(pairs_path: str | Path, root: str | Path, n_folds: int = 10
 
 def frame_refs(videos: list[Path], max_frames: int) -> tuple[list[ImageRef], np.ndarray]:
     """Frames of every video (at most ``max_frames``, evenly spaced) and their video index."""
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
     refs, owner = [], []
     for i, folder in enumerate(videos):
         frames = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))

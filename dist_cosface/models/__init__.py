@@ -27,7 +27,6 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
     """Build the backbone named by ``cfg.name`` for square inputs of ``cfg.input_size``."""
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"build_backbone expects a ModelConfig, got {type(cfg).__name__}")
-    cfg.validate()
     if cfg.name.startswith("iresnet"):
         depth = int(cfg.name.removeprefix("iresnet"))
         return iresnet(depth, cfg.embedding_size, cfg.input_size, cfg.dropout)

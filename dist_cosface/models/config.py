@@ -17,7 +17,7 @@ class ModelConfig:
     input_size: int = 112
     dropout: float = 0.0
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         check_minimums(self, {"embedding_size": 2, "input_size": 16})
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
