@@ -6,6 +6,8 @@ Makes its own JPEG shards of synthetic faces (or converts --src FOLDER) first, e
         --dali-device mixed --batches 150          # on a GPU machine
     python tools/bench_data.py --backends dali --baseline-ref main --repeat 3
         # the DALI loader of the working tree against the one of git revision main
+    python tools/bench_data.py --backends webdataset,dali --augment --repeat 3
+        # each loader with and without data.augment (RECIPE below, or --augment '{...}')
 """
 
 from __future__ import annotations
@@ -22,8 +24,16 @@ from pathlib import Path
 
 import torch
 
+from dist_cosface.configtools import from_mapping, parse_yaml
 from dist_cosface.data import DataConfig, build_loader
+from dist_cosface.data.config import AugmentConfig
 from dist_cosface.distributed import DistContext
+
+# --augment without a value: the probabilities of the strongest face recipes' augmentations
+# (AdaFace: crop, low resolution, photometric at 0.2 each), the ranges left at their defaults
+RECIPE = (
+    "{crop_prob: 0.2, low_res_prob: 0.2, blur_prob: 0.1, grayscale_prob: 0.1, jitter_prob: 0.2}"
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,6 +55,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also time the DALI loader of this git revision (dist_cosface/data/dali_loader.py)",
     )
     p.add_argument("--repeat", type=int, default=1, help="rounds (interleaved); medians shown")
+    p.add_argument(
+        "--augment",
+        nargs="?",
+        const=RECIPE,
+        default="",
+        metavar="YAML",
+        help="also time each file backend with data.augment set to this YAML mapping "
+        f"(default: {RECIPE})",
+    )
     return p.parse_args(argv)
 
 
@@ -117,16 +136,21 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--warmup and --batches must be >= 1")
     gpu = args.dali_device == "mixed"
     ctx = DistContext(device=torch.device("cuda", 0) if gpu else torch.device("cpu"))
-    loaders = [(backend, backend, build_loader) for backend in args.backends.split(",")]
+    plain = AugmentConfig()
+    loaders = [(backend, backend, build_loader, plain) for backend in args.backends.split(",")]
+    if args.augment:
+        augment = from_mapping(AugmentConfig, parse_yaml(args.augment, "--augment"), "--augment")
+        files = [backend for _, backend, _, _ in loaders if backend != "synthetic"]
+        loaders += [(f"{backend}+aug", backend, build_loader, augment) for backend in files]
     if args.baseline_ref:
         name = f"dali@{args.baseline_ref}"
-        loaders.append((name, "dali", loader_at_ref(args.baseline_ref)))
-    rates: dict[str, list[float]] = {name: [] for name, _, _ in loaders}
-    cpu_rates: dict[str, list[float]] = {name: [] for name, _, _ in loaders}
+        loaders.append((name, "dali", loader_at_ref(args.baseline_ref), plain))
+    rates: dict[str, list[float]] = {name: [] for name, *_ in loaders}
+    cpu_rates: dict[str, list[float]] = {name: [] for name, *_ in loaders}
     with tempfile.TemporaryDirectory() as tmp:
         path = prepare_shards(args, tmp)
         for _ in range(args.repeat):  # interleaved rounds: a load change hits every loader
-            for name, backend, make in loaders:
+            for name, backend, make, augment in loaders:
                 cfg = DataConfig(
                     backend=backend,
                     path=path,
@@ -135,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                     num_workers=args.workers,
                     dali_device=args.dali_device,
                     shuffle_buffer=1024,
+                    augment=augment,
                 )
                 rate, cpu_rate = measure(make, cfg, ctx, args.batches, args.warmup)
                 rates[name].append(rate)
@@ -142,13 +167,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = [(n, statistics.median(rates[n]), statistics.median(cpu_rates[n])) for n in rates]
     base_name = "webdataset" if "webdataset" in rates else rows[-1][0]
     base, cpu_base = next(row[1:] for row in rows if row[0] == base_name)
+    by_name = {row[0]: row[1:] for row in rows}
     print(f"\n{'backend':<16}{'images/s':>10}{'vs ' + base_name:>16}{'img/CPU-s':>11}{'vs':>8}")
     for name, rate, cpu_rate in rows:
         label = name.replace("dali", f"dali-{args.dali_device}", 1)
+        # an augmented loader also against itself without augmentation (wall, CPU time)
+        own = by_name.get(name.removesuffix("+aug")) if name.endswith("+aug") else None
+        versus = f"   vs no aug {rate / own[0]:.2f}x, CPU {cpu_rate / own[1]:.2f}x" if own else ""
         print(
             f"{label:<16}{rate:>10.0f}{rate / base:>15.2f}x{cpu_rate:>11.0f}"
             f"{cpu_rate / cpu_base:>7.2f}x   rounds: {' '.join(f'{r:.0f}' for r in rates[name])}"
+            f"{versus}"
         )
+    if args.augment:
+        print(f"augment: {args.augment}")
     return 0
 
 

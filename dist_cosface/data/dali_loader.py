@@ -29,6 +29,7 @@ from functools import cache
 
 import torch
 
+from dist_cosface.data import augment
 from dist_cosface.data.base import DTYPES, BaseLoader, repair_batch
 from dist_cosface.data.config import DataConfig
 from dist_cosface.data.dataset import ShardSet, open_shards
@@ -127,7 +128,8 @@ class DaliLoader(BaseLoader):
         return pipe
 
     def _decoder(self, batch_size: int, prefetch: int):
-        """Decode, resize, flip and normalize batches fed as ``encoded`` (and ``mirror``)."""
+        """Decode, resize (and augment), flip and normalize batches fed as ``encoded``,
+        ``mirror`` and the augmentation's parameters (``_feed_params``)."""
         from nvidia.dali import fn, pipeline_def, types
 
         cfg = self.cfg
@@ -138,6 +140,7 @@ class DaliLoader(BaseLoader):
             num_threads=max(1, cfg.num_workers),
             device_id=self.out_device.index if gpu else None,
             prefetch_queue_depth=prefetch,
+            enable_conditionals=cfg.augment.active,  # per-sample steps (augment.dali_ops)
         )
         def pipeline():
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
@@ -146,7 +149,7 @@ class DaliLoader(BaseLoader):
             images = fn.decoders.image(
                 encoded, device=self.decode_device, output_type=types.RGB, **extra
             )
-            images = fn.resize(images, resize_x=cfg.image_size, resize_y=cfg.image_size)
+            images = augment.dali_ops(images, cfg.augment, cfg.image_size)
             # flips come from Python, seeded per batch: exact on resume without replaying them
             mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
             return fn.crop_mirror_normalize(
@@ -248,7 +251,14 @@ class DaliLoader(BaseLoader):
         batch, checked = self._check(encoded, cls)
         decoder.feed_input("encoded", batch)
         decoder.feed_input("mirror", self._flips(epoch, index))
+        seed = stable_seed(self.cfg.seed, epoch, self.rank)  # the webdataset loader's too
+        self._feed_params(decoder, augment.batch_params(self.cfg, seed, index, len(cls)))
         return checked
+
+    def _feed_params(self, decoder, params: augment.AugmentParams | None) -> None:
+        """Per-sample augmentation parameters drawn in Python: exact on resume, no replay."""
+        for name, values in augment.dali_inputs(self.cfg.augment, params).items():
+            decoder.feed_input(name, values)
 
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
@@ -282,6 +292,7 @@ class DaliLoader(BaseLoader):
                         probe = self._decoder(1, 1)
                     probe.feed_input("encoded", [np.asarray(encoded[i])])
                     probe.feed_input("mirror", np.zeros(1, dtype=np.int32))
+                    self._feed_params(probe, augment.AugmentParams.identity(1, self.cfg.image_size))
                     try:
                         probe.run()
                     except RuntimeError:
