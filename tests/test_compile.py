@@ -22,12 +22,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dist_cosface.cli import describe_failure
 from dist_cosface.configtools import ConfigError
 from dist_cosface.distributed import DistContext, context_from_group
 from dist_cosface.engine import train
 from dist_cosface.engine.ckpt_read import read_tree
 from dist_cosface.engine.parts import seed_everything
-from dist_cosface.engine.strategy import build_strategy
+from dist_cosface.engine.strategy import CompilerUnavailable, build_strategy
 from dist_cosface.eval.bin_file import write_bin
 from tests.eval_sets import png_bytes
 from tests.multiproc import run_ranks
@@ -120,7 +121,7 @@ def test_missing_cxx_compiler_fails_at_start_in_one_line(tmp_path, monkeypatch):
     cpp_compiler_search.cache_clear()  # inductor remembers the compiler it found
     out = tmp_path / "run"
     try:
-        with pytest.raises(RuntimeError) as err:
+        with pytest.raises(CompilerUnavailable) as err:
             train(tiny_config(out, "train.compile=true"), DistContext())
     finally:
         cpp_compiler_search.cache_clear()
@@ -129,6 +130,8 @@ def test_missing_cxx_compiler_fails_at_start_in_one_line(tmp_path, monkeypatch):
     assert message.startswith("train.compile=true: torch.compile(backend='inductor')")
     assert "InvalidCxxCompiler" in message and "train.compile=false" in message
     assert not out.exists()  # refused before the run folder is created
+    status, line = describe_failure(err.value)  # the CLI's rendering: a known failure
+    assert status == 1 and line == f"error: {message}"
 
 
 def test_deepspeed_refuses_a_backbone_torch_would_not_compile(tmp_path):

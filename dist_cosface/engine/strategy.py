@@ -226,13 +226,17 @@ def compile_options(train: TrainConfig) -> dict | None:
     return options
 
 
+class CompilerUnavailable(RuntimeError):
+    """``train.compile`` was asked for and torch.compile cannot work on this machine."""
+
+
 def check_compiler(train: TrainConfig, device: torch.device) -> None:
     """Fail at start-up, in one line, when ``train.compile`` cannot work on this machine.
 
     Compiles and runs a small function with the configured backend and mode on ``device``
     (dynamo, AOTAutograd, code generation, the C++ or Triton toolchain, loading); on the CPU
     with inductor the C++ compiler is looked up first, since a cached probe would not call it.
-    Raises RuntimeError naming the key, the backend and what failed.
+    Raises CompilerUnavailable naming the key, the backend and what failed.
     """
     options = compile_options(train)
     if options is None:
@@ -246,7 +250,7 @@ def check_compiler(train: TrainConfig, device: torch.device) -> None:
     except Exception as exc:  # noqa: BLE001 - any failure means the compiler is unusable
         detail = str(exc).strip().splitlines()
         reason = f"{type(exc).__name__}: {detail[0]}" if detail else type(exc).__name__
-        raise RuntimeError(
+        raise CompilerUnavailable(
             f"train.compile=true: torch.compile(backend={train.compile_backend!r}) does not work "
             f"on this machine ({device.type}): {reason}. Install what it needs (a C++ compiler "
             "such as g++ on the PATH or in $CXX for inductor on the CPU; Triton for CUDA) or "
