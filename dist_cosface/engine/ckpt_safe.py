@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
 _INDEX_GLOBALS = {
@@ -88,7 +88,7 @@ def read_index(path: Path, files: dict, allow_pickled: bool) -> Metadata:
             metadata = IndexUnpickler(handle).load()
     except pickle.UnpicklingError as exc:
         raise CheckpointRefused(f"{path} refused: {exc} (a crafted or foreign file)") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a damaged stream fails in many ways
         raise ValueError(f"{path} cannot be read: {type(exc).__name__}: {exc}") from None
     _check_index(path, metadata, files, allow_pickled)
     return metadata
@@ -128,8 +128,11 @@ class SafeReader(FileSystemReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if self._metadata is None:
-            path = self.ckpt / ".metadata"
-            self._metadata = read_index(path, self.files, self.allow_pickled)
+            metadata = read_index(self.ckpt / ".metadata", self.files, self.allow_pickled)
+            if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader does
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            self._metadata = metadata
         return self._metadata
 
     def read_data(self, plan, planner):
