@@ -153,6 +153,8 @@ class Checkpointer:
     finishes the save in flight (re-raising its error) and returns the published folder;
     ``failed`` says, without blocking, whether the save in flight has failed; ``close`` (every
     rank, on every path out of training) joins the writer thread and destroys the group.
+    Every agreement between ranks runs on that gloo group: from the writer thread while a save
+    is in flight, from the caller's thread otherwise (never both at once).
     """
 
     def __init__(
@@ -191,7 +193,7 @@ class Checkpointer:
         tree = state.snapshot()
         target = _Target(self.root, step, _estimate_bytes(tree, self.ctx.world_size))
         verdict = self._prepare(target) if self.ctx.is_main else None
-        verdict = _gather(self.ctx.group, verdict)[0]  # rank 0's, on every rank
+        verdict = _gather(self.group, verdict)[0]  # rank 0's, on every rank (no writer runs)
         _raise_agreed(verdict["problem"])
         target.needed, target.free = verdict["needed"], verdict["free"]
         if state.native is not None:
@@ -280,7 +282,7 @@ class Checkpointer:
             state.native.save(target.tmp)
         except Exception as exc:  # noqa: BLE001 - a full disk surfaces as several types
             problem = target.failure(exc)
-        problem = _first_problem(self.ctx.group, problem)
+        problem = _first_problem(self.group, problem)
         if problem is not None:
             if self.ctx.is_main:
                 shutil.rmtree(target.tmp, ignore_errors=True)
@@ -352,7 +354,7 @@ class Checkpointer:
                     f"{self.root / f'superseded-{start}'} first, or use another "
                     "train.output_dir"
                 )
-        _raise_agreed(_first_problem(self.ctx.group, problem), ValueError)
+        _raise_agreed(_first_problem(self.group, problem), ValueError)
         return moved
 
     def _archive(self, later: list[Path], start: int) -> list[Path]:
