@@ -163,3 +163,33 @@ def test_format_3_checkpoints_resume_exactly(tmp_path, monkeypatch):
             "backbone.model.features.0.0.weight"
         ],
     )
+
+
+def test_non_tensor_values_round_trip_as_json():
+    """What loaders, RNGs and optimizers keep beside tensors comes back equal, types and all."""
+    import random
+
+    import numpy as np
+
+    from dist_cosface.engine.ckpt_safe import decode_plain, encode_plain
+
+    plain = {
+        "python": random.getstate(),  # a tuple holding a tuple of 625 ints
+        "position": np.int64(5),
+        "lost": {"shard-3/key9", "shard-0/key1"},
+        "by_id": {1: (2, 3.5)},
+        "looks_tagged": {"__tuple__": 1},
+        "empty": {},
+        "huge": 2**80,
+        "scale": float("inf"),
+    }
+    tree = {"rank0": {"rng": {"torch": torch.arange(3)}, "loader": dict(plain)}}
+    encoded = encode_plain(tree)
+    assert (
+        set(encoded["rank0"]) == {"rng", "_json"} and encoded["rank0"]["_json"].dtype == torch.uint8
+    )
+    decoded = decode_plain(encoded)
+    assert torch.equal(decoded["rank0"]["rng"]["torch"], torch.arange(3))
+    assert decoded["rank0"]["loader"] == plain
+    with pytest.raises(TypeError, match=r"rank0\.loader\.f: a bytes is neither a tensor"):
+        encode_plain({"rank0": {"loader": {"f": b"x"}, "t": torch.zeros(1)}})

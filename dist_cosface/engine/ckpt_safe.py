@@ -56,7 +56,7 @@ _INDEX_GLOBALS = {
     ("pathlib._local", "PosixPath"),  # the same class, as Python 3.13 names it
 }
 JSON_KEY = "_json"  # ``<section>._json``: a section's non-tensor values, as a uint8 tensor
-_TUPLE, _ITEMS = "__tuple__", "__items__"
+_TUPLE, _SET, _ITEMS = "__tuple__", "__set__", "__items__"
 
 
 class CheckpointRefused(ValueError):
@@ -240,19 +240,28 @@ def _to_json(value: Any, where: str) -> Any:
         return [_to_json(v, where) for v in value]
     if isinstance(value, tuple):
         return {_TUPLE: [_to_json(v, where) for v in value]}
+    if isinstance(value, (set, frozenset)):
+        try:  # sorted where the members allow: the same set, the same bytes
+            members = sorted(value)
+        except TypeError:
+            members = list(value)
+        return {_SET: [_to_json(v, where) for v in members]}
     if isinstance(value, dict):
-        if all(isinstance(k, str) for k in value) and not {_TUPLE, _ITEMS} & value.keys():
+        if all(isinstance(k, str) for k in value) and not {_TUPLE, _SET, _ITEMS} & value.keys():
             return {k: _to_json(v, f"{where}.{k}") for k, v in value.items()}
         return {_ITEMS: [[_to_json(k, where), _to_json(v, where)] for k, v in value.items()]}
     raise TypeError(
         f"checkpoint value {where}: a {type(value).__name__} is neither a tensor nor plain "
-        "data (numbers, strings, lists, tuples, dicts), so it cannot be stored without pickle"
+        "data (numbers, strings, lists, tuples, sets, dicts), so it cannot be stored without "
+        "pickle"
     )
 
 
 def _from_json_object(obj: dict) -> Any:
     if obj.keys() == {_TUPLE}:
         return tuple(obj[_TUPLE])
+    if obj.keys() == {_SET}:
+        return set(obj[_SET])
     if obj.keys() == {_ITEMS}:
         return {k: v for k, v in obj[_ITEMS]}
     return obj
