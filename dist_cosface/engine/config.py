@@ -90,6 +90,9 @@ class CheckpointConfig:
     resume: Union[Literal["auto", "none"], str] = "auto"  # or a checkpoint folder
     # write in a background thread once a host snapshot is taken (training goes on meanwhile)
     async_save: bool = False
+    # checkpoints of the run folder after the step a run starts from (an explicit lower-step
+    # resume, or resume none): refuse to start, or archive them into checkpoints/superseded-<step>
+    later_steps: Literal["refuse", "archive"] = "refuse"
 
     def __post_init__(self) -> None:
         if self.every_steps < 0:
