@@ -72,19 +72,26 @@ def _crafted_entry(src: Path, dest: Path, marker: Path, cfg, version: int) -> Pa
 
 
 def _refusal(run, capsys, ckpt: Path) -> str:
-    """The one line a command printed or raised when refusing ``ckpt`` (eval and export raise
-    until the CLI turns errors into lines; merge-classifier prints)."""
+    """The one line a command printed (the CLI: one ``error:`` line and a non-zero exit) or
+    raised (resume through ``train``) when refusing ``ckpt``."""
     try:
         code = run()
     except ValueError as exc:
         message = str(exc)
+    except SystemExit as exc:  # the CLI's one-line failure
+        assert exc.code not in (0, None)
+        message = _one_error_line(capsys, ckpt)
     else:
         assert code != 0
-        err = capsys.readouterr().err
-        assert "Traceback" not in err
-        message = next(line for line in err.splitlines() if str(ckpt) in line)
+        message = _one_error_line(capsys, ckpt)
     assert "\n" not in message.strip()
     return message
+
+
+def _one_error_line(capsys, ckpt: Path) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return next(line for line in err.splitlines() if str(ckpt) in line)
 
 
 def _commands(ckpt: Path, tmp_path: Path, target: Path) -> dict:
