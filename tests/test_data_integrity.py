@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from dist_cosface.data import DataConfig, build_loader
+from dist_cosface.data.locations import open_stream
 from dist_cosface.data.shards import Manifest, read_index
-from dist_cosface.data.streams import open_stream
 from dist_cosface.distributed import DistContext, context_from_group
 from tests.data_common import (
     BACKENDS,

@@ -14,8 +14,8 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dist_cosface.data.locations import open_stream
 from dist_cosface.data.shards import MANIFEST_NAME, IndexEntry, Manifest, read_index
-from dist_cosface.data.streams import open_stream
 from dist_cosface.imageio import image_key
 
 

@@ -141,7 +141,7 @@ def load_image(ref: ImageRef, image_size: int):
     image = decode_image(ref.read_bytes(), str(ref))
     if ref.landmarks is None:
         return image
-    from dist_cosface.eval.align import align_face
+    from dist_cosface.align import align_face
 
     points = np.asarray(ref.landmarks, dtype=np.float64).reshape(5, 2)
     return align_face(image, points, image_size, where=str(ref))
@@ -150,7 +150,7 @@ def load_image(ref: ImageRef, image_size: int):
 def _load_batch(refs, start, stop, image_size, skipped, load):
     from PIL import Image
 
-    from dist_cosface.eval.align import AlignmentError
+    from dist_cosface.align import AlignmentError
 
     batch, bad = [], []
     for i in range(start, min(stop, len(refs))):
