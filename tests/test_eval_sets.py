@@ -323,7 +323,7 @@ def test_importing_eval_loads_no_optional_dependency():
     import sys
 
     code = (
-        "import sys, dist_cosface.eval, dist_cosface.eval.cli, dist_cosface.eval.export;"
+        "import sys, dist_cosface.eval, dist_cosface.eval.cli, dist_cosface.export;"
         "print([m for m in ('onnx', 'onnxruntime', 'onnxscript', 'matplotlib')"
         " if m in sys.modules])"
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dist_cosface.cli import existing_path, int_in
+from dist_cosface.cliargs import existing_path, int_in
 
 
 def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:

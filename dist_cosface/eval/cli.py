@@ -1,4 +1,4 @@
-"""``eval`` and ``export`` sub-commands; the caller supplies how to load a trained backbone.
+"""The ``eval`` sub-command; the caller supplies how to load a trained backbone.
 
 ``load_backbone(checkpoint_or_run_dir) -> (backbone, image_size)`` comes from the engine so
 that this package does not depend on the checkpoint format.
@@ -7,28 +7,22 @@ that this package does not depend on the checkpoint format.
 from __future__ import annotations
 
 import argparse
-import json
-import math
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from dist_cosface.cli import (
+from dist_cosface.cliargs import (
+    LoadBackbone,
     UsageError,
     device_arg,
     existing_path,
     float_in,
     int_in,
-    output_file,
     output_folder,
 )
 from dist_cosface.configtools import from_mapping
 from dist_cosface.eval.benchmarks import add_benchmark_arguments, run_benchmarks, write_results
 from dist_cosface.eval.config import EvalConfig
-
-LoadBackbone = Callable[[str], tuple[nn.Module, int]]
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,32 +109,3 @@ def _pair_targets(args, backbone, image_size, device, out_dir, ctx) -> dict:
             f"AUC {r['roc_auc']:.4f} ({r['num_pairs']} pairs)"
         )
     return results
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=existing_path, help="checkpoint folder or run directory")
-    parser.add_argument("out", type=output_file, help="path of the .onnx file to write")
-    parser.add_argument(
-        "--opset",
-        type=int_in(1),
-        default=18,
-        help="ONNX opset to write; one the exporter cannot produce is refused (nothing written)",
-    )
-    parser.add_argument(
-        "--atol", type=float_in(0, math.inf), default=1e-4, help="parity tolerance vs PyTorch"
-    )
-    parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
-
-
-def run_export_command(args: argparse.Namespace, load_backbone: LoadBackbone) -> int:
-    """Export, then check parity with onnxruntime; returns 1 if the check fails."""
-    from dist_cosface.eval.export import check_onnx, export_onnx
-
-    backbone, image_size = load_backbone(args.checkpoint)
-    path = export_onnx(backbone, args.out, image_size, opset=args.opset)
-    print(f"wrote {path} (input images [N, 3, {image_size}, {image_size}])")
-    if args.no_check:
-        return 0
-    report = check_onnx(backbone, path, image_size, atol=args.atol)
-    print(json.dumps(report))
-    return 0 if report["passed"] else 1
