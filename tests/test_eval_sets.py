@@ -24,7 +24,7 @@ from dist_cosface.eval import (
     run_evaluation_all_ranks,
     write_bin,
 )
-from dist_cosface.eval.pairs_dist import embed_set
+from dist_cosface.eval.pair_verification import embed_set
 from tests.eval_sets import png_bytes
 
 

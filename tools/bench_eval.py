@@ -172,7 +172,8 @@ def time_protocols(args) -> None:
     """MegaFace metrics (--queries probes x --gallery distractors) and IJB scoring steps."""
     import numpy as np
 
-    from dist_cosface.eval.ijb import IJBSet, identification, pair_scores, template_features
+    from dist_cosface.eval.ijb import identification, template_features, template_pair_scores
+    from dist_cosface.eval.ijb_meta import IJBSet
     from dist_cosface.eval.megaface import identification_metrics
     from dist_cosface.eval.topk import local_topk
 
@@ -219,7 +220,7 @@ def time_protocols(args) -> None:
     t0 = time.perf_counter()
     feats = template_features(torch.randn(n, args.dim), ijb, np.ones(n, bool), True)
     t1 = time.perf_counter()
-    pair_scores(feats, pairs)
+    template_pair_scores(feats, pairs)
     t2 = time.perf_counter()
     gallery_t = {g: g for g in range(0, t, 3)}
     probes_t = {q: (q - 1 if q % 2 else 10**6 + q) for q in range(1, t, 3)}
