@@ -205,8 +205,3 @@ def balanced_groups(counts: list[int], world_size: int) -> list[list[int]]:
         groups[g].append(shard)
         totals[g] += counts[shard]
     return [sorted(g) for g in groups]
-
-
-def load_label_map(path: str) -> dict[str, int]:
-    manifest, location = _read_manifest(path)
-    return json.loads(Path(_shard_url(location, manifest.label_map)).read_text())
