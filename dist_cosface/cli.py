@@ -40,6 +40,7 @@ from dist_cosface.distributed import init_distributed, shutdown
 from dist_cosface.engine import ckpt_read, train
 from dist_cosface.engine.runlock import RunFolderLocked
 from dist_cosface.engine.signals import watch_launcher
+from dist_cosface.engine.strategy import CompilerUnavailable
 from dist_cosface.eval import cli as eval_cli
 
 DEBUG_ENV = "DIST_COSFACE_DEBUG"
@@ -241,8 +242,9 @@ def describe_failure(exc: BaseException) -> tuple[int, str]:
     """(exit status, one line) for a failure: 2 for usage errors, 1 for failures while running.
 
     Input and run errors (ValueError and its kin, OSError, a locked run folder, a non-finite
-    loss) carry messages that name the file, key or value; anything else is unexpected and
-    the line says so, with its type and how to see the traceback.
+    loss, a compiler that does not work here) carry messages that name the file, key or value;
+    anything else is unexpected and the line says so, with its type and how to see the
+    traceback.
     """
     if isinstance(exc, ConfigError):
         return 2, "config error: " + _one_line(exc)
@@ -251,7 +253,10 @@ def describe_failure(exc: BaseException) -> tuple[int, str]:
         return status, f"error: {exc.filename}: {exc.strerror or exc}"
     if isinstance(exc, MemoryError):  # often without a message
         return status, "error: out of memory" + (f": {_one_line(exc)}" if str(exc) else "")
-    if isinstance(exc, (ValueError, TypeError, OSError, RunFolderLocked, FloatingPointError)):
+    if isinstance(
+        exc,
+        (ValueError, TypeError, OSError, RunFolderLocked, FloatingPointError, CompilerUnavailable),
+    ):
         return status, "error: " + _one_line(exc)
     return status, (
         f"error: {type(exc).__name__}: {_one_line(exc)} (unexpected: rerun with --debug or "

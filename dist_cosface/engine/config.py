@@ -55,6 +55,12 @@ class TrainConfig:
     max_skipped_steps: int = 20
     # time the classifier's collectives for the metrics (adds device syncs; off by default)
     time_collectives: bool = False
+    # torch.compile the backbone for training (the classifier stays eager; docs/training.md)
+    compile: bool = False
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"  # aot_eager: no codegen
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = "default"
 
     def __post_init__(self) -> None:
         if self.total_steps < 1:
@@ -69,6 +75,12 @@ class TrainConfig:
             # DeepSpeed's fp16 loss scale would also scale the classifier's gradients, which
             # live outside its optimizer; use bf16 there, or fp16 with the ddp engine.
             raise ValueError("train.precision='fp16' is not supported with engine='deepspeed'")
+        if self.compile_mode != "default" and self.compile_backend != "inductor":
+            # torch.compile's modes are inductor settings; other backends would ignore them
+            raise ValueError(
+                f"compile_mode {self.compile_mode!r} needs compile_backend 'inductor', "
+                f"got {self.compile_backend!r}"
+            )
 
 
 @dataclass

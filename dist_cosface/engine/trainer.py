@@ -37,7 +37,7 @@ from dist_cosface.engine.parts import (
 from dist_cosface.engine.progress import ProgressLog
 from dist_cosface.engine.runlock import RunLock
 from dist_cosface.engine.signals import StopRequest
-from dist_cosface.engine.strategy import build_strategy
+from dist_cosface.engine.strategy import build_strategy, check_compiler
 from dist_cosface.engine.stream import EpochStream
 from dist_cosface.engine.train_state import TrainState
 
@@ -74,6 +74,7 @@ def train(
 def check_inputs(cfg: RunConfig, ctx: DistContext) -> None:
     """Fail in seconds on what would otherwise fail late: config, evaluation targets."""
     check_config(cfg)
+    check_compiler(cfg.train, ctx.device)  # train.compile: a missing compiler fails here
     if ctx.is_main and cfg.eval.targets:
         from dist_cosface.eval.targets import check_targets
 
@@ -402,7 +403,8 @@ class Trainer:
         """Every rank embeds its share of the verification images; rank 0 logs and writes."""
         from dist_cosface.engine.evaluation import evaluate_backbone
 
-        results = evaluate_backbone(self.cfg, self.ctx, self.strategy.backbone, self.out)
+        with self.strategy.eager():  # train.compile: the compiled graph is for training
+            results = evaluate_backbone(self.cfg, self.ctx, self.strategy.backbone, self.out)
         if self.ctx.is_main:
             for target, res in results.items():
                 if "error" in res:
