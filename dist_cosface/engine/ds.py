@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dist_cosface.distributed import DistContext
+from dist_cosface.engine.ckpt_safe import CheckpointRefused, refusal
 
 if TYPE_CHECKING:
     from dist_cosface.config import RunConfig
@@ -141,8 +142,6 @@ def _weights_only_engine():
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
-
-    from dist_cosface.engine.ckpt_safe import CheckpointRefused, refusal
 
     class WeightsOnly(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
