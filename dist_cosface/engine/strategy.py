@@ -1,4 +1,4 @@
-"""How the backbone is data-parallel: DDP or DeepSpeed, one strategy object chosen once.
+"""How the backbone is data-parallel: DDP, DeepSpeed or FSDP2, one strategy object chosen once.
 
 The trainer never asks which engine runs; it calls the strategy for everything that differs:
 the wrapped model, input dtype and autocast, the micro-batch backward, which gradients the
@@ -6,14 +6,16 @@ trainer norms and clips, the backbone's optimizer step, the optimizers the LR sc
 the backbone gradient norm DeepSpeed computes on its own, what a checkpoint holds of the
 backbone (``checkpoint_state`` in the DCP tree, ``native_checkpoint`` beside it) and the
 module evaluation runs (``evaluation``). The sharded classifier and its row optimizer stay
-outside both (their rows are never averaged or partitioned).
+outside all of them (their rows are never averaged or partitioned). FSDP2 lives in
+``engine/fsdp.py``.
 
 ``train.compile`` compiles the backbone's training forward only; the classifier's autograd
 Function stays eager. The checkpointed backbone keeps its own parameter names (no
 ``_orig_mod.`` prefix), so checkpoints move freely between compiled and eager runs. With DDP
 the compiled wrapper (``torch.compile(backbone)``) goes inside DDP and ``backbone`` itself stays
 the eager module that checkpoints, evaluation and export see; DeepSpeed compiles its module in
-place (``engine.compile``), and evaluation then runs it eagerly (``evaluation``).
+place (``engine.compile``), and evaluation then runs it eagerly (``evaluation``); FSDP
+compiles its sharded root from outside and evaluates an eager unsharded copy.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dist_cosface.distributed import DistContext
 from dist_cosface.engine.amp import ShardedLossScaler
+from dist_cosface.engine.fsdp import FSDPStrategy
 from dist_cosface.engine.optim import build_backbone_optimizer
 from dist_cosface.engine.torch_strategy import TorchOptimizerStrategy
 from dist_cosface.engine.train_state import BackboneState
@@ -187,7 +190,7 @@ class DeepSpeedStrategy:
             yield self.backbone
 
 
-Strategy = DDPStrategy | DeepSpeedStrategy
+Strategy = DDPStrategy | DeepSpeedStrategy | FSDPStrategy
 
 
 def compile_options(train: TrainConfig) -> dict | None:
@@ -259,8 +262,22 @@ def _check_compiles_in_place(backbone: torch.nn.Module) -> None:
 
 def build_strategy(cfg: RunConfig, ctx: DistContext, backbone: torch.nn.Module) -> Strategy:
     """Wrap ``backbone`` (already on ``ctx.device``) per ``cfg.train.engine``; compile it per
-    ``cfg.train.compile`` (compilation itself happens at the first training forward)."""
+    ``cfg.train.compile`` (compilation itself happens at the first training forward).
+
+    ``fsdp`` on one process without torch.distributed has nothing to shard: it runs DDP's
+    single-process path (the plain module), whose checkpoints have the same layout.
+    """
     options = compile_options(cfg.train)
+    if cfg.train.engine == "fsdp" and ctx.is_distributed:
+        return FSDPStrategy(
+            backbone,
+            ctx,
+            cfg.train.fsdp,
+            optim_builder=lambda params: build_backbone_optimizer(params, cfg.optim),
+            precision=cfg.train.precision,
+            accum_steps=cfg.optim.grad_accum_steps,
+            compile_options=options,
+        )
     optimizer = build_backbone_optimizer(backbone.parameters(), cfg.optim)
     if cfg.train.engine == "deepspeed":
         from dist_cosface.engine.ds import build_deepspeed_engine, owns_backbone_grads
