@@ -11,6 +11,8 @@ optional dependencies (DALI, DeepSpeed, onnx) are only needed by the commands th
     dist-cosface merge-classifier CHECKPOINT OUT.pt        (full classifier rows + state)
     dist-cosface config CONFIG.yaml [dotted.key=value ...]  (print the resolved config)
     dist-cosface synthetic-faces OUT_DIR [options]          (JPEG identity folders, generated)
+    dist-cosface clean RUN SHARDS OUT [--eval-set PATH ...]  (label noise, duplicates, overlap;
+                                                            alone or under torchrun)
 """
 
 from __future__ import annotations
@@ -100,6 +102,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return run_export_command(args, load_backbone)
 
 
+def _cmd_clean(args: argparse.Namespace) -> int:
+    from dist_cosface.clean.cli import run_clean_command
+
+    return run_clean_command(args)
+
+
 def _cmd_merge_classifier(args: argparse.Namespace) -> int:
     from dist_cosface.engine.ckpt_read import run_merge_command
 
@@ -171,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
         "dist_cosface.engine.ckpt_read",
         "add_merge_arguments",
         _cmd_merge_classifier,
+    )
+    _add_lazy(
+        sub,
+        "clean",
+        "find label noise, duplicate identities and train/eval overlap; write a cleaned set",
+        "dist_cosface.clean.cli",
+        "add_clean_arguments",
+        _cmd_clean,
     )
     return parser
 

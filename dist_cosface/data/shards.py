@@ -149,6 +149,9 @@ class Manifest:
     label_map: str = LABELS_NAME
     skipped: dict[str, int] = field(default_factory=dict)
     format: str = MANIFEST_FORMAT
+    # how the set was derived from another (``dist-cosface clean``: source, run, thresholds,
+    # removals); empty for a converted set
+    provenance: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
