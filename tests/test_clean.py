@@ -37,8 +37,12 @@ def _clean_on_subgroups(rank: int, world_size: int, root: Path, thresholds: dict
 
     for heavy in ("torch.distributed.checkpoint", "webdataset"):  # all ranks at once, not in turn
         importlib.import_module(heavy)
+    from dist_cosface.clean import samples, search
     from dist_cosface.clean.run import CleanJob, clean
     from dist_cosface.distributed import context_from_group
+
+    # tiny rounds and score blocks: several all-to-all rounds and query chunks run
+    samples.ROUTE_ROWS, search.SCORE_BLOCK = 7, 6
 
     def run(group):
         size = 1 if group is None else dist.get_world_size(group)

@@ -186,3 +186,31 @@ def test_the_new_set_reads_back_through_the_training_loader(cleaned):
     loader = build_loader(cfg, DistContext())
     labels = np.concatenate([y.numpy() for _, y in loader])
     assert len(labels) == len(loader) * 4 and labels.max() < loader.num_classes
+
+
+def test_evaluation_identities_of_each_kind_of_set(tmp_path):
+    """Identities recovered from a .bin, a pairs file and an IJB release (no embedding)."""
+    from dist_cosface.clean.evalsets import load_eval_set, load_ijb_identities
+    from dist_cosface.eval.bin_file import write_bin
+    from tests.eval_sets import build_ijb_set, yaleb
+
+    a, b, c = cd._render([0, 0, 1], seed=9)
+    # pairs: (a, b) same, (a, c) different, (b, a) same again: a is one image however often
+    write_bin(tmp_path / "x.bin", [a, b, a, c, b, a], [True, False, True])
+    got = load_eval_set(tmp_path / "x.bin")
+    assert len(got.images) == 3 and got.owner == [0, 0, 1]
+    for name in ("alice", "bob"):
+        (tmp_path / "lfw" / name).mkdir(parents=True)
+        for n in (1, 2):
+            (tmp_path / "lfw" / name / f"{name}_{n:04d}.jpg").write_bytes(a if n == 1 else b)
+    (tmp_path / "lfw" / "pairs.txt").write_text("alice 1 2\nalice 1 bob 1\nbob 1 bob 2\n")
+    got = load_eval_set(tmp_path / "lfw")
+    assert sorted(got.identities) == ["alice", "bob"] and len(got.images) == 4
+    assert [got.identities[o] for o in got.owner] == [p.parent.name for p in got.images]
+    truth = build_ijb_set(tmp_path / "ijb", yaleb())
+    got = load_ijb_identities(tmp_path / "ijb", "ijbx")
+    assert sorted(got.identities) == [f"subject{s}" for s in sorted(set(truth["subject"].values()))]
+    lines = (tmp_path / "ijb" / "meta" / "ijbx_face_tid_mid.txt").read_text().split("\n")
+    templates = [int(line.split()[1]) for line in lines if line.strip()]
+    want = [f"subject{truth['subject'][t]}" for t in templates]
+    assert [got.identities[o] for o in got.owner] == want

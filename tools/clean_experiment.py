@@ -65,6 +65,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--student-seeds", type=int, nargs="+", default=[0, 1, 2])
     run.add_argument("--synthetic-identities", type=int, default=128)
     run.add_argument("--synthetic-images", type=int, default=16)
+    run.add_argument("--max-angle", type=float, help="clean's threshold (default: its own)")
+    run.add_argument("--duplicate-cos", type=float, help="clean's threshold (default: its own)")
+    run.add_argument("--overlap-cos", type=float, help="clean's threshold (default: its own)")
+    run.add_argument(
+        "--reuse-teacher",
+        action="store_true",
+        help="keep the teacher of an earlier run with the same dataset and seed",
+    )
     run.add_argument("--work", default="runs/clean_experiment", help="scratch folder")
     run.add_argument("--out", help="append one JSON line to this file")
     table = sub.add_parser("table")
@@ -227,13 +235,14 @@ def train_teacher(shards: Path, num_classes: int, num_samples: int, run: Path, a
     return {"steps": steps, "seconds": time.perf_counter() - started, "loss": summary["loss"]}
 
 
-def run_clean(run: Path, shards: Path, evals: Path, out: Path, open_all: bool) -> dict:
+def run_clean(run: Path, shards: Path, evals: Path, out: Path, thresholds: dict | None) -> dict:
+    """``clean`` in this process with ``thresholds``; None: every threshold open."""
     from dist_cosface.clean.config import CleanConfig
     from dist_cosface.clean.run import CleanJob, clean
     from dist_cosface.distributed import DistContext
 
-    settings = {"backend": "webdataset", "num_workers": 0}
-    if open_all:  # list every score: precision / recall at any threshold afterwards
+    settings = {"backend": "webdataset", "num_workers": 0, **(thresholds or {})}
+    if thresholds is None:  # list every score: precision / recall at any threshold afterwards
         settings.update(
             max_angle=0.0,
             duplicate_cos=-1.0,
@@ -364,23 +373,34 @@ def run(args, argv: list[str]) -> dict:
     from dist_cosface.clean.config import CleanConfig
 
     work = Path(args.work) / f"{args.dataset}_seed{args.seed}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    reuse = args.reuse_teacher and (work / "run" / "checkpoints").is_dir()
+    for child in work.iterdir() if work.is_dir() else ():
+        if not (reuse and child.name == "run"):
+            shutil.rmtree(child)
+    work.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0]
     faces = load_dataset(args, Path(args.work))
-    planted = plant(args, faces)
+    planted = plant(args, faces)  # the same for the same seed: a kept teacher still fits
     shards, evals = write_sets(planted, work, args.seed)
-    teacher = train_teacher(
-        shards, len(planted["names"]), len(planted["samples"]), work / "run", args
+    n_classes, n_samples = len(planted["names"]), len(planted["samples"])
+    teacher = (
+        json.loads((work / "teacher.json").read_text())
+        if reuse
+        else train_teacher(shards, n_classes, n_samples, work / "run", args)
     )
-    run_clean(work / "run", shards, evals, work / "analysis", open_all=True)
-    cleaned = run_clean(work / "run", shards, evals, work / "cleaned", open_all=False)
-    scored = scores_vs_truth(planted, work / "analysis")
+    (work / "teacher.json").write_text(json.dumps(teacher))
     d = CleanConfig()
+    used = {
+        k: getattr(args, k) if getattr(args, k) is not None else getattr(d, k)
+        for k in ("max_angle", "duplicate_cos", "overlap_cos")
+    }
+    run_clean(work / "run", shards, evals, work / "analysis", None)
+    cleaned = run_clean(work / "run", shards, evals, work / "cleaned", used)
+    scored = scores_vs_truth(planted, work / "analysis")
     findings = {
-        "noisy_samples": precision_recall(scored["angles"], d.max_angle),
-        "duplicate_pairs": precision_recall(scored["pairs"], d.duplicate_cos),
-        "overlap": precision_recall(scored["overlap"], d.overlap_cos),
+        "noisy_samples": precision_recall(scored["angles"], used["max_angle"]),
+        "duplicate_pairs": precision_recall(scored["pairs"], used["duplicate_cos"]),
+        "overlap": precision_recall(scored["overlap"], used["overlap_cos"]),
     }
     curves = {
         "noisy_samples": sweep(scored["angles"], [30, 40, 50, 60, 70, 75, 80, 90]),
@@ -403,7 +423,7 @@ def run(args, argv: list[str]) -> dict:
         "teacher": teacher,
         "clean_seconds": cleaned["seconds"],
         "cleaned_counts": cleaned["counts"],
-        "defaults": {k: getattr(d, k) for k in ("max_angle", "duplicate_cos", "overlap_cos")},
+        "thresholds": used,
         "findings": findings,
         "curves": curves,
         "students": students,
@@ -422,9 +442,10 @@ def _mean_std(values: list[float]) -> str:
 def table(paths: list[str]) -> str:
     lines = [json.loads(x) for p in paths for x in Path(p).read_text().splitlines() if x.strip()]
     out = [
-        "| data | planted (flipped / split ids / copied ids) | noisy samples P / R % | "
-        "duplicates P / R % | overlap P / R % | teacher s | clean s | load |",
-        "|" + "---|" * 8,
+        "| data | planted: flipped / split ids / copied ids | thresholds: angle / dup / "
+        "overlap | noisy samples P / R % | duplicates P / R % | overlap P / R % | "
+        "teacher steps / s | clean s | load |",
+        "|" + "---|" * 9,
     ]
     for r in lines:
         f, p = r["findings"], r["planted"]
@@ -434,10 +455,10 @@ def table(paths: list[str]) -> str:
         ]
         out.append(
             f"| {r['dataset']} (seed {r['seed']}) | {p['flipped']} of {p['samples']} / "
-            f"{p['split_identities']} / {p['copied_identities']} | "
+            f"{p['split_identities']} / {p['copied_identities']} | {_thresholds(r)} | "
             + " | ".join(cells)
-            + f" | {r['teacher']['seconds']:.0f} | {r['clean_seconds']:.1f} "
-            f"| {r['load_average']:.1f} |"
+            + f" | {r['teacher']['steps']} / {r['teacher']['seconds']:.0f} | "
+            f"{r['clean_seconds']:.1f} | {r['load_average']:.1f} |"
         )
     out += [
         "",
@@ -449,19 +470,25 @@ def table(paths: list[str]) -> str:
         for name in ("noisy", "cleaned"):
             rows = [s for s in r["students"] if s["set"] == name]
             tars = [s["tar_at_far_0.01"] for s in rows if s["tar_at_far_0.01"] is not None]
+            counts = r["cleaned_counts"]
             size = (
                 f"{r['planted']['samples']} / {r['planted']['classes']}"
                 if name == "noisy"
-                else f"{r['cleaned_counts']['kept_samples']} / "
-                f"{r['cleaned_counts']['kept_classes']}"
+                else f"{counts['kept_samples']} / {counts['kept_classes']}"
             )
+            label = name if name == "noisy" else f"cleaned at {_thresholds(r)}"
             out.append(
-                f"| {r['dataset']} | {name} | {size} | {rows[0]['steps']} | {len(rows)} | "
+                f"| {r['dataset']} | {label} | {size} | {rows[0]['steps']} | {len(rows)} | "
                 f"{_mean_std([s['accuracy'] for s in rows])} | "
                 f"{_mean_std(tars) if tars else 'n/a'} | "
                 f"{_mean_std([s['roc_auc'] for s in rows])} |"
             )
     return "\n".join(out)
+
+
+def _thresholds(line: dict) -> str:
+    t = line["thresholds"]
+    return f"{t['max_angle']:g}° / {t['duplicate_cos']:g} / {t['overlap_cos']:g}"
 
 
 def main(argv: list[str] | None = None) -> None:

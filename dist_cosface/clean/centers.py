@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_cosface.distributed import DistContext
+from dist_cosface.clean.comm import exchange_rows
+from dist_cosface.distributed import DistContext, build_checkpoint_group
 from dist_cosface.engine.checkpoint import run_dcp
 
 WEIGHT_KEY = "classifier.weight"
@@ -89,23 +90,32 @@ def load_centers(ckpt: Path, meta: dict, dim: int, ctx: DistContext) -> Centers:
     return Centers(num_classes, k, starts, ctx.rank, F.normalize(local, dim=-1))
 
 
+def _host_group(ctx: DistContext):
+    """A gloo group over the job's ranks (DCP reads into host tensors): the job's own when it
+    is gloo, else a new one, as the checkpointer builds (every rank calls this at once)."""
+    if ctx.group is None or dist.get_backend(ctx.group) == "gloo":
+        return ctx.group
+    return build_checkpoint_group(ctx)
+
+
 def _read_row_chunk(ckpt: Path, num_rows: int, dim: int, ctx: DistContext) -> torch.Tensor:
     import torch.distributed.checkpoint as dcp
 
     start, stop = row_chunk(num_rows, ctx.world_size, ctx.rank)
     local = torch.empty(stop - start, dim)
     value = local
-    if ctx.group is not None:
+    group = _host_group(ctx)
+    if group is not None:
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.tensor import DTensor, Shard
 
-        mesh = DeviceMesh.from_group(ctx.group, "cpu")
+        mesh = DeviceMesh.from_group(group, "cpu")
         value = DTensor.from_local(
             local, mesh, [Shard(0)], run_check=False, shape=(num_rows, dim), stride=(dim, 1)
         )
     tree = {WEIGHT_KEY: value}
     try:
-        run_dcp(dcp.load, tree, ctx.group, storage_reader=dcp.FileSystemReader(str(ckpt)))
+        run_dcp(dcp.load, tree, group, storage_reader=dcp.FileSystemReader(str(ckpt)))
     except Exception as exc:  # DCP reports a shape or key mismatch with many types
         raise ValueError(
             f"{ckpt}: cannot read {WEIGHT_KEY} as [{num_rows}, {dim}] "
@@ -118,16 +128,11 @@ def _read_row_chunk(ckpt: Path, num_rows: int, dim: int, ctx: DistContext) -> to
 def _rows_to_class_owners(
     rows: torch.Tensor, num_classes: int, k: int, starts: list[int], ctx: DistContext
 ) -> torch.Tensor:
-    """Move the rows of classes split by a chunk boundary to the rank owning the class."""
-    world = ctx.world_size
-    start, stop = row_chunk(num_classes * k, world, ctx.rank)
-    # rows of this chunk going to each rank: those of its classes [starts[r], starts[r+1])
-    send = [max(0, min(stop, starts[r + 1] * k) - max(start, starts[r] * k)) for r in range(world)]
-    recv = []
-    for r in range(world):
-        r_start, r_stop = row_chunk(num_classes * k, world, r)
-        mine = (starts[ctx.rank] * k, starts[ctx.rank + 1] * k)
-        recv.append(max(0, min(r_stop, mine[1]) - max(r_start, mine[0])))
-    out = rows.new_empty(sum(recv), rows.shape[1])
-    dist.all_to_all_single(out, rows.contiguous(), recv, send, group=ctx.group)
-    return out
+    """Move the rows of classes cut by a chunk boundary to the rank owning the class."""
+    start, stop = row_chunk(num_classes * k, ctx.world_size, ctx.rank)
+    # this chunk's rows of each rank's classes [starts[r], starts[r + 1]), in rank order
+    send = [
+        max(0, min(stop, starts[r + 1] * k) - max(start, starts[r] * k))
+        for r in range(ctx.world_size)
+    ]
+    return exchange_rows(rows, send, ctx.group)

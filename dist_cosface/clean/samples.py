@@ -47,9 +47,9 @@ def score_samples(
     owners = centers.owners(embedded.labels)
     order = torch.argsort(owners, stable=True)
     rounds = torch.tensor([math.ceil(len(order) / ROUTE_ROWS)], dtype=torch.int64)
-    rounds = int(all_reduce_(rounds, group, dist.ReduceOp.MAX).item()) if group else rounds.item()
+    all_reduce_(rounds, group, dist.ReduceOp.MAX)  # every rank takes part in every round
     indices, labels, cos = [], [], []
-    for r in range(int(rounds)):
+    for r in range(int(rounds.item())):
         part = order[r * ROUTE_ROWS : (r + 1) * ROUTE_ROWS]
         counts = torch.bincount(owners[part], minlength=world).tolist()
         ids = torch.stack([embedded.indices[part], embedded.labels[part]], dim=1)
