@@ -375,8 +375,9 @@ def run(args, argv: list[str]) -> dict:
     work = Path(args.work) / f"{args.dataset}_seed{args.seed}"
     reuse = args.reuse_teacher and (work / "run" / "checkpoints").is_dir()
     for child in work.iterdir() if work.is_dir() else ():
-        if not (reuse and child.name == "run"):
-            shutil.rmtree(child)
+        if reuse and child.name in ("run", "teacher.json"):
+            continue
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
     work.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0]
     faces = load_dataset(args, Path(args.work))

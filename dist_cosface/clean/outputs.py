@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dist_cosface.clean.report import REPORT_DIR, Finding, Histogram, write_report
 from dist_cosface.configtools import to_mapping
 from dist_cosface.data.shards import LABELS_NAME, Manifest, ShardInfo, atomic_write_text
+
+if TYPE_CHECKING:
+    from dist_cosface.clean.run import Outcome
 
 
 def _round(x: float) -> float:
@@ -166,13 +170,12 @@ def _histograms(cfg, f) -> list[Histogram]:
     ]
 
 
-def _counts(source, sets, f, plan, cfg, infos) -> dict:
-    kept_classes = int(len(np.unique(plan.new_label[plan.new_label >= 0])))
+def _counts(o: Outcome, infos: list[ShardInfo]) -> dict:
+    f, new_label = o.findings, o.plan.new_label
     kept_samples = sum(i.num_samples for i in infos)
-    overlap_classes = sorted({c for _, _, c, _ in f.overlap})
     return {
-        "samples": source.num_samples,
-        "classes": source.num_classes,
+        "samples": o.source.num_samples,
+        "classes": o.source.num_classes,
         "empty_classes": int((f.class_samples == 0).sum()),
         "unreadable_samples": len(f.unreadable),
         "noisy_samples": len(f.noisy),
@@ -180,32 +183,25 @@ def _counts(source, sets, f, plan, cfg, infos) -> dict:
         "duplicate_pairs": len(f.pairs),
         "merge_sets": len(f.merge_sets),
         "classes_in_merge_sets": sum(len(g) for g in f.merge_sets),
-        "eval_identities": sum(len(s.identities) for s in sets),
+        "eval_identities": sum(len(s.identities) for s in o.sets),
         "overlapping_identities": len({(s, i) for s, i, _, _ in f.overlap}),
-        "overlapping_classes": len(overlap_classes),
+        "overlapping_classes": len({c for _, _, c, _ in f.overlap}),
         "kept_samples": kept_samples,
-        "kept_classes": kept_classes,
-        "removed_samples": source.num_samples - kept_samples,
-        "removed_classes": int((plan.new_label < 0).sum()),
+        "kept_classes": int(len(np.unique(new_label[new_label >= 0]))),
+        "removed_samples": o.source.num_samples - kept_samples,
+        "removed_classes": int((new_label < 0).sum()),
     }
 
 
-def publish(
-    job, cfg, ctx, source, ckpt, meta, sets, f, plan, infos: list[ShardInfo], tmp: Path, out: Path
-) -> dict:
-    """Write report, labels and manifest into ``tmp``, then rename it to ``out``."""
-    thresholds = {
-        k: getattr(cfg, k)
-        for k in ("max_angle", "min_dominant_share", "duplicate_cos", "overlap_cos")
-    }
-    counts = _counts(source, sets, f, plan, cfg, infos)
-    origin = {
+def _origin(o: Outcome) -> dict:
+    """Where the new set comes from: in the summary and in the manifest's provenance."""
+    return {
         "tool": "dist-cosface clean",
-        "source": str(source.folder.resolve()),
-        "run": str(Path(job.run).resolve()),
-        "checkpoint": str(Path(ckpt).resolve()),
-        "step": meta.get("step"),
-        "num_subcenters": int(meta.get("num_subcenters", 1)),
+        "source": str(o.source.folder.resolve()),
+        "run": str(Path(o.job.run).resolve()),
+        "checkpoint": str(Path(o.ckpt).resolve()),
+        "step": o.meta.get("step"),
+        "num_subcenters": int(o.meta.get("num_subcenters", 1)),
         "eval_sets": [
             {
                 "name": s.name,
@@ -213,48 +209,60 @@ def publish(
                 "identities": len(s.identities),
                 "images": len(s.images),
             }
-            for s in sets
+            for s in o.sets
         ],
-        "thresholds": thresholds,
+        "thresholds": {k: getattr(o.cfg, k) for k in THRESHOLDS},
     }
-    summary = dict(origin, settings=to_mapping(cfg), counts=counts)
-    write_report(
-        tmp / REPORT_DIR, summary, findings_tables(source, sets, f, plan), _histograms(cfg, f)
-    )
-    names = source.label_names()
-    labels = {
-        names.get(c, str(c)): int(new) for c, new in enumerate(plan.new_label.tolist()) if new >= 0
+
+
+THRESHOLDS = ("max_angle", "min_dominant_share", "duplicate_cos", "overlap_cos")
+ACTIONS = ("drop_noisy", "merge_duplicates", "remove_overlap", "drop_low_share")
+
+
+def _removed(cfg, counts: dict) -> dict:
+    """What the plan removed, by cause (0 where the action was off)."""
+    merged = counts["classes_in_merge_sets"] - counts["merge_sets"]
+    return {
+        "unreadable_samples": counts["unreadable_samples"],
+        "noisy_samples": counts["noisy_samples"] if cfg.drop_noisy else 0,
+        "merged_classes": merged if cfg.merge_duplicates else 0,
+        "overlapping_classes": counts["overlapping_classes"] if cfg.remove_overlap else 0,
+        "low_share_classes": counts["low_share_classes"] if cfg.drop_low_share else 0,
+        "removed_samples": counts["removed_samples"],
+        "removed_classes": counts["removed_classes"],
     }
+
+
+def publish(o: Outcome, infos: list[ShardInfo], tmp: Path, out: Path) -> dict:
+    """Write report, labels and manifest into ``tmp``, then rename it to ``out``."""
+    counts, origin = _counts(o, infos), _origin(o)
+    summary = dict(origin, settings=to_mapping(o.cfg), counts=counts)
+    tables = findings_tables(o.source, o.sets, o.findings, o.plan)
+    write_report(tmp / REPORT_DIR, summary, tables, _histograms(o.cfg, o.findings))
+    names = o.source.label_names()
+    labels = {names.get(c, str(c)): new for c, new in enumerate(o.plan.new_label.tolist())}
+    labels = {name: new for name, new in labels.items() if new >= 0}
     atomic_write_text(tmp / LABELS_NAME, json.dumps(labels, indent=0))
-    removed = {k: counts[k] for k in ("unreadable_samples", "removed_samples", "removed_classes")}
-    removed.update(
-        noisy_samples=len(f.noisy) if cfg.drop_noisy else 0,
-        merged_classes=counts["classes_in_merge_sets"] - counts["merge_sets"]
-        if cfg.merge_duplicates
-        else 0,
-        overlapping_classes=counts["overlapping_classes"] if cfg.remove_overlap else 0,
-        low_share_classes=counts["low_share_classes"] if cfg.drop_low_share else 0,
+    provenance = dict(
+        origin,
+        actions={k: getattr(o.cfg, k) for k in ACTIONS},
+        removed=_removed(o.cfg, counts),
+        report=f"{REPORT_DIR}/summary.json",
     )
     manifest = Manifest(
         num_classes=counts["kept_classes"],
         num_samples=counts["kept_samples"],
         shards=infos,
-        image_ext=source.manifest.image_ext,
-        source=str(source.folder.resolve()),
+        image_ext=o.source.manifest.image_ext,
+        source=origin["source"],
         label_map=LABELS_NAME,
-        provenance=dict(
-            origin,
-            actions={
-                k: getattr(cfg, k)
-                for k in ("drop_noisy", "merge_duplicates", "remove_overlap", "drop_low_share")
-            },
-            removed=removed,
-            report=f"{REPORT_DIR}/summary.json",
-        ),
+        provenance=provenance,
     )
     atomic_write_text(tmp / "manifest.json", manifest.to_json())
     _fsync_tree(tmp)
-    os.rename(tmp, out)  # fails if OUT appeared meanwhile: never replaces anything
+    if out.exists() or out.is_symlink():  # rename would replace an empty folder made meanwhile
+        raise ValueError(f"{out} appeared while cleaning: nothing written there")
+    os.rename(tmp, out)
     print(
         f"wrote {counts['kept_samples']} samples of {counts['kept_classes']} classes in "
         f"{len(infos)} shards to {out} (removed {counts['removed_samples']} samples, "

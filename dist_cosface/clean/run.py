@@ -36,7 +36,6 @@ from dist_cosface.clean.search import center_neighbours, matches_above
 from dist_cosface.clean.source import SourceSet, open_source, rank_shards
 from dist_cosface.clean.unionfind import groups_of_pairs
 from dist_cosface.clean.writer import Plan, kept_per_shard, write_new_shards
-from dist_cosface.configtools import to_mapping
 from dist_cosface.distributed import DistContext
 from dist_cosface.eval.ranks import gather_rows, run_agreed
 
@@ -152,12 +151,12 @@ def clean(job: CleanJob, cfg: CleanConfig, ctx: DistContext) -> dict:
     )
     _phase(ctx, f"embedding ({resolve_backend(cfg.backend)})", started)
     scores = score_samples(embedded, centers, group)
-    findings = _find(
-        cfg, centers, scores, embedded.unreadable, sets, backbone, image_size, device, group, ctx
-    )
+    model = _Model(backbone, image_size, device)
+    findings = _find(cfg, centers, scores, embedded.unreadable, sets, model, group)
     _phase(ctx, "findings", started)
     plan = _plan(cfg, centers.num_classes, findings)
-    summary = _write(job, cfg, ctx, source, ckpt, meta, sets, findings, plan, embedded)
+    outcome = Outcome(job, cfg, source, ckpt, meta, sets, findings, plan)
+    summary = _write(outcome, ctx, embedded)
     _phase(ctx, "writing", started)
     return summary
 
@@ -167,63 +166,85 @@ def _phase(ctx: DistContext, what: str, started: float) -> None:
         log.info("clean: %s done at %.1f s", what, time.perf_counter() - started)
 
 
-def _find(
-    cfg,
-    centers: Centers,
-    scores: OwnerScores,
-    unreadable,
-    sets,
-    backbone,
-    image_size,
-    device,
-    group,
-    ctx,
-) -> Findings:
+@dataclass
+class Outcome:
+    """What the output is written from (the same on every rank)."""
+
+    job: CleanJob
+    cfg: CleanConfig
+    source: SourceSet
+    ckpt: Path
+    meta: dict
+    sets: list  # evalsets.EvalIdentities
+    findings: Findings
+    plan: Plan
+
+
+@dataclass
+class _Model:
+    """The backbone and where it embeds (evaluation images)."""
+
+    backbone: torch.nn.Module
+    image_size: int
+    device: torch.device
+
+
+def _find(cfg, centers: Centers, scores: OwnerScores, unreadable, sets, model, group):
+    """Collective: every finding, gathered so that every rank holds the same."""
+    local_noisy, local_low = _sample_findings(cfg, centers, scores)
+    dominant = centers.rows[torch.arange(centers.num_local), scores.dominant]  # [n, D]
+    dominant = dominant.to(SEARCH_DTYPES[cfg.search_dtype])
+    local_pairs, nearest = _local_pairs(cfg, centers, dominant, group)
+    local = _local_histograms(scores.angles, nearest, scores.share)
+    hists = {name: _sum_over_ranks(counts, group) for name, counts in local.items()}
+    noisy, unread, low, found = zip(
+        *_all_ranks((local_noisy, unreadable, local_low, local_pairs), group)
+    )
+    pairs = _symmetric_pairs([p for part in found for p in part])
+    overlap, hists["overlap"] = _overlap(cfg, centers, dominant, sets, model, group)
+    return Findings(
+        noisy=sorted(p for part in noisy for p in part),
+        unreadable=sorted(p for part in unread for p in part),
+        low_share=sorted(p for part in low for p in part),
+        pairs=pairs,
+        merge_sets=groups_of_pairs([(a, b) for a, b, _ in pairs]),
+        overlap=overlap,
+        class_samples=gather_rows(scores.class_counts, group).numpy(),
+        histograms=hists,
+    )
+
+
+def _sample_findings(cfg, centers: Centers, scores: OwnerScores) -> tuple[list, list]:
+    """This rank's noisy samples and low-share classes."""
     angles = scores.angles
-    noisy = (angles > cfg.max_angle).nonzero().squeeze(1)
-    local_noisy = [
+    noisy = [
         (int(scores.indices[i]), int(scores.labels[i]), float(scores.cos[i]), float(angles[i]))
-        for i in noisy.tolist()
+        for i in (angles > cfg.max_angle).nonzero().squeeze(1).tolist()
     ]
-    low = ((scores.share < cfg.min_dominant_share) & (scores.class_counts > 0)).nonzero()
-    local_low = [
+    low = (scores.share < cfg.min_dominant_share) & (scores.class_counts > 0)
+    classes = [
         (
             centers.class_start + c,
             int(scores.class_counts[c]),
             int(scores.dominant[c]),
             float(scores.share[c]),
         )
-        for c in low.squeeze(1).tolist()
+        for c in low.nonzero().squeeze(1).tolist()
     ]
-    dominant = centers.rows[torch.arange(centers.num_local), scores.dominant]  # [n, D]
-    dominant = dominant.to(SEARCH_DTYPES[cfg.search_dtype])
+    return noisy, classes
+
+
+def _local_pairs(cfg, centers: Centers, dominant, group) -> tuple[list, torch.Tensor]:
+    """(this rank's classes' pairs above the threshold, each class's nearest other score)."""
     ids, near = center_neighbours(
         dominant, centers.starts, cfg.duplicate_cos, cfg.search_k, cfg.chunk_size, group
     )
     above = (near.scores > cfg.duplicate_cos) & (near.indices >= 0)
-    local_pairs = [
+    pairs = [
         (int(ids[i]), int(near.indices[i, j]), float(near.scores[i, j]))
         for i, j in above.nonzero().tolist()
     ]
-    hists = _local_histograms(
-        angles, near.scores[:, 0] if near.scores.numel() else torch.zeros(0), scores.share
-    )
-    parts = _all_ranks((local_noisy, unreadable, local_low, local_pairs), group)
-    for name in hists:  # sums over ranks
-        hists[name] = _sum_over_ranks(hists[name], group)
-    class_samples = gather_rows(scores.class_counts, group).numpy()
-    pairs = _symmetric_pairs([p for part in parts for p in part[3]])
-    overlap = _overlap(cfg, centers, dominant, sets, backbone, image_size, device, group, hists)
-    return Findings(
-        noisy=sorted(p for part in parts for p in part[0]),
-        unreadable=sorted(p for part in parts for p in part[1]),
-        low_share=sorted(p for part in parts for p in part[2]),
-        pairs=pairs,
-        merge_sets=groups_of_pairs([(a, b) for a, b, _ in pairs]),
-        overlap=overlap,
-        class_samples=class_samples,
-        histograms=hists,
-    )
+    return pairs, near.scores[:, 0] if near.scores.numel() else torch.zeros(0)
 
 
 ANGLE_BINS, COS_BINS, SHARE_BINS = 180, 200, 20
@@ -258,13 +279,15 @@ def _symmetric_pairs(found: list[tuple[int, int, float]]) -> list[tuple[int, int
     return [(a, b, best[(a, b)][1]) for a, b in sorted(best)]
 
 
-def _overlap(cfg, centers, dominant, sets, backbone, image_size, device, group, hists):
+def _overlap(cfg, centers, dominant, sets, model: _Model, group) -> tuple[list, np.ndarray]:
+    """(evaluation identities matching a class above the threshold, the best-match histogram)."""
     if not sets:
-        hists["overlap"] = np.zeros(COS_BINS, dtype=np.int64)
-        return []
+        return [], np.zeros(COS_BINS, dtype=np.int64)
     from dist_cosface.clean.evalsets import identity_means
 
-    means = identity_means(backbone, sets, image_size, device, cfg.batch_size, cfg.flip, group)
+    means = identity_means(
+        model.backbone, sets, model.image_size, model.device, cfg.batch_size, cfg.flip, group
+    )
     found = matches_above(
         means,
         dominant,
@@ -275,15 +298,14 @@ def _overlap(cfg, centers, dominant, sets, backbone, image_size, device, group, 
         cfg.chunk_size,
         group,
     )
-    hists["overlap"] = np.histogram(
-        found.scores[:, 0].double().clamp(-1, 1).numpy(), COS_BINS, (-1.0, 1.0)
-    )[0]
+    best = found.scores[:, 0].double().clamp(-1, 1).numpy()
     owner = [(s, i) for s, es in enumerate(sets) for i in range(len(es.identities))]
     rows = (found.scores > cfg.overlap_cos) & (found.indices >= 0)
-    return [
+    matches = [
         (*owner[q], int(found.indices[q, j]), float(found.scores[q, j]))
         for q, j in rows.nonzero().tolist()
     ]
+    return matches, np.histogram(best, COS_BINS, (-1.0, 1.0))[0]
 
 
 def _plan(cfg: CleanConfig, num_classes: int, f: Findings) -> Plan:
@@ -310,52 +332,32 @@ def _plan(cfg: CleanConfig, num_classes: int, f: Findings) -> Plan:
     return Plan(new_label, np.unique(np.asarray(dropped, dtype=np.int64)))
 
 
-def _write(job, cfg, ctx, source, ckpt, meta, sets, findings, plan, embedded) -> dict:
+def _write(o: Outcome, ctx: DistContext, embedded) -> dict:
+    """Collective: the new shards by every rank, then rank 0's files and the rename."""
     from dist_cosface.clean.outputs import publish
 
     group = ctx.group
-    first, stop = rank_shards(source.counts, ctx.world_size, ctx.rank)
-    mine = kept_per_shard(source, plan, embedded.indices, embedded.labels, range(first, stop))
+    first, stop = rank_shards(o.source.counts, ctx.world_size, ctx.rank)
+    mine = kept_per_shard(o.source, o.plan, embedded.indices, embedded.labels, range(first, stop))
     kept_counts = [c for part in _all_ranks(mine, group) for c in part]
-    total = sum(kept_counts)
-    if total == 0:
+    if sum(kept_counts) == 0:
         raise ValueError(
-            f"{job.shards}: every sample would be removed (see the thresholds); nothing written"
+            f"{o.job.shards}: every sample would be removed (see the thresholds); nothing written"
         )
-    shard_size = cfg.shard_size or max(source.counts)
-    out = Path(job.out)
+    shard_size = o.cfg.shard_size or max(o.source.counts)
+    out = Path(o.job.out)
     token = _all_ranks(_new_token() if ctx.is_main else None, group)[0]
     tmp = out.parent / f".{out.name}.partial-{token}"
     try:
         run_agreed(lambda: tmp.mkdir(parents=True) if ctx.is_main else None, group)
         written = run_agreed(
             lambda: write_new_shards(
-                source, plan, kept_counts, shard_size, tmp, ctx.rank, ctx.world_size
+                o.source, o.plan, kept_counts, shard_size, tmp, ctx.rank, ctx.world_size
             ),
             group,
         )
-        infos = sorted(w for part in _all_ranks(written, group) for w in part)
-        summary = run_agreed(
-            lambda: (
-                publish(
-                    job,
-                    cfg,
-                    ctx,
-                    source,
-                    ckpt,
-                    meta,
-                    sets,
-                    findings,
-                    plan,
-                    [i for _, i in infos],
-                    tmp,
-                    out,
-                )
-                if ctx.is_main
-                else None
-            ),
-            group,
-        )
+        infos = [info for _, info in sorted(w for part in _all_ranks(written, group) for w in part)]
+        summary = run_agreed(lambda: publish(o, infos, tmp, out) if ctx.is_main else None, group)
     except BaseException:
         if ctx.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -367,6 +369,3 @@ def _new_token() -> str:
     import secrets
 
     return secrets.token_hex(6)
-
-
-__all__ = ["CleanJob", "Findings", "clean", "to_mapping"]
