@@ -484,6 +484,19 @@ def table(paths: list[str]) -> str:
                 f"{_mean_std(tars) if tars else 'n/a'} | "
                 f"{_mean_std([s['roc_auc'] for s in rows])} |"
             )
+    out += [
+        "",
+        "Precision / recall % at other thresholds (from the run with every score listed):",
+        "",
+        "| data | finding | threshold: P / R |",
+        "|---|---|---|",
+    ]
+    for r in lines:
+        for finding, curve in r["curves"].items():
+            cells = ", ".join(
+                f"{t}: {_pct(v['precision'])} / {_pct(v['recall'])}" for t, v in curve.items()
+            )
+            out.append(f"| {r['dataset']} | {finding} | {cells} |")
     return "\n".join(out)
 
 

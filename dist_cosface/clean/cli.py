@@ -18,10 +18,10 @@ _VALUES = {
         f"degrees; noisy sample above (default {SUBCENTER_ARCFACE_ANGLE:g})",
     ),
     "--min-dominant-share": ("min_dominant_share", "flag classes below this (default 0.5)"),
-    "--duplicate-cos": ("duplicate_cos", "class centers above this are one identity (default 0.7)"),
+    "--duplicate-cos": ("duplicate_cos", "class centers above this are one identity (default 0.4)"),
     "--overlap-cos": (
         "overlap_cos",
-        "evaluation identity matches a class above this (default 0.6)",
+        "evaluation identity matches a class above this (default 0.7)",
     ),
     "--backend": ("backend", "auto (dali when it imports), webdataset or dali"),
     "--batch-size": ("batch_size", "images embedded at once (default 128)"),

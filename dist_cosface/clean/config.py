@@ -22,11 +22,13 @@ class CleanConfig:
     # a class is flagged when its dominant sub-center holds less than this share of its samples
     # (only meaningful with sub-centers: with one center per class the share is 1)
     min_dominant_share: float = 0.5
-    # two classes are one identity when their centers' cosine exceeds this
-    duplicate_cos: float = 0.7
+    # two classes are one identity when their centers' cosine exceeds this (a margin head
+    # pushes even one person's two classes apart: planted splits scored 0.3 to 0.6, other
+    # pairs below 0.4; docs/cleaning.md)
+    duplicate_cos: float = 0.4
     # an evaluation identity is in the training set when its mean embedding's cosine with a
-    # training class center exceeds this
-    overlap_cos: float = 0.6
+    # training class center exceeds this (docs/cleaning.md)
+    overlap_cos: float = 0.7
     drop_noisy: bool = True  # drop the flagged samples from the new shard set
     merge_duplicates: bool = True  # relabel every merge set to one class
     remove_overlap: bool = True  # remove the training classes that match evaluation identities
