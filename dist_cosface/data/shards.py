@@ -174,6 +174,8 @@ class Manifest:
             if not isinstance(shard.num_samples, int) or shard.num_samples < 0:
                 raise ValueError(f"{where}: shard {shard.name}: num_samples {shard.num_samples!r}")
         check_plain_name(manifest.label_map, "label_map", where)
+        if not isinstance(manifest.provenance, dict):
+            raise ValueError(f"{where}: provenance must be a JSON object")
         total = sum(s.num_samples for s in manifest.shards)
         if total != manifest.num_samples:
             raise ValueError(f"{where}: num_samples={manifest.num_samples} but shards hold {total}")
