@@ -2,7 +2,8 @@
 
 Duplicates (every center against every other): each rank's centers are the queries, and the
 center blocks travel around the ring of ranks, so after ``world`` steps every rank has scored
-its queries against every block with ``local_topk`` while holding at most two blocks. Overlap
+its queries against every block with ``local_topk`` while holding at most three blocks (its
+own, the one it scores and the one arriving; two with two ranks). Overlap
 (a few replicated queries): ``sharded_topk`` against each rank's own block. No ``[C, C]``
 score matrix exists anywhere; a score block is at most ``query_rows x chunk_size``.
 
@@ -91,7 +92,8 @@ def center_neighbours(
     ids = rows + starts[rank]
     total = starts[-1]
     k = max(1, min(k, total - 1))
-    found = _drop_self(_ring_pass(centers[rows], centers, starts, k + 1, chunk_size, group), ids, k)
+    queries = centers if query_rows is None else centers[rows]  # no copy of a whole block
+    found = _drop_self(_ring_pass(queries, centers, starts, k + 1, chunk_size, group), ids, k)
     full = _full_rows(found, threshold, k, total)
     while any_rank(bool(full.any()), group):
         k = min(4 * k, total - 1)
