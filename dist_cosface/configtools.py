@@ -3,8 +3,9 @@
 Every component owns a small dataclass config; this module turns YAML mappings and dotted
 command-line overrides into those dataclasses. Unknown keys and values of the wrong type are
 errors that name the full dotted key, so a typo never silently falls back to a default.
-A dataclass may define ``validate(self)`` to check value ranges; it is called after
-construction and should raise ValueError naming the key.
+A dataclass checks its value ranges in ``__post_init__``, so it is validated wherever it is
+built (here, in code, in tests); its ValueError starts with the field name, and
+:func:`from_mapping` reports it with the dotted key (``optim.lr must be positive``).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         number = float(value) if abs(value) < 1e308 else math.inf  # no OverflowError
         if not math.isfinite(number):
             # YAML's .nan/.inf mean nothing in any of our fields, and NaN slips through
-            # every range check in validate() (a NaN lr used to fail only at step 1)
+            # every range check in __post_init__ (a NaN lr would fail only at step 1)
             raise _BadValue(f"{key}: expected a finite number, got {value!r}")
         return number
     if tp is int:
@@ -102,8 +103,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def check_minimums(cfg: object, minimums: dict[str, float]) -> None:
-    """For ``validate()``: ValueError ``<key> must be >= <minimum>, got <value>`` for the first
-    field of ``cfg`` below its minimum (NaN is not below: check floats' ranges separately)."""
+    """For ``__post_init__``: ValueError ``<key> must be >= <minimum>, got <value>`` for the
+    first field of ``cfg`` below its minimum (NaN is not below: check floats' ranges
+    separately)."""
     for key, minimum in minimums.items():
         value = getattr(cfg, key)
         if value < minimum:
@@ -127,16 +129,12 @@ def from_mapping(cls: type[T], data: Any, prefix: str = "") -> T:
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _coerce(value, hints[name], key)
-    obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        try:
-            validate()
-        except ConfigError:
-            raise
-        except ValueError as exc:
-            raise ConfigError(_validation_message(prefix, where, fields, str(exc))) from exc
-    return obj
+    try:
+        return cls(**kwargs)  # the dataclass's __post_init__ checks the value ranges
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(_validation_message(prefix, where, fields, str(exc))) from exc
 
 
 def _validation_message(prefix: str, where: str, fields: dict, message: str) -> str:
@@ -248,7 +246,7 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = parse_yaml(_read_utf8(path), str(path))
+    data = parse_yaml(read_utf8(path), str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -256,16 +254,19 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def _read_utf8(path: Path) -> str:
+def read_utf8(path: str | Path, what: str = "config", error: type[Exception] = ConfigError) -> str:
+    """The text of a UTF-8 file (a leading BOM is fine); ``error`` naming the file, and the line
+    of the first byte that is not UTF-8. Also used for the evaluation's list files."""
+    path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        raise error(f"{path}: cannot read the {what}: {exc.strerror or exc}") from exc
     try:
         return raw.decode("utf-8-sig")  # a leading BOM (some Windows editors) is fine
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError(
+        raise error(
             f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); "
-            "save the config as UTF-8"
+            f"save the {what} as UTF-8"
         ) from exc

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dist_cosface.classifier import ShardedClassifier
+from dist_cosface.classifier import ClassifierConfig, ShardedClassifier
 
 MARGINS = ("softmax", "nsl", "cosface", "arcface")
 
@@ -51,9 +51,10 @@ def reference_loss_and_grads(x, weight, labels, margin_type, scale, margin, clas
     return loss.detach(), x.grad, weight.grad
 
 
-def make_head(num_classes, dim, weight, **kwargs):
-    """A head whose local rows are this rank's slice of the full ``weight``."""
-    head = ShardedClassifier(num_classes, dim, **kwargs)
+def make_head(num_classes, dim, weight, group=None, **cfg):
+    """A head over ``group`` whose local rows are this rank's slice of the full ``weight``;
+    ``cfg``: the other ``ClassifierConfig`` fields."""
+    head = ShardedClassifier(ClassifierConfig(num_classes=num_classes, **cfg), dim, group)
     with torch.no_grad():
         head.weight.copy_(weight[head.class_start : head.class_start + head.num_local_classes])
     return head

@@ -124,19 +124,19 @@ def test_class_range_is_the_dtensor_shard0_layout():
 
 
 def test_head_without_group_is_single_process_and_sharded_weight():
-    head = ShardedClassifier(10, 4)
+    head = ShardedClassifier(ClassifierConfig(num_classes=10), 4, None)
     assert head.class_start == 0 and head.num_local_classes == 10
     assert head.weight.shape == (10, 4) and is_sharded(head.weight)
     assert head.comm.group is None
 
 
 def test_init_does_not_depend_on_world_size():
-    head = ShardedClassifier(70000, 2)
+    head = ShardedClassifier(ClassifierConfig(num_classes=70000), 2, None)
     head.reset_parameters(seed=5)
     full = head.weight.detach().clone()
     assert 0.009 < full.std().item() < 0.011
     # the same seed rebuilds identical rows for any class range (what rank r would hold)
-    part = ShardedClassifier(70000, 2)
+    part = ShardedClassifier(ClassifierConfig(num_classes=70000), 2, None)
     part.class_start, part.num_local_classes = 60000, 8000
     part.weight = torch.nn.Parameter(torch.empty(8000, 2))
     part.reset_parameters(seed=5)
@@ -147,13 +147,13 @@ def test_scale_lower_bound_and_auto_scale():
     c, p = 10000, 0.9
     assert scale_lower_bound(c, p) == pytest.approx((c - 1) / c * math.log((c - 1) * p / (1 - p)))
     assert scale_lower_bound(c, 0.99) > scale_lower_bound(c, 0.9)
-    head = ShardedClassifier(c, 4, scale="auto", scale_p_w=0.95)
+    head = ShardedClassifier(ClassifierConfig(num_classes=c, scale="auto", scale_p_w=0.95), 4, None)
     assert head.scale == pytest.approx(scale_lower_bound(c, 0.95))
     with pytest.raises(ValueError, match="p_w"):
         scale_lower_bound(c, 1.0)
 
 
-def test_from_config_and_config_validation():
+def test_head_from_config_and_config_validation():
     cfg = from_mapping(
         ClassifierConfig,
         {
@@ -164,8 +164,12 @@ def test_from_config_and_config_validation():
             "chunk_size": 4,
         },
     )
-    head = ShardedClassifier.from_config(cfg, 8, None)
-    assert head.spec.margin_type == "arcface" and head.chunk_size == 4
+    head = ShardedClassifier(cfg, 8, None)
+    assert head.spec.margin_type == "arcface" and head.cfg.chunk_size == 4
+    with pytest.raises(TypeError, match="cfg must be a ClassifierConfig"):
+        ShardedClassifier(12, 8, None)  # the keyword-argument form is gone
+    with pytest.raises(ValueError, match="embedding_size must be a positive integer"):
+        ShardedClassifier(cfg, 0, None)
     assert head.scale == pytest.approx(scale_lower_bound(12, 0.9))
     with pytest.raises(ConfigError, match="sample_seeed"):
         from_mapping(ClassifierConfig, {"sample_seeed": 1})
@@ -186,7 +190,7 @@ def test_from_config_and_config_validation():
     ],
 )
 def test_bad_inputs_raise_naming_the_values(embeddings, labels, error, match):
-    head = ShardedClassifier(10, 4)
+    head = ShardedClassifier(ClassifierConfig(num_classes=10), 4, None)
     with pytest.raises(error, match=match):
         head(embeddings, labels)
 
@@ -199,11 +203,17 @@ def test_bad_inputs_raise_naming_the_values(embeddings, labels, error, match):
         ({"scale": -1.0}, "scale"),
         ({"chunk_size": 0}, "chunk_size"),
         ({"margin": -0.1}, "margin"),
+        ({"num_classes": 1}, "num_classes"),
+        ({"num_classes": True}, "num_classes"),
+        ({"scale": "64"}, "scale"),
+        ({"chunk_size": 2.5}, "chunk_size"),
+        ({"kernel": "cuda"}, "kernel"),
     ],
 )
-def test_bad_constructor_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        ShardedClassifier(10, 4, **kwargs)
+def test_bad_config_arguments(kwargs, match):
+    """Direct construction (as in code and tests) applies the checks a YAML load applies."""
+    with pytest.raises(ValueError, match=f"^{match} must be"):
+        ClassifierConfig(**{"num_classes": 10, **kwargs})
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
@@ -237,7 +247,7 @@ def test_row_optimizer_equals_torch_optimizer_when_every_row_is_used(name):
 
 
 def test_adamw_touches_only_sampled_rows_and_round_trips():
-    head = ShardedClassifier(9, 3, sample_rate=0.5)
+    head = ShardedClassifier(ClassifierConfig(num_classes=9, sample_rate=0.5), 3, None)
     opt = build_classifier_optimizer(head, "adamw", lr=0.1, weight_decay=0.1)
     before = head.weight.detach().clone()
     head(torch.randn(4, 3), torch.tensor([0, 1, 2, 8])).backward()
@@ -258,7 +268,8 @@ def test_adamw_touches_only_sampled_rows_and_round_trips():
 
 
 def test_partial_fc_sampling_is_deterministic_per_step():
-    head = ShardedClassifier(1000, 4, sample_rate=0.1, sample_seed=3)
+    cfg = ClassifierConfig(num_classes=1000, sample_rate=0.1, sample_seed=3)
+    head = ShardedClassifier(cfg, 4, None)
     x, labels = torch.randn(8, 4), torch.tensor([5, 5, 17, 999, 0, 400, 401, 5])
     draws = {}
     for step in (7, 8, 7):
@@ -302,7 +313,8 @@ def test_cuda_head_matches_reference(dtype):
 
 
 def test_optimizer_updates_the_union_of_micro_step_samples():
-    head = ShardedClassifier(40, 3, sample_rate=0.1, sample_seed=1)
+    cfg = ClassifierConfig(num_classes=40, sample_rate=0.1, sample_seed=1)
+    head = ShardedClassifier(cfg, 3, None)
     opt = build_classifier_optimizer(head, "sgd", lr=0.1, momentum=0.9, weight_decay=0.1)
     before = head.weight.detach().clone()
     head.begin_step(0)

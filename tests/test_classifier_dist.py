@@ -13,7 +13,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_cosface.classifier import ShardedClassifier, build_classifier_optimizer
+from dist_cosface.classifier import (
+    ClassifierConfig,
+    ShardedClassifier,
+    build_classifier_optimizer,
+)
+from dist_cosface.classifier.inputs import PeerInputError
 from tests.classifier_ref import reference_loss_and_grads
 from tests.multiproc import run_ranks
 
@@ -51,7 +56,7 @@ def _local(rank, sizes, tensor):
 
 
 def _head(weight, group, **kwargs):
-    head = ShardedClassifier(NUM_CLASSES, DIM, process_group=group, **kwargs)
+    head = ShardedClassifier(ClassifierConfig(num_classes=NUM_CLASSES, **kwargs), DIM, group)
     with torch.no_grad():
         head.weight.copy_(weight[head.class_start : head.class_start + head.num_local_classes])
     return head
@@ -169,25 +174,32 @@ def _check_bad_input_fails_on_every_rank(rank, world, group, sizes, x, labels, w
     try:
         head(_local(rank, sizes, x).float(), bad)
     except ValueError as exc:
-        message = str(exc)
+        message, peer = str(exc), isinstance(exc, PeerInputError)
     else:
         raise AssertionError("no error on bad labels")
     if rank == world - 1:
-        assert f"[0, {NUM_CLASSES}), got [{NUM_CLASSES + 4}]" in message, message
+        assert f"[0, {NUM_CLASSES}), got [{NUM_CLASSES + 4}]" in message and not peer, message
     else:
-        assert f"rank(s) [{world - 1}]" in message, message
+        assert f"rank(s) [{world - 1}]" in message and peer, message
     # the group is still usable afterwards: the error did not leave a collective pending
     _step(head, rank, sizes, x, labels)
 
 
-def _check_default_group_and_timing(rank, world, group, sizes, x, labels, weight):
+def _check_explicit_group_and_timing(rank, world, group, sizes, x, labels, weight):
     if group is not dist.group.WORLD:
         return
-    head = ShardedClassifier(NUM_CLASSES, DIM)  # process_group=None: the default group
+    cfg = ClassifierConfig(num_classes=NUM_CLASSES)
+    try:  # no implicit default group: None means "no torch.distributed", refused here
+        ShardedClassifier(cfg, DIM, None)
+    except ValueError as exc:
+        assert "process_group is None but torch.distributed is initialized" in str(exc), exc
+    else:
+        raise AssertionError("process_group=None was accepted with torch.distributed running")
+    head = ShardedClassifier(cfg, DIM, dist.group.WORLD)
     assert head.comm.world_size == world and head.comm.rank == rank
     _step(head, rank, sizes, x, labels)
     assert head.step_report().comm_seconds is None  # not timed unless asked at construction
-    head = ShardedClassifier(NUM_CLASSES, DIM, time_collectives=True)
+    head = ShardedClassifier(cfg, DIM, group, time_collectives=True)
     head.begin_step(0)
     _step(head, rank, sizes, x, labels)
     assert head.step_report().comm_seconds > 0
@@ -213,7 +225,7 @@ def _all_cases(rank, world, group):
     _check_partial_fc(rank, world, group, *data)
     _count_collectives(rank, world, group, *data)
     _check_bad_input_fails_on_every_rank(rank, world, group, *data)
-    _check_default_group_and_timing(rank, world, group, *data)
+    _check_explicit_group_and_timing(rank, world, group, *data)
 
 
 def _two_world_sizes(rank, world, sub_world):
@@ -224,7 +236,7 @@ def _two_world_sizes(rank, world, sub_world):
     else:
         # a rank outside the group must be refused, not left waiting in a collective
         try:
-            ShardedClassifier(NUM_CLASSES, DIM, process_group=sub_group)
+            ShardedClassifier(ClassifierConfig(num_classes=NUM_CLASSES), DIM, sub_group)
         except ValueError as exc:
             assert "not a member" in str(exc) and f"rank {rank}" in str(exc), str(exc)
         else:

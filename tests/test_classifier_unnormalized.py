@@ -6,13 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_cosface.classifier import ShardedClassifier
+from dist_cosface.classifier import ClassifierConfig, ShardedClassifier
 
 
 def _head(margin_type: str, feature_norm: bool, scale: float = 8.0) -> ShardedClassifier:
-    head = ShardedClassifier(
-        11, 6, margin_type=margin_type, scale=scale, margin=0.3, feature_norm=feature_norm
-    ).double()
+    cfg = ClassifierConfig(
+        num_classes=11, margin_type=margin_type, scale=scale, margin=0.3, feature_norm=feature_norm
+    )
+    head = ShardedClassifier(cfg, 6, None).double()
     head.reset_parameters(seed=3)
     head.weight.data = head.weight.data.double() * 50  # non-unit rows: normalization matters
     return head
@@ -55,9 +56,9 @@ def test_cosface_matches_hand_written_formula_and_grads_flow_through_the_norm():
 
 def test_rejects_unsupported_combinations():
     with pytest.raises(ValueError, match="softmax never normalizes"):
-        ShardedClassifier(10, 4, margin_type="softmax", feature_norm=False)
+        ClassifierConfig(num_classes=10, margin_type="softmax", feature_norm=False)
     with pytest.raises(ValueError, match="sample_rate 0.5"):
-        ShardedClassifier(10, 4, sample_rate=0.5, feature_norm=False)
-    head = ShardedClassifier(10, 4, feature_norm=False)
+        ClassifierConfig(num_classes=10, sample_rate=0.5, feature_norm=False)
+    head = ShardedClassifier(ClassifierConfig(num_classes=10, feature_norm=False), 4, None)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 10\), got \[12\]"):
         head(torch.randn(2, 4), torch.tensor([1, 12]))

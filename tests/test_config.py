@@ -21,7 +21,7 @@ class _Inner:
     rate: float = 0.5
     mode: Literal["a", "b"] = "a"
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.rate > 1:
             raise ValueError(f"rate must be <= 1, got {self.rate}")
 
@@ -93,15 +93,22 @@ def test_bad_files_are_named(tmp_path):
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     raw = yaml.safe_load(path.read_text())
-    cfg = load_config(path)
     # every key written in the file is honoured (nothing silently dropped)
-    for section, values in raw.items():
-        for key, value in values.items():
-            got = getattr(getattr(cfg, section), key)
-            assert got == value or (isinstance(value, int) and got == float(value)), (section, key)
+    _assert_honoured(load_config(path), raw, path.name)
 
 
-# ---------------------------------------------------------------- value checks (issue 9)
+def _assert_honoured(cfg, values: dict, where: str) -> None:
+    for key, value in values.items():
+        got = getattr(cfg, key)
+        if isinstance(value, dict):  # a nested section (data.augment)
+            _assert_honoured(got, value, f"{where}:{key}")
+        elif isinstance(value, list):
+            assert list(got) == value, f"{where}:{key}"
+        else:
+            assert got == value or (isinstance(value, int) and got == float(value)), (where, key)
+
+
+# ---------------------------------------------------------------- value checks
 
 
 @pytest.mark.parametrize(
@@ -130,13 +137,40 @@ def test_optimizer_ranges_are_checked_naming_the_key(override, key):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model.dropout=1.0",
+        "classifier.sample_rate=0.0",
+        "data.batch_size=0",
+        "optim.lr=0.0",
+        "train.total_steps=0",
+        "checkpoint.keep_last=0",
+        "eval.n_folds=1",
+        "metrics.port=70000",
+        "dist.timeout_s=0",
+    ],
+)
+def test_every_section_is_validated_when_constructed_directly(override):
+    """Code and tests that build a section get the check (and message) YAML gets."""
+    dotted, raw = override.split("=")
+    section, key = dotted.split(".")
+    with pytest.raises(ConfigError) as from_yaml:
+        load_config(None, [override])
+    section_cls = type(getattr(RunConfig(), section))
+    with pytest.raises(ValueError) as direct:
+        section_cls(**{key: yaml.safe_load(raw)})
+    assert str(direct.value).startswith(f"{key} must be"), direct.value
+    assert str(from_yaml.value) == f"{section}.{direct.value}"
+
+
 def test_optimizer_boundaries_are_accepted():
     cfg = load_config(None, ["optim.momentum=0", "optim.weight_decay=0", "optim.betas=[0, 0.5]"])
     assert cfg.optim.momentum == 0.0 and cfg.optim.betas == [0.0, 0.5]
 
 
 _MARGIN_CASES = [
-    ("cosface", 5.0, 1000, False),  # the issue's case: passed `config`, failed at head build
+    ("cosface", 5.0, 1000, False),  # must fail at config load, not at head build
     ("cosface", 1.0, 1000, True),
     ("cosface", 1.002, 1000, False),  # bound C/(C-1) = 1.001
     ("cosface", 1.9, 2, True),  # bound 2 for two classes
@@ -149,26 +183,26 @@ _MARGIN_CASES = [
 
 
 @pytest.mark.parametrize("margin_type, margin, num_classes, ok", _MARGIN_CASES)
-def test_config_and_head_apply_one_margin_rule(margin_type, margin, num_classes, ok):
-    from dist_cosface.classifier import ShardedClassifier
+def test_config_in_code_and_yaml_apply_one_margin_rule(margin_type, margin, num_classes, ok):
+    from dist_cosface.classifier import ClassifierConfig, ShardedClassifier
 
     overrides = [
         f"classifier.margin_type={margin_type}",
         f"classifier.margin={margin}",
         f"classifier.num_classes={num_classes}",
     ]
-    build = lambda: ShardedClassifier(  # noqa: E731
-        num_classes, 4, margin_type=margin_type, margin=margin, chunk_size=64
+    build = lambda: ClassifierConfig(  # noqa: E731
+        num_classes=num_classes, margin_type=margin_type, margin=margin, chunk_size=64
     )
     if ok:
         assert load_config(None, overrides).classifier.margin == margin
-        assert build().spec.margin == margin
+        assert ShardedClassifier(build(), 4, None).spec.margin == margin
         return
-    with pytest.raises(ValueError, match=r"margin must be") as head_error:
+    with pytest.raises(ValueError, match=r"margin must be") as code_error:
         build()
     with pytest.raises(ConfigError, match=r"^classifier\.margin must be") as config_error:
         load_config(None, overrides)
-    assert str(config_error.value) == f"classifier.{head_error.value}"
+    assert str(config_error.value) == f"classifier.{code_error.value}"
 
 
 def test_non_utf8_file_is_named(tmp_path):

@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_cosface.classifier import ShardedClassifier, scale_lower_bound
+from dist_cosface.classifier import scale_lower_bound
 from dist_cosface.classifier.health import MarginHealth
+from tests.classifier_ref import make_head
 from tests.multiproc import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,18 +75,8 @@ def reference(x, weight, labels, margin_type, used_classes=None) -> dict[str, fl
 
 
 def _head(weight, group, margin_type, **kwargs):
-    head = ShardedClassifier(
-        NUM_CLASSES,
-        DIM,
-        margin_type=margin_type,
-        scale=SCALE,
-        margin=MARGIN,
-        process_group=group,
-        **kwargs,
-    )
-    with torch.no_grad():
-        head.weight.copy_(weight[head.class_start : head.class_start + head.num_local_classes])
-    return head
+    cfg = dict(margin_type=margin_type, scale=SCALE, margin=MARGIN, **kwargs)
+    return make_head(NUM_CLASSES, DIM, weight, group, **cfg)
 
 
 def _local(rank, sizes, tensor):

@@ -108,7 +108,7 @@ def test_shard_checks_and_loaders_agree_on_upper_case_and_tiff_components(tmp_pa
     write_dataset(tmp_path, samples, 7, len(samples))
     shards = open_shards(str(tmp_path), "stop")
     assert shards.counts == [7, 7] and not shards.problems
-    cfg = DataConfig(backend=backend, path=str(tmp_path), batch_size=14, image_size=8,
+    cfg = DataConfig(backend=backend, path=str(tmp_path), batch_size=14, image_size=16,
                      num_workers=1, random_flip=False, shuffle_buffer=4)  # fmt: skip
     if backend == "dali":
         pytest.importorskip("nvidia.dali")

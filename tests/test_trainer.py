@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_cosface.classifier import ShardedClassifier
+from dist_cosface.classifier import ClassifierConfig, ShardedClassifier
 from dist_cosface.data import TrainLoader, build_loader
 from dist_cosface.data.protocol import check_train_loader
 from dist_cosface.distributed import DistContext
@@ -74,7 +74,7 @@ def test_building_a_trainer_writes_nothing(tmp_path):
 
 def test_head_step_report():
     x, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 4, 5])
-    head = ShardedClassifier(10, 4, sample_rate=0.5)
+    head = ShardedClassifier(ClassifierConfig(num_classes=10, sample_rate=0.5), 4, None)
     head.begin_step(0, collect_health=True)
     head(x, labels).backward()
     report = head.step_report()
@@ -84,7 +84,7 @@ def test_head_step_report():
     head.begin_step(1)  # a step without collect_health: the previous request does not linger
     head(x, labels).backward()
     assert head.step_report().health is None
-    timed = ShardedClassifier(10, 4, time_collectives=True)
+    timed = ShardedClassifier(ClassifierConfig(num_classes=10), 4, None, time_collectives=True)
     timed.begin_step(0)
     timed(x, labels)
     assert timed.step_report().comm_seconds == 0.0  # one process: no collectives to time

@@ -39,6 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as a plain script from a checkout (tools.spawn)
     sys.path.insert(0, str(REPO))
 
+from dist_cosface.clean.centers import class_starts, row_chunk  # noqa: E402
+from dist_cosface.clean.search import center_neighbours  # noqa: E402
 from tools.bench_eval import BLOCK, draw_rows, peak_bytes, reset_peak  # noqa: E402
 
 
@@ -60,8 +62,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def slices(args) -> list[tuple[int, int]]:
-    from dist_cosface.clean.centers import row_chunk
-
     return [row_chunk(args.classes, args.ranks, r) for r in range(args.ranks)]
 
 
@@ -107,9 +107,6 @@ def draw_centers(start: int, stop: int, args) -> torch.Tensor:
 
 def _rank_main(rank: int, world_size: int, args) -> tuple:
     """(seconds, memory growth, bytes held, pairs found) of this rank's search."""
-    from dist_cosface.clean.centers import class_starts
-    from dist_cosface.clean.search import center_neighbours
-
     group = dist.group.WORLD
     start, stop = slices(args)[rank]
     centers = draw_centers(start, stop, args)

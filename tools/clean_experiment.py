@@ -31,9 +31,11 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import math
+import os
 import shlex
 import shutil
 import sys
@@ -41,10 +43,35 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(REPO))
+
+from dist_cosface.clean.config import CleanConfig  # noqa: E402
+from dist_cosface.clean.run import CleanJob, clean  # noqa: E402
+from dist_cosface.config import load_config  # noqa: E402
+from dist_cosface.configtools import from_mapping, load_yaml  # noqa: E402
+from dist_cosface.data.shards import (  # noqa: E402
+    Manifest,
+    ShardInfo,
+    ShardWriter,
+    publish_shard_set,
+    read_index,
+    shard_stem,
+)
+from dist_cosface.data.synth_shards import write_synthetic_image_folder  # noqa: E402
+from dist_cosface.distributed import DistContext  # noqa: E402
+from dist_cosface.engine import train  # noqa: E402
+from dist_cosface.experiments import (  # noqa: E402
+    ExperimentConfig,
+    FaceSet,
+    identity_split,
+    load_faces,
+    train_model,
+)
+from dist_cosface.experiments.runner import embed, verify  # noqa: E402
 
 SIZE = 32
 
@@ -86,11 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_dataset(args, work: Path):
-    from dist_cosface.experiments import load_faces
 
     if args.dataset != "synthetic":
         return load_faces(Path(args.data_root) / args.dataset, SIZE)
-    from dist_cosface.data.synth_shards import write_synthetic_image_folder
 
     folder = work / "synthetic_faces"
     if not folder.is_dir():
@@ -102,7 +127,6 @@ def load_dataset(args, work: Path):
 
 def plant(args, faces):
     """The noisy training samples and the evaluation identities, with the truth of each."""
-    from dist_cosface.experiments import identity_split
 
     rng = np.random.default_rng(args.seed)
     train_ids, held_ids = identity_split(faces.identities, "test")
@@ -161,13 +185,6 @@ def _png(pixels) -> bytes:
 
 def write_sets(planted: dict, work: Path, seed: int) -> tuple[Path, Path]:
     """The noisy shards (shuffled) and the held-out identity folders."""
-    from dist_cosface.data.shards import (
-        Manifest,
-        ShardInfo,
-        ShardWriter,
-        publish_shard_set,
-        shard_stem,
-    )
 
     shards, evals = work / "noisy_shards", work / "eval"
     samples, images = planted["samples"], planted["images"]
@@ -194,9 +211,6 @@ def write_sets(planted: dict, work: Path, seed: int) -> tuple[Path, Path]:
 
 
 def train_teacher(shards: Path, num_classes: int, num_samples: int, run: Path, args) -> dict:
-    from dist_cosface.config import load_config
-    from dist_cosface.distributed import DistContext
-    from dist_cosface.engine import train
 
     batch = 64
     epochs = args.teacher_epochs or (30 if args.dataset == "orl" else 10)
@@ -240,9 +254,6 @@ def train_teacher(shards: Path, num_classes: int, num_samples: int, run: Path, a
 
 def run_clean(run: Path, shards: Path, evals: Path, out: Path, thresholds: dict | None) -> dict:
     """``clean`` in this process with ``thresholds``; None: every threshold open."""
-    from dist_cosface.clean.config import CleanConfig
-    from dist_cosface.clean.run import CleanJob, clean
-    from dist_cosface.distributed import DistContext
 
     settings = {"backend": "webdataset", "num_workers": 0, **(thresholds or {})}
     if thresholds is None:  # list every score: precision / recall at any threshold afterwards
@@ -308,11 +319,6 @@ def sweep(scored, thresholds) -> dict:
 
 def student_sets(planted: dict, cleaned: Path):
     """(noisy FaceSet, cleaned FaceSet, evaluation FaceSet of never-copied identities)."""
-    import torch
-
-    from dist_cosface.data.shards import Manifest, read_index
-    from dist_cosface.experiments import FaceSet
-
     images, samples = planted["images"], planted["samples"]
     noisy = FaceSet(
         images[[s[0] for s in samples]], torch.tensor([s[1] for s in samples]), planted["names"]
@@ -335,13 +341,6 @@ def student_sets(planted: dict, cleaned: Path):
 
 
 def train_students(args, noisy, cleaned, held) -> list[dict]:
-    import dataclasses
-
-    import torch
-
-    from dist_cosface.configtools import from_mapping, load_yaml
-    from dist_cosface.experiments import ExperimentConfig, train_model
-    from dist_cosface.experiments.runner import embed, verify
 
     dataset = "yaleb" if args.dataset == "synthetic" else args.dataset
     base = from_mapping(ExperimentConfig, load_yaml(REPO / f"configs/experiments/{dataset}.yaml"))
@@ -371,9 +370,6 @@ def train_students(args, noisy, cleaned, held) -> list[dict]:
 
 
 def run(args, argv: list[str]) -> dict:
-    import os
-
-    from dist_cosface.clean.config import CleanConfig
 
     work = Path(args.work) / f"{args.dataset}_seed{args.seed}"
     reuse = args.reuse_teacher and (work / "run" / "checkpoints").is_dir()
@@ -519,8 +515,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "table":
         print(table(args.results))
         return
-    import torch
-
     torch.set_num_threads(1)
     line = run(args, argv)
     print(json.dumps(line), flush=True)

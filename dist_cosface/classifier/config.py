@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal, Union, get_args
 
-from dist_cosface.classifier.margins import check_margin
+from dist_cosface.classifier.margins import (
+    MARGIN_TYPES,
+    MarginSpec,
+    MarginType,
+    check_margin,
+    scale_lower_bound,
+)
+
+Kernel = Literal["auto", "torch", "triton"]
+KERNELS: tuple[str, ...] = get_args(Kernel)  # the one list: config, YAML types and dispatch
 
 
 @dataclass
 class ClassifierConfig:
+    """Everything the head is built from but its width, group and timing (checked here once)."""
+
     num_classes: int = 1000
-    margin_type: Literal["softmax", "nsl", "cosface", "arcface"] = "cosface"
+    margin_type: MarginType = "cosface"
     scale: Union[float, Literal["auto"]] = 64.0  # "auto": CosFace lower bound at scale_p_w
     margin: float = 0.35
     scale_p_w: float = 0.9  # expected minimum target posterior used by scale="auto"
@@ -23,19 +35,57 @@ class ClassifierConfig:
     feature_norm: bool = True
     # loss kernels: "auto" = Triton on CUDA when it imports, else torch; "triton" needs CUDA.
     # The default stays "torch" until tools/gpu_checks.sh has passed on a GPU (docs/classifier.md)
-    kernel: Literal["auto", "torch", "triton"] = "torch"
+    kernel: Kernel = "torch"
 
-    def validate(self) -> None:
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
-        if not 0.0 < self.sample_rate <= 1.0:
-            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
-        if self.scale != "auto" and self.scale <= 0:
-            raise ValueError(f"scale must be positive or 'auto', got {self.scale}")
-        if not 0.0 < self.scale_p_w < 1.0:
-            raise ValueError(f"scale_p_w must be in (0, 1), got {self.scale_p_w}")
-        if self.kernel not in ("auto", "torch", "triton"):
-            raise ValueError(f"kernel must be one of auto/torch/triton, got {self.kernel!r}")
+    def __post_init__(self) -> None:
+        if not _is_int(self.num_classes) or self.num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {self.num_classes!r}")
+        if self.margin_type not in MARGIN_TYPES:
+            raise ValueError(
+                f"margin_type must be one of {list(MARGIN_TYPES)}, got {self.margin_type!r}"
+            )
+        if self.scale != "auto" and not _is_positive_number(self.scale):
+            raise ValueError(f"scale must be positive or 'auto', got {self.scale!r}")
+        if not _is_number(self.scale_p_w) or not 0.0 < self.scale_p_w < 1.0:
+            raise ValueError(f"scale_p_w must be in (0, 1), got {self.scale_p_w!r}")
+        if not _is_number(self.sample_rate) or not 0.0 < self.sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate!r}")
+        if self.chunk_size is not None and (not _is_int(self.chunk_size) or self.chunk_size < 1):
+            raise ValueError(f"chunk_size must be an integer >= 1 or null, got {self.chunk_size!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {list(KERNELS)}, got {self.kernel!r}")
         check_margin(self.margin_type, self.margin, self.num_classes)
+        if not self.feature_norm:
+            _check_unnormalized_features(self.margin_type, self.sample_rate)
+
+    def margin_spec(self) -> MarginSpec:
+        """The margin maths of the loss, with ``scale: auto`` resolved (CosFace bound)."""
+        scale = self.scale
+        if scale == "auto":
+            scale = scale_lower_bound(self.num_classes, self.scale_p_w)
+        return MarginSpec(self.margin_type, float(scale), float(self.margin))
+
+
+def _check_unnormalized_features(margin_type: str, sample_rate: float) -> None:
+    """The ablation's limits that the config alone decides (one process: the head checks)."""
+    if margin_type == "softmax":
+        raise ValueError(
+            "feature_norm=False applies to nsl/cosface/arcface; softmax never normalizes"
+        )
+    if sample_rate < 1.0:
+        raise ValueError(
+            "feature_norm=False (the paper's unnormalized-feature ablation) is implemented "
+            f"without sampling only; got sample_rate {sample_rate}"
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_positive_number(value: object) -> bool:
+    return _is_number(value) and math.isfinite(value) and value > 0

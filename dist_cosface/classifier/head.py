@@ -15,14 +15,15 @@ concatenated global batch (also for uneven local batches, since the loss is the 
 mean). The weight shard's gradient is exactly ``d(loss)/d(weight_shard)``; it must never be
 averaged over ranks (the parameter is marked sharded).
 
-Per-step collectives with a group: forward 3 all-gathers (batch metadata, embeddings,
-labels) and 2 all-reduces; backward 1 reduce-scatter.
+Per-step collectives with a group: forward 3 all-gathers (the input check every rank agrees
+on, ``inputs.agree_on_batch``; embeddings; labels) and 2 all-reduces; backward 1
+reduce-scatter.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -31,16 +32,13 @@ from torch import nn
 
 from dist_cosface.classifier.comm import Comm, GatherBatch, gather_labels
 from dist_cosface.classifier.config import ClassifierConfig
-from dist_cosface.classifier.health import MarginHealth, RowStats, RowStatsSlot, margin_health
-from dist_cosface.classifier.loss import LossPlan, LossTask, ShardedMarginLoss
-from dist_cosface.classifier.margins import (
-    MARGIN_TYPES,
-    MarginSpec,
-    check_margin,
-    scale_lower_bound,
-)
+from dist_cosface.classifier.health import MarginHealth, margin_health
+from dist_cosface.classifier.inputs import agree_on_batch, check_batch
+from dist_cosface.classifier.loss import ShardedMarginLoss
+from dist_cosface.classifier.loss_common import LossPlan, LossTask, RowStats, RowStatsSlot
+from dist_cosface.classifier.margins import scale_lower_bound
 from dist_cosface.classifier.sampling import columns_of_targets, sample_rows, sampling_seed
-from dist_cosface.classifier.triton_loss import KERNELS, TritonMarginLoss, use_triton
+from dist_cosface.classifier.triton_loss import TritonMarginLoss, use_triton
 from dist_cosface.classifier.unnormalized import unnormalized_feature_loss
 from dist_cosface.seeding import stable_seed
 from dist_cosface.sharding import mark_sharded
@@ -82,10 +80,21 @@ def class_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]
     return start, count
 
 
-def _resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
-    if group is None and dist.is_available() and dist.is_initialized():
-        return dist.group.WORLD
-    if group is not None and dist.get_rank(group) < 0:
+def _check_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """The head's group exactly as the caller passed it: never the default group implicitly.
+
+    None means one process without torch.distributed; with torch.distributed initialized it
+    is refused, since each rank would silently train a full, unshared head of its own.
+    """
+    if group is None:
+        if dist.is_available() and dist.is_initialized():
+            raise ValueError(
+                "process_group is None but torch.distributed is initialized: pass the group "
+                "the classes are sharded over (DistContext.group, or dist.group.WORLD); None "
+                "means one process without torch.distributed"
+            )
+        return None
+    if dist.get_rank(group) < 0:
         raise ValueError(
             f"this process (global rank {dist.get_rank()}) is not a member of the "
             f"classifier's process_group (ranks {dist.get_process_group_ranks(group)})"
@@ -94,50 +103,42 @@ def _resolve_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
 
 
 class ShardedClassifier(nn.Module):
-    """Margin softmax head whose ``[num_classes, D]`` weight is split by rows over a group."""
+    """Margin softmax head whose ``[num_classes, D]`` weight is split by rows over a group.
+
+    ``cfg`` was validated when it was built (``ClassifierConfig.__post_init__``); the head
+    keeps its own copy and checks here only what needs the group (its size, membership).
+    """
 
     def __init__(
         self,
-        num_classes: int,
+        cfg: ClassifierConfig,
         embedding_size: int,
+        process_group: dist.ProcessGroup | None,
         *,
-        margin_type: Literal["softmax", "nsl", "cosface", "arcface"] = "cosface",
-        scale: float | Literal["auto"] = 64.0,
-        margin: float = 0.35,
-        sample_rate: float = 1.0,
-        process_group: dist.ProcessGroup | None = None,
-        chunk_size: int | None = None,
-        materialize: bool = False,
-        scale_p_w: float = 0.9,
-        sample_seed: int = 0,
-        feature_norm: bool = True,
-        kernel: Literal["auto", "torch", "triton"] = "torch",
         time_collectives: bool = False,
     ) -> None:
         super().__init__()
-        _check_args(num_classes, embedding_size, margin_type, margin, sample_rate, chunk_size)
-        if scale == "auto":
-            scale = scale_lower_bound(num_classes, scale_p_w)
-        elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
-            raise ValueError(f"scale must be a positive number or 'auto', got {scale!r}")
-        self.comm = Comm(_resolve_group(process_group))
-        if num_classes < self.comm.world_size:
+        if not isinstance(cfg, ClassifierConfig):
+            raise TypeError(f"cfg must be a ClassifierConfig, got {type(cfg).__name__}")
+        if (
+            isinstance(embedding_size, bool)
+            or not isinstance(embedding_size, int)
+            or (embedding_size < 1)
+        ):
+            raise ValueError(f"embedding_size must be a positive integer, got {embedding_size!r}")
+        self.cfg = copy.copy(cfg)  # later edits of the caller's config do not reach the head
+        self.comm = Comm(_check_group(process_group))
+        world, classes = self.comm.world_size, cfg.num_classes
+        if classes < world:
+            raise ValueError(f"num_classes={classes} is smaller than the group size {world}")
+        if not cfg.feature_norm and world > 1:
             raise ValueError(
-                f"num_classes={num_classes} is smaller than the group size {self.comm.world_size}"
+                "feature_norm=False (the paper's unnormalized-feature ablation) is implemented "
+                f"for one process only; got world size {world}"
             )
-        self.num_classes, self.embedding_size = num_classes, embedding_size
-        self.spec = MarginSpec(margin_type, float(scale), float(margin))
-        self.feature_norm = feature_norm
-        if not feature_norm:
-            _check_unnormalized_features(margin_type, sample_rate, self.comm.world_size)
-        self.sample_rate, self.sample_seed = sample_rate, sample_seed
-        self.chunk_size, self.materialize = chunk_size, materialize
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {list(KERNELS)}, got {kernel!r}")
-        self.kernel = kernel
-        self.class_start, self.num_local_classes = class_range(
-            num_classes, self.comm.world_size, self.comm.rank
-        )
+        self.num_classes, self.embedding_size = classes, embedding_size
+        self.spec = cfg.margin_spec()
+        self.class_start, self.num_local_classes = class_range(classes, world, self.comm.rank)
         shard = torch.empty(self.num_local_classes, embedding_size)
         self.weight = mark_sharded(nn.Parameter(shard))
         # rows that received gradient since the optimizer's last step (row-sparse updates)
@@ -150,7 +151,6 @@ class ShardedClassifier(nn.Module):
         # margin health (classifier/health.py): begin_step(..., collect_health=True) before the
         # forwards whose statistics are wanted; rows used this epoch are tracked on every
         # training forward
-        self.scale_p_w = scale_p_w
         self._collect_health = False
         self.last_row_stats: RowStats | None = None
         self.register_buffer(
@@ -159,32 +159,6 @@ class ShardedClassifier(nn.Module):
         self.epoch: int | None = None
         self.step, self._micro_step = 0, 0
         self.reset_parameters()
-
-    @classmethod
-    def from_config(
-        cls,
-        cfg: ClassifierConfig,
-        embedding_size: int,
-        process_group: dist.ProcessGroup | None,
-        *,
-        time_collectives: bool = False,
-    ) -> ShardedClassifier:
-        return cls(
-            cfg.num_classes,
-            embedding_size,
-            margin_type=cfg.margin_type,
-            scale=cfg.scale,
-            margin=cfg.margin,
-            sample_rate=cfg.sample_rate,
-            process_group=process_group,
-            chunk_size=cfg.chunk_size,
-            materialize=cfg.materialize,
-            scale_p_w=cfg.scale_p_w,
-            sample_seed=cfg.sample_seed,
-            feature_norm=cfg.feature_norm,
-            kernel=cfg.kernel,
-            time_collectives=time_collectives,
-        )
 
     @property
     def scale(self) -> float:
@@ -247,18 +221,24 @@ class ShardedClassifier(nn.Module):
         return rows
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
-        if not self.feature_norm:
-            _local_raise(local_embeddings, local_labels, self.embedding_size, self.num_classes)
+        if not self.cfg.feature_norm:
+            check_batch(local_embeddings, local_labels, self.embedding_size, self.num_classes)
             self._mark_touched(None)
             return unnormalized_feature_loss(self.spec, local_embeddings, self.weight, local_labels)
         comm = self.comm
         comm.timed, comm.seconds = self.time_collectives, 0.0
-        sizes = self._exchange_metadata(local_embeddings, local_labels)
+        sizes = agree_on_batch(
+            comm,
+            local_embeddings,
+            local_labels,
+            self.embedding_size,
+            self.num_classes,
+            self.weight.device,
+        )
         embeddings = GatherBatch.apply(local_embeddings, sizes, comm)
         labels = gather_labels(local_labels, sizes, comm)
-        plan = LossPlan(
-            self.spec, self.chunk_size, self.materialize, _compute_dtype(local_embeddings)
-        )
+        cfg, dtype = self.cfg, _compute_dtype(local_embeddings)
+        plan = LossPlan(self.spec, cfg.chunk_size, cfg.materialize, dtype)
         x = embeddings.to(plan.stat_dtype)
         if self.spec.normalized:
             x = F.normalize(x, dim=1)
@@ -271,7 +251,7 @@ class ShardedClassifier(nn.Module):
         slot = RowStatsSlot() if self._collect_health else None
         loss_fn = (
             TritonMarginLoss
-            if use_triton(self.kernel, x.device, plan.compute_dtype)
+            if use_triton(cfg.kernel, x.device, plan.compute_dtype)
             else ShardedMarginLoss
         )
         task = LossTask(rows, target_col, plan, comm, slot)
@@ -297,7 +277,7 @@ class ShardedClassifier(nn.Module):
             sampled = self.num_local_classes
         else:
             sampled = self.last_sampled_rows.shape[0]
-        bound = scale_lower_bound(self.num_classes, self.scale_p_w)
+        bound = scale_lower_bound(self.num_classes, self.cfg.scale_p_w)
         stats, self.last_row_stats = self.last_row_stats, None
         return margin_health(self.spec, stats, self.weight, self.seen, sampled, bound)
 
@@ -308,12 +288,13 @@ class ShardedClassifier(nn.Module):
             self.seen[rows] = True
 
     def _pick_rows(self, local_labels_all: torch.Tensor) -> torch.Tensor | None:
-        if self.sample_rate >= 1.0 or not self.training:
+        sample_rate = self.cfg.sample_rate
+        if sample_rate >= 1.0 or not self.training:
             self.last_sampled_rows = None
             return None
-        seed = sampling_seed(self.sample_seed, self.step, self._micro_step, self.class_start)
+        seed = sampling_seed(self.cfg.sample_seed, self.step, self._micro_step, self.class_start)
         self._micro_step += 1
-        rows = sample_rows(local_labels_all, self.num_local_classes, self.sample_rate, seed)
+        rows = sample_rows(local_labels_all, self.num_local_classes, sample_rate, seed)
         self.last_sampled_rows = rows
         return rows
 
@@ -325,89 +306,6 @@ class ShardedClassifier(nn.Module):
         else:
             self.touched[rows] = True
 
-    def _exchange_metadata(self, embeddings: object, labels: object) -> list[int]:
-        """Gather (batch size, error code, #bad labels) from every rank; raise on all ranks.
-
-        Checking after the exchange makes every rank raise together instead of leaving the
-        healthy ranks blocked in the next collective.
-        """
-        code, message, batch, bad = _local_check(
-            embeddings, labels, self.embedding_size, self.num_classes
-        )
-        device = self.weight.device
-        meta = torch.stack(
-            [
-                torch.tensor(batch, device=device),
-                torch.tensor(code, device=device),
-                bad.to(device=device, dtype=torch.long),
-            ]
-        )
-        rows = self.comm.all_gather(meta[None]).tolist()
-        if not any(r[1] or r[2] for r in rows):
-            return [r[0] for r in rows]
-        rank = self.comm.rank
-        if code:
-            raise (TypeError if code == 1 else ValueError)(f"rank {rank}: {message}")
-        if rows[rank][2]:
-            wrong = labels[(labels < 0) | (labels >= self.num_classes)].unique()[:8].tolist()
-            raise ValueError(f"rank {rank}: labels must be in [0, {self.num_classes}), got {wrong}")
-        bad_ranks = [r for r, row in enumerate(rows) if row[1] or row[2]]
-        raise ValueError(f"rank(s) {bad_ranks} passed invalid embeddings/labels to the head")
-
-
-def _local_check(
-    emb: object, labels: object, width: int, num_classes: int
-) -> tuple[int, str, int, torch.Tensor]:
-    """(code 0 ok / 1 TypeError / 2 ValueError, message, batch size, #out-of-range labels)."""
-    zero = torch.zeros((), dtype=torch.long)
-    if not isinstance(emb, torch.Tensor) or not emb.is_floating_point():
-        return 1, f"embeddings must be a floating tensor, got {_describe(emb)}", 0, zero
-    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
-        return 1, f"labels must be an int64 tensor, got {_describe(labels)}", 0, zero
-    if emb.dim() != 2 or emb.shape[1] != width:
-        return 2, f"embeddings must have shape [B, {width}], got {list(emb.shape)}", 0, zero
-    if labels.shape != emb.shape[:1]:
-        return (
-            2,
-            (
-                f"labels must have shape [{emb.shape[0]}] to match the embeddings, "
-                f"got {list(labels.shape)}"
-            ),
-            0,
-            zero,
-        )
-    bad = ((labels < 0) | (labels >= num_classes)).sum()
-    return 0, "", emb.shape[0], bad
-
-
-def _local_raise(emb: object, labels: object, width: int, num_classes: int) -> None:
-    """Single-process input checks (no peers to agree with)."""
-    code, message, _, bad = _local_check(emb, labels, width, num_classes)
-    if code:
-        raise (TypeError if code == 1 else ValueError)(message)
-    if int(bad):
-        wrong = labels[(labels < 0) | (labels >= num_classes)].unique()[:8].tolist()
-        raise ValueError(f"labels must be in [0, {num_classes}), got {wrong}")
-
-
-def _check_unnormalized_features(margin_type: str, sample_rate: float, world_size: int) -> None:
-    if margin_type == "softmax":
-        raise ValueError(
-            "feature_norm=False applies to nsl/cosface/arcface; softmax never normalizes"
-        )
-    if sample_rate < 1.0 or world_size > 1:
-        raise ValueError(
-            "feature_norm=False (the paper's unnormalized-feature ablation) is implemented for "
-            f"one process without sampling only; got world size {world_size}, "
-            f"sample_rate {sample_rate}"
-        )
-
-
-def _describe(obj: object) -> str:
-    if isinstance(obj, torch.Tensor):
-        return f"a {obj.dtype} tensor of shape {list(obj.shape)}"
-    return type(obj).__name__
-
 
 def _compute_dtype(embeddings: torch.Tensor) -> torch.dtype:
     device_type = embeddings.device.type
@@ -416,25 +314,3 @@ def _compute_dtype(embeddings: torch.Tensor) -> torch.dtype:
     if embeddings.dtype in _HALF or embeddings.dtype == torch.float64:
         return embeddings.dtype
     return torch.float32
-
-
-def _check_args(
-    num_classes: int,
-    embedding_size: int,
-    margin_type: str,
-    margin: float,
-    sample_rate: float,
-    chunk_size: int | None,
-) -> None:
-    for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    if margin_type not in MARGIN_TYPES:
-        raise ValueError(f"margin_type must be one of {list(MARGIN_TYPES)}, got {margin_type!r}")
-    check_margin(margin_type, margin, num_classes)
-    if not 0.0 < sample_rate <= 1.0:
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")

@@ -14,8 +14,10 @@ all-reduces carry them on the steps that ask for statistics: the local hardest n
 in the row-max all-reduce (MAX over ``[2, N]`` instead of ``[N]``) and the target cosine in
 the sum-exp all-reduce (SUM over ``[3, N]`` instead of ``[2, N]``). After that every rank
 holds both vectors for the whole global batch, so the mean and the exact 10th percentile
-need no further communication. :func:`reduce_row_max` and :func:`reduce_row_sums` are those
-two collectives; any kernel path (torch or Triton) calls them with its own local values.
+need no further communication. Those two collectives are the loss's own
+(``loss_common.reduce_row_max`` and ``reduce_row_sums``, which every kernel path reaches
+through ``loss_common.global_log_sum_exp``); this module only reads their result, a
+``loss_common.RowStats``.
 
 The result (:class:`MarginHealth`) keeps 0-d tensors on the device; :meth:`MarginHealth.to_floats`
 is the one device-to-host copy, made at log steps only.
@@ -26,27 +28,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
-import torch.distributed as dist
 
-from dist_cosface.classifier.comm import Comm
+from dist_cosface.classifier.loss_common import RowStats
 from dist_cosface.classifier.margins import MarginSpec, target_fn
 
 TARGET_COS_QUANTILE = 0.1
-
-
-@dataclass
-class RowStats:
-    """Per-row statistics of the global batch, identical on every rank (see module doc)."""
-
-    target_cos: torch.Tensor  # [N]
-    hardest_neg_cos: torch.Tensor  # [N]
-
-
-class RowStatsSlot:
-    """Where a loss forward leaves its :class:`RowStats` when the caller asked for them."""
-
-    def __init__(self) -> None:
-        self.value: RowStats | None = None
 
 
 @dataclass
@@ -77,34 +63,6 @@ class MarginHealth:
             if key not in out and value is not None:
                 out[key] = float(value)
         return out
-
-
-def reduce_row_max(
-    comm: Comm, row_max: torch.Tensor, local_neg: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Global row max (the log-sum-exp shift) and, if given, the global hardest negative.
-
-    One all-reduce MAX either way: ``[N]`` without statistics, ``[2, N]`` with them.
-    """
-    if local_neg is None:
-        out = row_max.clone()
-        comm.all_reduce_(out, dist.ReduceOp.MAX)
-        return out, None
-    packed = torch.stack([row_max, local_neg])
-    comm.all_reduce_(packed, dist.ReduceOp.MAX)
-    return packed[0], packed[1]
-
-
-def reduce_row_sums(
-    comm: Comm, sum_exp: torch.Tensor, target_logit: torch.Tensor, target_cos: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Global (sum-exp, target logit[, target cosine]): one all-reduce SUM of ``[2|3, N]``.
-
-    Each input is this rank's share (0 for rows whose target another rank owns)."""
-    parts = [sum_exp, target_logit] if target_cos is None else [sum_exp, target_logit, target_cos]
-    sums = torch.stack(parts)
-    comm.all_reduce_(sums)
-    return sums[0], sums[1], (sums[2] if target_cos is not None else None)
 
 
 def violation_threshold(spec: MarginSpec, target_cos: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
-MARGIN_TYPES = ("softmax", "nsl", "cosface", "arcface")
+MarginType = Literal["softmax", "nsl", "cosface", "arcface"]
+MARGIN_TYPES: tuple[str, ...] = get_args(MarginType)
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class MarginSpec:
 def check_margin(margin_type: str, margin: float, num_classes: int) -> None:
     """Raise ValueError unless ``margin`` is usable for ``margin_type`` with ``num_classes``.
 
-    The one rule shared by ``classifier.*`` config validation and ``ShardedClassifier``.
+    Checked once, when a ``ClassifierConfig`` is built (the head is built from one).
     CosFace: ``0 <= m <= C / (C - 1)``, the largest margin for which C classes can still be
     separated at all (Wang et al. 2018, sec. 3.4: the weight vectors' best arrangement is a
     simplex with pairwise cosine ``-1 / (C - 1)``). ArcFace: ``0 <= m < pi``, an angle.

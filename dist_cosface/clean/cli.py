@@ -9,9 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dist_cosface.clean.config import SUBCENTER_ARCFACE_ANGLE, CleanConfig
+import yaml
 
-# flag -> (config key, help); values are checked by CleanConfig.validate
+from dist_cosface.clean.config import SUBCENTER_ARCFACE_ANGLE, CleanConfig
+from dist_cosface.clean.run import CleanJob, clean
+from dist_cosface.configtools import from_mapping
+from dist_cosface.distributed import init_distributed, shutdown
+
+# flag -> (config key, help); values are checked by CleanConfig.__post_init__
 _VALUES = {
     "--max-angle": (
         "max_angle",
@@ -70,10 +75,6 @@ def add_clean_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> CleanConfig:
-    import yaml
-
-    from dist_cosface.configtools import from_mapping
-
     data = {}
     for flag, (key, _) in _VALUES.items():
         raw = getattr(args, flag[2:].replace("-", "_"))
@@ -86,9 +87,6 @@ def config_from_args(args: argparse.Namespace) -> CleanConfig:
 
 
 def run_clean_command(args: argparse.Namespace) -> int:
-    from dist_cosface.clean.run import CleanJob, clean
-    from dist_cosface.distributed import init_distributed, shutdown
-
     ctx = None
     try:
         cfg = config_from_args(args)

@@ -43,7 +43,7 @@ class CleanConfig:
     search_dtype: Literal["float32", "float64"] = "float32"  # dtype of the center scores
     shard_size: int = 0  # samples per new shard (0: the source set's largest shard)
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         check_minimums(self, _MINIMUMS)
         if not 0.0 <= self.max_angle <= 180.0:  # also false for NaN
             raise ValueError(f"max_angle must be in [0, 180] degrees, got {self.max_angle}")

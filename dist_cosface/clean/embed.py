@@ -23,8 +23,14 @@ from torch import nn
 
 from dist_cosface.clean.config import CleanConfig
 from dist_cosface.clean.source import SourceSet, rank_shards
-from dist_cosface.eval.evaluate import input_dtype
-from dist_cosface.imageio import decode_resized, image_key, to_unit_range
+from dist_cosface.eval.embedding import input_dtype
+from dist_cosface.imageio import (
+    DALI_EXTENSIONS,
+    PIXEL_SCALE,
+    decode_resized,
+    image_key,
+    to_unit_range,
+)
 
 
 @dataclass
@@ -133,8 +139,6 @@ def _dali_batches(source, shards, cfg: CleanConfig, image_size: int, device):
     if not shards:
         return
     from nvidia.dali import fn, pipeline_def, types
-
-    from dist_cosface.imageio import DALI_EXTENSIONS, PIXEL_SCALE
 
     gpu = device.type == "cuda"
     tars = [str(source.tars[s]) for s in shards]

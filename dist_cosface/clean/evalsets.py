@@ -23,7 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_cosface.clean.unionfind import UnionFind
-from dist_cosface.eval.images import ImageRef, embed_images, list_identity_folders, load_image
+from dist_cosface.data.shards import MANIFEST_NAME
+from dist_cosface.eval.embedding import embed_images, load_image
+from dist_cosface.eval.ijb import read_ijb
+from dist_cosface.eval.images import ImageRef, list_identity_folders
+from dist_cosface.eval.ranks import gather_rows, rank_slice, run_agreed
+from dist_cosface.eval.targets import load_target
 from dist_cosface.eval.verification_set import VerificationSet
 from dist_cosface.imageio import decode_image
 
@@ -38,9 +43,6 @@ class EvalIdentities:
 
 
 def load_eval_set(path: str | Path) -> EvalIdentities:
-    from dist_cosface.data.shards import MANIFEST_NAME
-    from dist_cosface.eval.targets import load_target
-
     path = Path(path)
     if not path.exists():
         raise ValueError(f"eval set not found: {path}")
@@ -87,8 +89,6 @@ def _named_groups(name: str, source: str, images: list, uf: UnionFind) -> EvalId
 
 
 def load_ijb_identities(root: str | Path, name: str) -> EvalIdentities:
-    from dist_cosface.eval.ijb import read_ijb
-
     ijb = read_ijb(root, name)
     templates = sorted({int(t) for t in ijb.templates})
     position = {t: n for n, t in enumerate(templates)}
@@ -137,9 +137,6 @@ def identity_means(
 
     Images that cannot be aligned (IJB landmarks) are left out of their identity's mean.
     """
-    from dist_cosface.eval.images import rank_slice
-    from dist_cosface.eval.ranks import gather_rows, run_agreed
-
     items = [item for s in sets for item in s.images]
     start, stop = rank_slice(len(items), group, batch_size)
     skipped: list[int] = []

@@ -12,6 +12,7 @@ import numpy as np
 from dist_cosface.clean.report import REPORT_DIR, Finding, Histogram, write_report
 from dist_cosface.configtools import to_mapping
 from dist_cosface.data.shards import LABELS_NAME, Manifest, ShardInfo, atomic_write_text
+from dist_cosface.engine.ckpt_files import fsync_dir
 
 if TYPE_CHECKING:
     from dist_cosface.clean.run import Outcome
@@ -272,8 +273,6 @@ def publish(o: Outcome, infos: list[ShardInfo], tmp: Path, out: Path) -> dict:
 
 
 def _fsync_tree(folder: Path) -> None:
-    from dist_cosface.engine.ckpt_files import fsync_dir
-
     for path in sorted(folder.rglob("*")):
         if path.is_file():
             with open(path, "rb") as handle:

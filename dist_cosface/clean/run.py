@@ -29,14 +29,20 @@ import torch
 import torch.distributed as dist
 
 from dist_cosface.clean.centers import Centers, load_centers
+from dist_cosface.clean.comm import all_reduce_
 from dist_cosface.clean.config import CleanConfig
 from dist_cosface.clean.embed import embed_samples, resolve_backend
+from dist_cosface.clean.evalsets import identity_means, load_eval_set, load_ijb_identities
+from dist_cosface.clean.outputs import publish
 from dist_cosface.clean.samples import OwnerScores, score_samples
 from dist_cosface.clean.search import center_neighbours, matches_above
 from dist_cosface.clean.source import SourceSet, open_source, rank_shards
 from dist_cosface.clean.unionfind import groups_of_pairs
 from dist_cosface.clean.writer import Plan, kept_per_shard, write_new_shards
+from dist_cosface.data.shards import MANIFEST_NAME
 from dist_cosface.distributed import DistContext
+from dist_cosface.engine.checkpoint import find_latest_checkpoint, read_meta, resolve_checkpoint
+from dist_cosface.engine.ckpt_read import load_backbone
 from dist_cosface.eval.ranks import gather_rows, run_agreed
 
 log = logging.getLogger(__name__)
@@ -83,13 +89,6 @@ def _check_out(out: Path) -> None:
 
 
 def _checkpoint(run: str, source: SourceSet, ctx: DistContext) -> tuple[Path, dict]:
-    from dist_cosface.data.shards import MANIFEST_NAME
-    from dist_cosface.engine.checkpoint import (
-        find_latest_checkpoint,
-        read_meta,
-        resolve_checkpoint,
-    )
-
     latest = run_agreed(lambda: find_latest_checkpoint(run), ctx.group)
     if latest is None:
         raise ValueError(f"no complete checkpoint found at {run}")
@@ -115,8 +114,6 @@ def _device(cfg: CleanConfig, ctx: DistContext) -> torch.device:
 
 
 def _eval_sets(job: CleanJob) -> list:
-    from dist_cosface.clean.evalsets import load_eval_set, load_ijb_identities
-
     sets = [load_eval_set(p) for p in job.eval_sets]
     sets += [load_ijb_identities(root, name) for root, name in job.ijb]
     seen: dict[str, str] = {}
@@ -131,8 +128,6 @@ def _eval_sets(job: CleanJob) -> list:
 
 def clean(job: CleanJob, cfg: CleanConfig, ctx: DistContext) -> dict:
     """Run the whole command on this rank (collective); returns the summary."""
-    from dist_cosface.engine.ckpt_read import load_backbone
-
     group, started = ctx.group, time.perf_counter()
     out = Path(job.out)
     run_agreed(lambda: _check_out(out), group)
@@ -263,8 +258,6 @@ def _local_histograms(angles, nearest, share) -> dict[str, np.ndarray]:
 
 
 def _sum_over_ranks(counts: np.ndarray, group) -> np.ndarray:
-    from dist_cosface.clean.comm import all_reduce_
-
     return all_reduce_(torch.from_numpy(counts.astype(np.int64)), group).numpy()
 
 
@@ -283,8 +276,6 @@ def _overlap(cfg, centers, dominant, sets, model: _Model, group) -> tuple[list, 
     """(evaluation identities matching a class above the threshold, the best-match histogram)."""
     if not sets:
         return [], np.zeros(COS_BINS, dtype=np.int64)
-    from dist_cosface.clean.evalsets import identity_means
-
     means = identity_means(
         model.backbone, sets, model.image_size, model.device, cfg.batch_size, cfg.flip, group
     )
@@ -334,8 +325,6 @@ def _plan(cfg: CleanConfig, num_classes: int, f: Findings) -> Plan:
 
 def _write(o: Outcome, ctx: DistContext, embedded) -> dict:
     """Collective: the new shards by every rank, then rank 0's files and the rename."""
-    from dist_cosface.clean.outputs import publish
-
     group = ctx.group
     first, stop = rank_shards(o.source.counts, ctx.world_size, ctx.rank)
     mine = kept_per_shard(o.source, o.plan, embedded.indices, embedded.labels, range(first, stop))

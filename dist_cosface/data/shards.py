@@ -26,6 +26,7 @@ INDEX_VERSION = "v1.2"
 # joined to paths, URLs and ``pipe:`` commands, so anything that could leave the folder or mean
 # something to a shell (separators, "..", spaces, quotes, ; | & $ ...) is refused.
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+DIGITS = re.compile(r"[0-9]+")  # an index's offsets and sizes
 PLAIN_NAME_RULE = "1-200 of A-Z a-z 0-9 . _ -, starting with a letter or digit, no '..'"
 
 
@@ -105,8 +106,11 @@ class IndexEntry:
 
 
 def read_index(idx_path: Path) -> list[IndexEntry]:
-    """Parse a DALI ``v1.2`` webdataset index, raising ValueError naming the file."""
-    lines = Path(idx_path).read_text().splitlines()
+    """Parse a DALI ``v1.2`` webdataset index, raising ValueError naming the file (and line)."""
+    try:
+        lines = Path(idx_path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{idx_path}: unreadable index: {exc}") from exc
     if not lines:
         raise ValueError(f"{idx_path}: empty index file")
     head = lines[0].split()
@@ -120,6 +124,12 @@ def read_index(idx_path: Path) -> list[IndexEntry]:
         comps, key = {}, None
         for i in range(0, len(fields), 4):
             ext, offset, size, name = fields[i : i + 4]
+            numbers = DIGITS.fullmatch(offset) and DIGITS.fullmatch(size)
+            if not (numbers and name.endswith("." + ext)):
+                raise ValueError(
+                    f"{idx_path}:{lineno}: entry {' '.join(fields[i : i + 4])!r} is not "
+                    "'<ext> <offset> <size> <key>.<ext>' with non-negative integers"
+                )
             key = name[: -len(ext) - 1]
             comps[ext] = (int(offset), int(size))
         entries.append(IndexEntry(key, comps))

@@ -20,7 +20,7 @@ class OptimConfig:
     grad_clip: Union[float, None] = 5.0  # global L2 norm; None disables
     grad_accum_steps: int = 1
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         # torch.optim would reject most of these only at the first step, without the key
@@ -55,8 +55,14 @@ class TrainConfig:
     max_skipped_steps: int = 20
     # time the classifier's collectives for the metrics (adds device syncs; off by default)
     time_collectives: bool = False
+    # torch.compile the backbone for training (the classifier stays eager; docs/training.md)
+    compile: bool = False
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"  # aot_eager: no codegen
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = "default"
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
         if self.zero_stage not in (0, 1, 2):
@@ -69,6 +75,12 @@ class TrainConfig:
             # DeepSpeed's fp16 loss scale would also scale the classifier's gradients, which
             # live outside its optimizer; use bf16 there, or fp16 with the ddp engine.
             raise ValueError("train.precision='fp16' is not supported with engine='deepspeed'")
+        if self.compile_mode != "default" and self.compile_backend != "inductor":
+            # torch.compile's modes are inductor settings; other backends would ignore them
+            raise ValueError(
+                f"compile_mode {self.compile_mode!r} needs compile_backend 'inductor', "
+                f"got {self.compile_backend!r}"
+            )
 
 
 @dataclass
@@ -78,8 +90,11 @@ class CheckpointConfig:
     resume: Union[Literal["auto", "none"], str] = "auto"  # or a checkpoint folder
     # write in a background thread once a host snapshot is taken (training goes on meanwhile)
     async_save: bool = False
+    # checkpoints of the run folder after the step a run starts from (an explicit lower-step
+    # resume, or resume none): refuse to start, or archive them into checkpoints/superseded-<step>
+    later_steps: Literal["refuse", "archive"] = "refuse"
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.every_steps < 0:
             raise ValueError(f"every_steps must be >= 0, got {self.every_steps}")
         if self.keep_last < 1:

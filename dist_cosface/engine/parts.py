@@ -63,10 +63,10 @@ def build_head(cfg: RunConfig, ctx: DistContext) -> tuple[ShardedClassifier, tor
     """The sharded classifier (rows seeded by ``train.seed``) and its row optimizer."""
     from dist_cosface.classifier import ShardedClassifier, build_classifier_optimizer
 
-    head = ShardedClassifier.from_config(
+    head = ShardedClassifier(
         cfg.classifier,
         cfg.model.embedding_size,
-        process_group=ctx.group,
+        ctx.group,
         time_collectives=cfg.train.time_collectives,
     ).to(ctx.device)
     # the full matrix depends only on the seed, not on the number of ranks

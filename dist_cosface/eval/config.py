@@ -17,7 +17,7 @@ class EvalConfig:
     n_folds: int = 10
     roc_png: bool = True
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         check_minimums(self, {"every_steps": 0, "batch_size": 1, "n_folds": 2})
         for far in self.fars:
             if not 0.0 < far < 1.0:

@@ -7,7 +7,6 @@ World size 1, in-process: the head under test is the project's own (margin types
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -19,13 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_cosface.classifier import ShardedClassifier, build_classifier_optimizer
+from dist_cosface.classifier import (
+    ClassifierConfig,
+    ShardedClassifier,
+    build_classifier_optimizer,
+)
 from dist_cosface.engine.config import OptimConfig
 from dist_cosface.engine.optim import lr_at, set_lr
-from dist_cosface.eval.metrics import verification_metrics
+from dist_cosface.eval.roc import verification_metrics
 from dist_cosface.experiments.faces import FaceSet, identity_split, load_faces, make_pairs
 from dist_cosface.experiments.smallnet import SmallFaceNet
 from dist_cosface.imageio import to_unit_range
+from dist_cosface.models import ModelConfig, build_backbone
 
 FARS = (1e-2, 1e-3)
 
@@ -55,7 +59,7 @@ class ExperimentConfig:
     max_per_identity: Union[int, None] = None
     max_pairs: int = 6000
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         for key in ("image_size", "embedding_size", "epochs", "batch_size", "max_pairs"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
@@ -110,32 +114,21 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def build_model(cfg: ExperimentConfig) -> nn.Module:
     if cfg.backbone == "small":
         return SmallFaceNet(cfg.embedding_size, cfg.image_size, cfg.width, cfg.dropout)
-    from dist_cosface.models import ModelConfig, build_backbone
-
     return build_backbone(
         ModelConfig(name=cfg.backbone, embedding_size=cfg.embedding_size, input_size=cfg.image_size)
     )
 
 
 def build_head(cfg: ExperimentConfig, num_classes: int) -> ShardedClassifier:
-    extra = {}
-    if not cfg.feature_norm:
-        if "feature_norm" not in inspect.signature(ShardedClassifier.__init__).parameters:
-            raise ValueError(
-                "feature_norm=False needs ShardedClassifier(feature_norm=...) (logit "
-                "||x|| (cos - m)); this version of dist_cosface.classifier has no such option"
-            )
-        extra["feature_norm"] = False
-    return ShardedClassifier(
-        num_classes,
-        cfg.embedding_size,
+    head_cfg = ClassifierConfig(
+        num_classes=num_classes,
         margin_type=cfg.margin_type,
         scale=cfg.scale,
         margin=cfg.margin,
         scale_p_w=cfg.scale_p_w,
-        process_group=None,
-        **extra,
+        feature_norm=cfg.feature_norm,
     )
+    return ShardedClassifier(head_cfg, cfg.embedding_size, None)  # one process, no group
 
 
 def train_model(cfg: ExperimentConfig, train: FaceSet) -> tuple[nn.Module, ShardedClassifier, dict]:
@@ -207,7 +200,6 @@ def verify(features: torch.Tensor, labels: torch.Tensor, max_pairs: int) -> dict
 
 def run_experiment(cfg: ExperimentConfig, repo_root: str | Path = ".") -> dict:
     """Train on the training identities, verify on the held-out ones; one result row."""
-    cfg.validate()
     start = time.perf_counter()
     train, held = split_sets(cfg, Path(repo_root))
     model, head, summary = train_model(cfg, train)

@@ -23,7 +23,7 @@ class MetricsConfig:
     # classifier margin statistics at log steps (metrics.jsonl, and Prometheus when enabled)
     margin_health: bool = True
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.push_every_s <= 0:
