@@ -1,5 +1,6 @@
 """``dist-cosface clean`` in one process: same bytes on a re-run, the DALI reader, and bad
-input: one ``error:`` line naming the file, exit 2, and nothing written."""
+input: one ``error:`` line naming the file or flag (exit 2 for an unusable argument, 1 for a
+failure while running), and nothing written."""
 
 from __future__ import annotations
 
@@ -31,11 +32,14 @@ def case(tmp_path_factory):
 
 
 def _clean(case, out: Path, *extra: str, run=None, shards=None) -> int:
+    """The exit status of ``dist-cosface clean`` (the CLI exits on a failure)."""
     from dist_cosface.cli import main
 
-    return main(
-        ["clean", str(run or case["run"]), str(shards or case["shards"]), str(out), *QUIET, *extra]
-    )
+    argv = [str(run or case["run"]), str(shards or case["shards"]), str(out), *QUIET, *extra]
+    try:
+        return main(["clean", *argv])
+    except SystemExit as exc:
+        return exc.code
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
@@ -119,30 +123,48 @@ def _truncated_shard(case, tmp_path) -> Path:
     return copy
 
 
-BAD = {
-    "out exists": (lambda case, tmp: {"out": tmp / "exists"}, "exists: clean writes a new"),
+def _empty_folder(tmp: Path) -> Path:
+    (tmp / "nothing").mkdir()
+    return tmp / "nothing"
+
+
+BAD = {  # name -> (arguments, exit status, what the line says)
+    "out exists": (lambda case, tmp: {"out": tmp / "exists"}, 2, "exists; choose a new folder"),
     "class count": (
         lambda case, tmp: {"shards": _edited_manifest(case, tmp, num_classes=9)},
+        1,
         "the run has 7 classes",
     ),
-    "no checkpoint": (lambda case, tmp: {"run": tmp / "nothing"}, "no complete checkpoint"),
-    "damaged checkpoint": (lambda case, tmp: {"run": _damaged_run(case, tmp)}, "__0_0.distcp"),
-    "damaged shard": (lambda case, tmp: {"shards": _truncated_shard(case, tmp)}, "shard-000002"),
-    "empty result": (lambda case, tmp: {"extra": ["--max-angle", "0"]}, "every sample would"),
+    "missing run": (lambda case, tmp: {"run": tmp / "gone"}, 2, "argument run: "),
+    "no checkpoint": (
+        lambda case, tmp: {"run": _empty_folder(tmp)},
+        1,
+        "no complete checkpoint",
+    ),
+    "damaged checkpoint": (lambda case, tmp: {"run": _damaged_run(case, tmp)}, 1, "__0_0.distcp"),
+    "damaged shard": (
+        lambda case, tmp: {"shards": _truncated_shard(case, tmp)},
+        1,
+        "shard-000002",
+    ),
+    "empty result": (lambda case, tmp: {"extra": ["--max-angle", "0"]}, 1, "every sample would"),
     "missing eval set": (
         lambda case, tmp: {"extra": ["--eval-set", str(tmp / "lfw.bin")]},
-        "eval set not found",
+        2,
+        "argument --eval-set: ",
     ),
     "bad threshold": (
         lambda case, tmp: {"extra": ["--duplicate-cos", "2"]},
-        "clean.duplicate_cos must be in [-1, 1)",
+        2,
+        "--duplicate-cos: clean.duplicate_cos must be in [-1, 1)",
     ),
+    "bad number": (lambda case, tmp: {"extra": ["--max-angle", "[1"]}, 2, "--max-angle: "),
 }
 
 
 @pytest.mark.parametrize("name", sorted(BAD))
 def test_bad_input_is_one_error_line_and_nothing_is_written(case, tmp_path, capsys, name):
-    make, expected = BAD[name]
+    make, status, expected = BAD[name]
     args = make(case, tmp_path)
     out = args.get("out", tmp_path / "out")
     if name == "out exists":
@@ -151,7 +173,7 @@ def test_bad_input_is_one_error_line_and_nothing_is_written(case, tmp_path, caps
     before = sorted(p.name for p in tmp_path.iterdir())
     rc = _clean(case, out, *args.get("extra", []), run=args.get("run"), shards=args.get("shards"))
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2
+    assert rc == status, err
     assert len(err) == 1 and err[0].startswith("dist-cosface clean: error: "), err
     assert expected in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing new, no temporary
@@ -166,7 +188,7 @@ def test_a_failure_while_writing_leaves_nothing(case, tmp_path, monkeypatch, cap
         raise ValueError("no space left on device (simulated)")
 
     monkeypatch.setattr(run_module, "write_new_shards", disk_full)
-    assert _clean(case, tmp_path / "out", *LOOSE) == 2
+    assert _clean(case, tmp_path / "out", *LOOSE) == 1
     assert "no space left" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 

@@ -1,19 +1,21 @@
 """``dist-cosface clean RUN SHARDS OUT [--eval-set PATH ...] [--eval-ijb ROOT NAME ...]``.
 
-Alone (one process) or under torchrun (every rank runs it). Errors are one line on rank 0
-(``dist-cosface clean: error: ...``, exit 2) and leave nothing behind.
+Alone (one process) or under torchrun (every rank runs it). A failure is raised on every rank
+(``eval.ranks.run_agreed``) and leaves nothing behind; the command line renders it as one
+``dist-cosface clean: error: ...`` line per rank: status 2 for an unusable argument (a path
+that is missing or exists where it must not, a threshold out of range), 1 for a failure while
+running (a damaged checkpoint or shard, a class count that disagrees, an empty result).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-
-import yaml
+from pathlib import Path
 
 from dist_cosface.clean.config import SUBCENTER_ARCFACE_ANGLE, CleanConfig
 from dist_cosface.clean.run import CleanJob, clean
-from dist_cosface.configtools import from_mapping
+from dist_cosface.cliargs import UsageError, existing_path, new_folder
+from dist_cosface.configtools import ConfigError, from_mapping, parse_yaml
 from dist_cosface.distributed import init_distributed, shutdown
 
 # flag -> (config key, help); values are checked by CleanConfig.__post_init__
@@ -49,14 +51,21 @@ _SWITCHES = {
 
 def add_clean_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "run", help="run folder (its latest checkpoint, which must be intact) or a checkpoint"
+        "run",
+        type=existing_path,
+        help="run folder (its latest checkpoint, which must be intact) or a checkpoint",
     )
-    parser.add_argument("shards", help="the shard set folder the run was trained on")
-    parser.add_argument("out", help="folder for the new shard set and its report (must not exist)")
+    parser.add_argument(
+        "shards", type=existing_path, help="the shard set folder the run was trained on"
+    )
+    parser.add_argument(
+        "out", type=new_folder, help="folder for the new shard set and its report (must not exist)"
+    )
     parser.add_argument(
         "--eval-set",
         action="append",
         default=[],
+        type=existing_path,
         metavar="PATH",
         help=".bin, pairs file, folder with pairs.txt, or identity folders (repeatable)",
     )
@@ -75,31 +84,37 @@ def add_clean_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> CleanConfig:
+    """The flags as a :class:`CleanConfig`; a bad value is a :class:`UsageError` naming its flag."""
     data = {}
     for flag, (key, _) in _VALUES.items():
         raw = getattr(args, flag[2:].replace("-", "_"))
         if raw is not None:
-            data[key] = yaml.safe_load(raw)
+            try:
+                data[key] = parse_yaml(raw, flag) if raw.strip() else raw
+            except ConfigError as exc:
+                raise UsageError(str(exc)) from None
     for flag, (key, value) in _SWITCHES.items():
         if getattr(args, flag[2:].replace("-", "_")):
             data[key] = value
-    return from_mapping(CleanConfig, data, "clean")
+    try:
+        return from_mapping(CleanConfig, data, "clean")
+    except ConfigError as exc:  # names the key (clean.<key>): say which flag set it
+        flags = [f for f, (key, _) in _VALUES.items() if f"clean.{key}" in str(exc)]
+        raise UsageError(f"{flags[0]}: {exc}" if flags else str(exc)) from None
 
 
 def run_clean_command(args: argparse.Namespace) -> int:
-    ctx = None
+    """Every rank runs the whole command; failures are raised (the CLI prints one line)."""
+    cfg = config_from_args(args)
+    for root, _ in args.eval_ijb:
+        if not Path(root).is_dir():
+            raise UsageError(f"--eval-ijb {root}: not a folder (one holding meta/ and loose_crop/)")
+    job = CleanJob(
+        args.run, args.shards, args.out, list(args.eval_set), [tuple(x) for x in args.eval_ijb]
+    )
+    ctx = init_distributed()
     try:
-        cfg = config_from_args(args)
-        job = CleanJob(
-            args.run, args.shards, args.out, list(args.eval_set), [tuple(x) for x in args.eval_ijb]
-        )
-        ctx = init_distributed()
         clean(job, cfg, ctx)
-    except ValueError as exc:  # ConfigError included: one line, on rank 0
-        if ctx is None or ctx.is_main:
-            print(f"dist-cosface clean: error: {exc}", file=sys.stderr)
-        return 2
     finally:
-        if ctx is not None:
-            shutdown(ctx)
+        shutdown(ctx)
     return 0
