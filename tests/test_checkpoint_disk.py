@@ -139,9 +139,10 @@ def test_full_disk_fails_that_save_on_every_rank_in_one_line(tmp_path):
             if mode == "sync":
                 assert stopped == 2 * EVERY  # at that save
             else:
-                # voted on as soon as the writer fails, at the latest when the next save waits
-                # for it (a loaded machine can keep a writer busy for ten tiny steps)
-                assert 2 * EVERY < stopped <= 3 * EVERY
+                # voted on as soon as the writer fails (a fast writer fails before the step
+                # that launched it is logged), at the latest when the next save waits for it
+                # (a loaded machine can keep a writer busy for ten tiny steps)
+                assert 2 * EVERY <= stopped <= 3 * EVERY
             previous = run / "checkpoints" / f"step_{EVERY}"
             assert resolve_checkpoint(previous, DistContext()) == previous  # files intact
             assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [previous.name]
