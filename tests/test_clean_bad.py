@@ -5,6 +5,7 @@ failure while running), and nothing written."""
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests import clean_data as cd
+from tests.test_checkpoint_safety import RunsCommand, rerecord_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LOOSE = ["--max-angle", "40", "--duplicate-cos", "0.97", "--overlap-cos", "0.99"]
@@ -115,6 +117,17 @@ def _damaged_run(case, tmp_path) -> Path:
     return run
 
 
+def _crafted_run(case, tmp_path) -> Path:
+    """The run with a checkpoint index that would run a command when unpickled (its CRC32
+    re-recorded, as a tamperer would); the command would create ``tmp_path/marker``."""
+    run = tmp_path / "run_crafted"
+    shutil.copytree(case["run"], run)
+    ckpt = run / "checkpoints" / "step_1"
+    (ckpt / ".metadata").write_bytes(pickle.dumps(RunsCommand(tmp_path / "marker")))
+    rerecord_files(ckpt)
+    return run
+
+
 def _truncated_shard(case, tmp_path) -> Path:
     copy = tmp_path / "shards_copy"
     shutil.copytree(case["shards"], copy)
@@ -142,6 +155,11 @@ BAD = {  # name -> (arguments, exit status, what the line says)
         "no complete checkpoint",
     ),
     "damaged checkpoint": (lambda case, tmp: {"run": _damaged_run(case, tmp)}, 1, "__0_0.distcp"),
+    "crafted checkpoint": (
+        lambda case, tmp: {"run": _crafted_run(case, tmp)},
+        1,
+        ".metadata refused: it names posix.system",
+    ),
     "damaged shard": (
         lambda case, tmp: {"shards": _truncated_shard(case, tmp)},
         1,

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from dist_cosface.clean.comm import exchange_rows
 from dist_cosface.distributed import DistContext, build_checkpoint_group
-from dist_cosface.engine.checkpoint import run_dcp
+from dist_cosface.engine.checkpoint import run_dcp, safe_reader
+from dist_cosface.engine.ckpt_safe import CheckpointRefused, SafeLoadPlanner
 
 WEIGHT_KEY = "classifier.weight"
 
@@ -82,7 +83,7 @@ def load_centers(ckpt: Path, meta: dict, dim: int, ctx: DistContext) -> Centers:
     """Collective: read this rank's sub-centers of a verified checkpoint (see module doc)."""
     where = str(Path(ckpt) / "meta.json")
     num_classes, k = int(meta["num_classes"]), num_subcenters(meta, where)
-    rows = _read_row_chunk(Path(ckpt), num_classes * k, dim, ctx)
+    rows = _read_row_chunk(Path(ckpt), meta, num_classes * k, dim, ctx)
     starts = class_starts(num_classes, k, ctx.world_size)
     if k > 1 and ctx.group is not None:
         rows = _rows_to_class_owners(rows, num_classes, k, starts, ctx)
@@ -98,7 +99,11 @@ def _host_group(ctx: DistContext):
     return build_checkpoint_group(ctx)
 
 
-def _read_row_chunk(ckpt: Path, num_rows: int, dim: int, ctx: DistContext) -> torch.Tensor:
+def _read_row_chunk(
+    ckpt: Path, meta: dict, num_rows: int, dim: int, ctx: DistContext
+) -> torch.Tensor:
+    """This rank's chunk of rows, read as the trainer reads (the index through the restricted
+    unpickler, tensors weights-only): a crafted checkpoint is refused, not run."""
     import torch.distributed.checkpoint as dcp
 
     start, stop = row_chunk(num_rows, ctx.world_size, ctx.rank)
@@ -115,7 +120,10 @@ def _read_row_chunk(ckpt: Path, num_rows: int, dim: int, ctx: DistContext) -> to
         )
     tree = {WEIGHT_KEY: value}
     try:
-        run_dcp(dcp.load, tree, group, storage_reader=dcp.FileSystemReader(str(ckpt)))
+        reader = safe_reader(ckpt, meta)
+        run_dcp(dcp.load, tree, group, storage_reader=reader, planner=SafeLoadPlanner(ckpt))
+    except CheckpointRefused:
+        raise
     except Exception as exc:  # DCP reports a shape or key mismatch with many types
         raise ValueError(
             f"{ckpt}: cannot read {WEIGHT_KEY} as [{num_rows}, {dim}] "
