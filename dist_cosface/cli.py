@@ -12,6 +12,8 @@ one work without them.
     dist-cosface merge-classifier CHECKPOINT OUT.pt        (full classifier rows + state)
     dist-cosface config CONFIG.yaml [dotted.key=value ...]  (print the resolved config)
     dist-cosface synthetic-faces OUT_DIR [options]          (JPEG identity folders, generated)
+    dist-cosface clean RUN SHARDS OUT [--eval-set PATH ...]  (label noise, duplicates, overlap;
+                                                            alone or under torchrun)
 
 Failures: a command that fails prints one line on stderr, ``dist-cosface <command>: error:
 <message>`` (``config error:`` for config keys and values; ``dist-cosface <command> (rank
@@ -31,6 +33,7 @@ import sys
 from pathlib import Path
 
 from dist_cosface import export
+from dist_cosface.clean import cli as clean_cli
 from dist_cosface.cliargs import UsageError, folder_problem, int_in, new_folder
 from dist_cosface.config import config_to_yaml, load_config
 from dist_cosface.configtools import ConfigError
@@ -135,6 +138,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return export.run_export_command(args, ckpt_read.load_backbone)
 
 
+def _cmd_clean(args: argparse.Namespace) -> int:
+    return clean_cli.run_clean_command(args)
+
+
 def _cmd_merge_classifier(args: argparse.Namespace) -> int:
     return ckpt_read.run_merge_command(args)
 
@@ -201,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
         "write a checkpoint's full classifier matrix and row state to one .pt file",
         ckpt_read.add_merge_arguments,
         _cmd_merge_classifier,
+    )
+    _add_declared(
+        sub,
+        "clean",
+        "find label noise, duplicate identities and train/eval overlap; write a cleaned set",
+        clean_cli.add_clean_arguments,
+        _cmd_clean,
     )
     return parser
 

@@ -50,6 +50,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("eval: command", ("eval", "eval.cli")),
     ("run config", ("config",)),
     ("engine", ("engine.*",)),
+    ("clean", ("clean.*",)),
     ("experiments", ("experiments.*",)),
     ("command line", ("cli",)),
 )
