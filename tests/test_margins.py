@@ -85,6 +85,9 @@ def test_float64_head_matches_reference_over_two_training_steps(
         torch.testing.assert_close(head.weight.grad, dw, rtol=1e-9, atol=1e-12)
         stats = {k: float(v) for k, v in head.margin_state.stats.items()}
         assert stats == pytest.approx(ref.stats, rel=1e-12, abs=1e-15)
+    head.eval()  # evaluation forwards use the statistics without updating them
+    head(x, labels)
+    assert {k: float(v) for k, v in head.margin_state.stats.items()} == stats
     if margin_type == "curricularface":
         assert stats["t"] != 0.0
     if margin_type == "adaface":

@@ -269,9 +269,9 @@ class ShardedClassifier(nn.Module):
         cfg, dtype = self.cfg, _compute_dtype(local_embeddings)
         plan = LossPlan(self.spec, cfg.chunk_size, cfg.materialize, dtype, self.subcenters)
         raw = embeddings.to(plan.stat_dtype)
-        norms = raw.norm(dim=1) if self.spec.normalized else None  # [N]: |x| of every row
-        x = F.normalize(raw, dim=1) if self.spec.normalized else raw
         margin, update = self.margin, self.training
+        norms = _feature_norms(raw, margin) if self.spec.normalized else None  # [N]
+        x = F.normalize(raw, dim=1) if self.spec.normalized else raw
         params = margin.row_params(norms, self.margin_state, update) if margin.uses_norms else None
         local_labels_all = labels - self.class_start
         rows = self._pick_rows(local_labels_all)
@@ -358,6 +358,14 @@ class ShardedClassifier(nn.Module):
             self.touched.fill_(True)
         else:
             self.touched.view(-1, self.subcenters)[classes] = True
+
+
+def _feature_norms(raw: torch.Tensor, margin) -> torch.Tensor:
+    """``|x|`` of every gathered row: in the graph only for a margin that trains it (MagFace)."""
+    if margin.param_requires_grad:
+        return raw.norm(dim=1)
+    with torch.no_grad():
+        return raw.norm(dim=1)
 
 
 def _global_mean_own_grad(values: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
