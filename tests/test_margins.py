@@ -13,6 +13,7 @@ import torch
 import dist_cosface.classifier.head as head_module
 from dist_cosface.classifier import ClassifierConfig, build_classifier_optimizer
 from dist_cosface.classifier.health import MarginHealth
+from dist_cosface.classifier.margins import MagFaceParams
 from dist_cosface.classifier.state import ClassifierState
 from dist_cosface.config import load_config
 from dist_cosface.configtools import ConfigError, from_mapping
@@ -339,3 +340,37 @@ def test_auto_kernel_runs_unsupported_margins_on_torch(monkeypatch):
     make_head(C, D, torch.randn(3 * C, D), subcenters=3, kernel="auto")(x, labels)
     with pytest.raises(AssertionError, match="Triton loss was called"):
         make_head(C, D, torch.randn(C, D), margin_type="cosface", kernel="auto")(x, labels)
+
+
+# ---- the experiment runner's new knobs ----------------------------------------------------
+
+
+def test_label_noise_flips_the_asked_share_to_other_identities():
+    from dist_cosface.experiments.runner import flip_labels
+
+    labels = torch.arange(200) % 10
+    noisy = flip_labels(labels, 10, 0.2, seed=3)
+    changed = noisy != labels
+    assert int(changed.sum()) == 40 and ((noisy >= 0) & (noisy < 10)).all()
+    assert torch.equal(noisy, flip_labels(labels, 10, 0.2, seed=3))  # same flips per seed
+    assert not torch.equal(noisy, flip_labels(labels, 10, 0.2, seed=4))
+    assert flip_labels(labels, 10, 0.0, seed=3) is labels
+
+
+def test_experiment_trains_new_margins_with_subcenters_and_noise():
+    from dist_cosface.experiments import ExperimentConfig, FaceSet, train_model
+
+    gen = torch.Generator().manual_seed(0)
+    faces = FaceSet(
+        torch.randint(0, 256, (24, 1, 16, 16), generator=gen, dtype=torch.uint8),
+        torch.arange(24) % 4,
+        ["a", "b", "c", "d"],
+    )
+    cfg = ExperimentConfig(
+        dataset="orl", image_size=16, width=4, embedding_size=8, epochs=2, batch_size=8,
+        margin_type="magface", subcenters=3, label_noise=0.2,
+        magface=MagFaceParams(l_a=1.0, u_a=11.0, lambda_g=3.5),
+    )  # fmt: skip
+    _, head, summary = train_model(cfg, faces)
+    assert head.subcenters == 3 and head.spec.magface.u_a == 11.0
+    assert math.isfinite(summary["final_loss"]) and summary["steps"] == 6
