@@ -174,13 +174,13 @@ def _row_flags(line: dict) -> str:
 
 def _command_flags(command: str) -> list[str]:
     """``--flag value`` pairs of a recorded command, without the sub-command, its suite name,
-    and the seeds / output / thread options (the table gives the seeds)."""
+    and the seeds / output / thread / row options (the table gives the seeds)."""
     argv = shlex.split(command)[2:]  # python tools/experiments.py
     argv = argv[2:] if argv[:1] == ["suite"] else argv[1:]
     flags, skip = [], False
     for token in argv:
         if token.startswith("--"):
-            skip = token in ("--seeds", "--out", "--threads")
+            skip = token in ("--seeds", "--out", "--threads", "--rows")
             if not skip:
                 flags.append(token)
         elif not skip and flags:
@@ -219,7 +219,7 @@ def table(paths: list[str], suite: str | None, dataset: str | None = None) -> st
         elif not c["feature_norm"]:
             scale = "‖x‖"  # the feature norm takes the place of s
         out.append(
-            f"| {row} | {data} | {len(lines)} "
+            f"| {row.replace('|', chr(92) + '|')} | {data} | {len(lines)} "
             f"| {scale} "
             f"| {_fmt([x['accuracy'] for x in lines])} | {_fmt(tars) if tars else 'n/a'} "
             f"| {_fmt([x['roc_auc'] for x in lines])} "
@@ -239,6 +239,13 @@ def main(argv: list[str] | None = None) -> None:
         p = sub.add_parser(name)
         if name == "suite":
             p.add_argument("suite", choices=sorted(SUITES))
+            p.add_argument(
+                "--rows",
+                type=int,
+                nargs="+",
+                default=None,
+                help="only these rows of the suite (0-based), e.g. to split it over processes",
+            )
         p.add_argument("--config", help="YAML file of ExperimentConfig keys")
         p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
         p.add_argument("--threads", type=int, default=1)
@@ -255,7 +262,13 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cmd == "run":
         _run_rows(args, [("run", {})], "run", argv)
     else:
-        _run_rows(args, SUITES[args.suite], args.suite, argv)
+        rows = SUITES[args.suite]
+        if args.rows is not None:
+            bad = [i for i in args.rows if not 0 <= i < len(rows)]
+            if bad:
+                parser.error(f"--rows {bad}: suite {args.suite} has rows 0..{len(rows) - 1}")
+            rows = [rows[i] for i in args.rows]
+        _run_rows(args, rows, args.suite, argv)
 
 
 if __name__ == "__main__":
