@@ -1,7 +1,8 @@
 """The ``dist-cosface`` command line.
 
-Subcommands import their implementation lazily so ``dist-cosface --help`` stays fast and
-optional dependencies (DALI, DeepSpeed, onnx) are only needed by the commands that use them.
+The subcommand modules import their optional dependencies (DALI, DeepSpeed, onnx) inside
+the functions that use them, so ``dist-cosface --help`` and every command that does not use
+one work without them.
 
     dist-cosface train CONFIG.yaml [dotted.key=value ...]   (alone, or under torchrun/deepspeed)
     dist-cosface eval RUN_OR_CHECKPOINT --target FILE ... [--megaface P D] [--ijb ROOT NAME]
@@ -11,13 +12,49 @@ optional dependencies (DALI, DeepSpeed, onnx) are only needed by the commands th
     dist-cosface merge-classifier CHECKPOINT OUT.pt        (full classifier rows + state)
     dist-cosface config CONFIG.yaml [dotted.key=value ...]  (print the resolved config)
     dist-cosface synthetic-faces OUT_DIR [options]          (JPEG identity folders, generated)
+    dist-cosface clean RUN SHARDS OUT [--eval-set PATH ...]  (label noise, duplicates, overlap;
+                                                            alone or under torchrun)
+
+Failures: a command that fails prints one line on stderr, ``dist-cosface <command>: error:
+<message>`` (``config error:`` for config keys and values; ``dist-cosface <command> (rank
+N):`` when a launcher runs several ranks, each rank printing its own line), and exits with
+status 2 for a usage error (an argument, a config key or value, a path either names that is
+missing or of the wrong kind) or 1 for a failure while running (bad data, a checkpoint that
+does not verify, a locked run folder, ...). ``--debug`` (before or after the command) or
+``DIST_COSFACE_DEBUG=1`` lets the exception through instead: Python prints the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
+
+from dist_cosface import export
+from dist_cosface.clean import cli as clean_cli
+from dist_cosface.cliargs import UsageError, folder_problem, int_in, new_folder
+from dist_cosface.config import config_to_yaml, load_config
+from dist_cosface.configtools import ConfigError
+from dist_cosface.data import cli as data_cli
+from dist_cosface.data.synth_shards import write_synthetic_image_folder
+from dist_cosface.distributed import init_distributed, shutdown
+from dist_cosface.engine import ckpt_read, train
+from dist_cosface.engine.runlock import RunFolderLocked
+from dist_cosface.engine.signals import watch_launcher
+from dist_cosface.engine.strategy import CompilerUnavailable
+from dist_cosface.eval import cli as eval_cli
+
+DEBUG_ENV = "DIST_COSFACE_DEBUG"
+MAX_SYNTHETIC_SIZE = 1024  # synthetic-faces --image-size: 9x the usual 112 px face crop
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block): every rank of a job prints one."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,12 +68,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from dist_cosface.config import load_config
-    from dist_cosface.distributed import init_distributed, shutdown
-    from dist_cosface.engine import train
-    from dist_cosface.engine.signals import watch_launcher
-
     cfg = load_config(args.config, args.overrides)
+    _check_train_paths(cfg)
     watch_launcher(grace_s=cfg.dist.timeout_s)  # stop when torchrun's agent is killed
     ctx = init_distributed(cfg.dist)
     try:
@@ -44,34 +77,45 @@ def _cmd_train(args: argparse.Namespace) -> int:
     finally:
         shutdown(ctx)
     if summary["launcher_lost"]:  # not done: a surviving agent must not count this a success
-        print("stopped because a launcher died; resume from the checkpoint", file=sys.stderr)
+        print(
+            f"dist-cosface train{_rank_suffix()}: error: stopped because a launcher died; the "
+            "checkpoint of this step is written: resume from it",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
 
-def _cmd_config(args: argparse.Namespace) -> int:
-    from dist_cosface.config import config_to_yaml, load_config
+def _check_train_paths(cfg) -> None:
+    """Paths the config names that cannot work, found before any process group is built."""
+    out = Path(cfg.train.output_dir)
+    problem = folder_problem(out, out)
+    if problem:
+        raise ConfigError(f"train.output_dir={cfg.train.output_dir!r}: {problem}")
+    path = cfg.data.path
+    local = path and not path.startswith("pipe:") and "://" not in path
+    if cfg.data.backend != "synthetic" and local and not Path(path).exists():
+        raise ConfigError(f"data.path={path!r}: not found (dist-cosface shards writes one)")
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "none") and not Path(resume).exists():
+        raise ConfigError(f"checkpoint.resume={resume!r}: not found")
 
+
+def _cmd_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     sys.stdout.write(config_to_yaml(cfg))
     return 0
 
 
 def _cmd_synthetic_faces(args: argparse.Namespace) -> int:
-    from dist_cosface.data.synth_shards import write_synthetic_image_folder
-
-    try:
-        path = write_synthetic_image_folder(
-            args.out_dir,
-            args.identities,
-            args.images_per_identity,
-            first_identity=args.first_identity,
-            image_size=args.image_size,
-            seed=args.seed,
-        )
-    except ValueError as exc:
-        print(f"dist-cosface synthetic-faces: error: {exc}", file=sys.stderr)
-        return 2
+    path = write_synthetic_image_folder(
+        args.out_dir,
+        args.identities,
+        args.images_per_identity,
+        first_identity=args.first_identity,
+        image_size=args.image_size,
+        seed=args.seed,
+    )
     print(
         f"wrote {args.identities} x {args.images_per_identity} synthetic face JPEGs "
         f"(identities {args.first_identity}..{args.first_identity + args.identities - 1}) "
@@ -80,108 +124,114 @@ def _cmd_synthetic_faces(args: argparse.Namespace) -> int:
     return 0
 
 
+# the subcommands' own modules are called through their module, so that a test can replace
+# a function there (monkeypatch) and the command runs the replacement
 def _cmd_shards(args: argparse.Namespace) -> int:
-    from dist_cosface.data.cli import run_shards
-
-    return run_shards(args)
+    return data_cli.run_shards(args)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from dist_cosface.engine.ckpt_read import load_backbone
-    from dist_cosface.eval.cli import run_eval_command
-
-    return run_eval_command(args, load_backbone)
+    return eval_cli.run_eval_command(args, ckpt_read.load_backbone)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from dist_cosface.engine.ckpt_read import load_backbone
-    from dist_cosface.eval.cli import run_export_command
+    return export.run_export_command(args, ckpt_read.load_backbone)
 
-    return run_export_command(args, load_backbone)
+
+def _cmd_clean(args: argparse.Namespace) -> int:
+    return clean_cli.run_clean_command(args)
 
 
 def _cmd_merge_classifier(args: argparse.Namespace) -> int:
-    from dist_cosface.engine.ckpt_read import run_merge_command
+    return ckpt_read.run_merge_command(args)
 
-    return run_merge_command(args)
+
+_DEBUG_HELP = f"on failure, show the traceback instead of one error line (or set {DEBUG_ENV}=1)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="dist-cosface",
         description="Distributed CosFace (LMCL) face-recognition training.",
     )
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     # Launchers that pass the rank in argv (deepspeed without --no_local_rank, old
     # torch.distributed.launch) also set LOCAL_RANK, which is what distributed.py reads.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train (alone or as the program torchrun starts)")
+    train = _add_command(sub, "train", "train (alone or as the program torchrun starts)")
     _add_config_arguments(train)
     train.set_defaults(func=_cmd_train)
 
-    show = sub.add_parser("config", help="print the resolved config and exit")
+    show = _add_command(sub, "config", "print the resolved config and exit")
     _add_config_arguments(show)
     show.set_defaults(func=_cmd_config)
 
-    faces = sub.add_parser(
-        "synthetic-faces", help="write generated face JPEGs as OUT_DIR/<identity>/<image>.jpg"
+    faces = _add_command(
+        sub, "synthetic-faces", "write generated face JPEGs as OUT_DIR/<identity>/<image>.jpg"
     )
-    faces.add_argument("out_dir", help="folder to create (must not exist)")
-    faces.add_argument("--identities", type=int, default=64)
-    faces.add_argument("--images-per-identity", type=int, default=32)
+    faces.add_argument("out_dir", type=new_folder, help="folder to create (must not exist)")
+    faces.add_argument("--identities", type=int_in(1), default=64)
+    faces.add_argument("--images-per-identity", type=int_in(1), default=32)
     faces.add_argument(
         "--first-identity",
-        type=int,
+        type=int_in(0),
         default=0,
         help="number of the first identity; disjoint ranges give held-out identities",
     )
-    faces.add_argument("--image-size", type=int, default=112)
+    # a face crop: 112 px is the usual training size; far larger only costs memory and time
+    faces.add_argument("--image-size", type=int_in(16, MAX_SYNTHETIC_SIZE), default=112)
     faces.add_argument("--seed", type=int, default=0)
     faces.set_defaults(func=_cmd_synthetic_faces)
 
-    _add_lazy(
+    _add_declared(
         sub,
         "shards",
         "convert an image folder or a .rec file into WebDataset shards",
-        "dist_cosface.data.cli",
-        "add_shards_arguments",
+        data_cli.add_shards_arguments,
         _cmd_shards,
     )
-    _add_lazy(
+    _add_declared(
         sub,
         "eval",
         "verification / identification benchmarks of a trained backbone",
-        "dist_cosface.eval.cli",
-        "add_eval_arguments",
+        eval_cli.add_eval_arguments,
         _cmd_eval,
     )
-    _add_lazy(
-        sub,
-        "export",
-        "export a trained backbone to ONNX",
-        "dist_cosface.eval.cli",
-        "add_export_arguments",
-        _cmd_export,
+    _add_declared(
+        sub, "export", "export a trained backbone to ONNX", export.add_export_arguments, _cmd_export
     )
-    _add_lazy(
+    _add_declared(
         sub,
         "merge-classifier",
         "write a checkpoint's full classifier matrix and row state to one .pt file",
-        "dist_cosface.engine.ckpt_read",
-        "add_merge_arguments",
+        ckpt_read.add_merge_arguments,
         _cmd_merge_classifier,
+    )
+    _add_declared(
+        sub,
+        "clean",
+        "find label noise, duplicate identities and train/eval overlap; write a cleaned set",
+        clean_cli.add_clean_arguments,
+        _cmd_clean,
     )
     return parser
 
 
-def _add_lazy(sub, name, help_text, module, adder, func) -> None:
+def _add_declared(sub, name, help_text, add_arguments, func) -> None:
     """Register a subcommand whose arguments are declared by its own module."""
-    import importlib
-
-    parser = sub.add_parser(name, help=help_text)
-    getattr(importlib.import_module(module), adder)(parser)
+    parser = _add_command(sub, name, help_text)
+    add_arguments(parser)
     parser.set_defaults(func=func)
+
+
+def _add_command(sub, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A subcommand parser that also takes ``--debug`` after the command name."""
+    parser = sub.add_parser(name, help=help_text)
+    # SUPPRESS: when absent here, the value given before the command name stays
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,12 +240,55 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser = build_parser()
     args = parser.parse_args(argv)
-    from dist_cosface.configtools import ConfigError
-
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if debug:
+        logging.getLogger("dist_cosface").setLevel(logging.DEBUG)
     try:
         return args.func(args)
-    except ConfigError as exc:
-        parser.exit(2, f"dist-cosface {args.command}: config error: {exc}\n")
+    except Exception as exc:
+        if debug:
+            raise
+        status, text = describe_failure(exc)
+        parser.exit(status, f"dist-cosface {args.command}{_rank_suffix()}: {text}\n")
+
+
+def describe_failure(exc: BaseException) -> tuple[int, str]:
+    """(exit status, one line) for a failure: 2 for usage errors, 1 for failures while running.
+
+    Input and run errors (ValueError and its kin, OSError, a locked run folder, a non-finite
+    loss, a compiler that does not work here) carry messages that name the file, key or value;
+    anything else is unexpected and the line says so, with its type and how to see the
+    traceback.
+    """
+    if isinstance(exc, ConfigError):
+        return 2, "config error: " + _one_line(exc)
+    status = 2 if isinstance(exc, UsageError) else 1
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return status, f"error: {exc.filename}: {exc.strerror or exc}"
+    if isinstance(exc, MemoryError):  # often without a message
+        return status, "error: out of memory" + (f": {_one_line(exc)}" if str(exc) else "")
+    if isinstance(
+        exc,
+        (ValueError, TypeError, OSError, RunFolderLocked, FloatingPointError, CompilerUnavailable),
+    ):
+        return status, "error: " + _one_line(exc)
+    return status, (
+        f"error: {type(exc).__name__}: {_one_line(exc)} (unexpected: rerun with --debug or "
+        f"{DEBUG_ENV}=1 for the traceback)"
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    return " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+def _rank_suffix() -> str:
+    """`` (rank N)`` under a launcher with several ranks (each rank prints its own line)."""
+    try:
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        several = False
+    return f" (rank {os.environ.get('RANK', '?')})" if several else ""
 
 
 if __name__ == "__main__":

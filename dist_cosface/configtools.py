@@ -84,7 +84,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         number = float(value) if abs(value) < 1e308 else math.inf  # no OverflowError
         if not math.isfinite(number):
             # YAML's .nan/.inf mean nothing in any of our fields, and NaN slips through
-            # every range check in __post_init__ (a NaN lr used to fail only at step 1)
+            # every range check in __post_init__ (a NaN lr would fail only at step 1)
             raise _BadValue(f"{key}: expected a finite number, got {value!r}")
         return number
     if tp is int:
@@ -246,7 +246,7 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = parse_yaml(_read_utf8(path), str(path))
+    data = parse_yaml(read_utf8(path), str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -254,16 +254,19 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def _read_utf8(path: Path) -> str:
+def read_utf8(path: str | Path, what: str = "config", error: type[Exception] = ConfigError) -> str:
+    """The text of a UTF-8 file (a leading BOM is fine); ``error`` naming the file, and the line
+    of the first byte that is not UTF-8. Also used for the evaluation's list files."""
+    path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        raise error(f"{path}: cannot read the {what}: {exc.strerror or exc}") from exc
     try:
         return raw.decode("utf-8-sig")  # a leading BOM (some Windows editors) is fine
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError(
+        raise error(
             f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); "
-            "save the config as UTF-8"
+            f"save the {what} as UTF-8"
         ) from exc

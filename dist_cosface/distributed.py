@@ -175,7 +175,11 @@ def build_checkpoint_group(ctx: DistContext) -> dist.ProcessGroup | None:
     if ctx.group is None:
         return None
     ranks = dist.get_process_group_ranks(ctx.group)
-    return dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=True)
+    # Over the whole world, a numbered name: a name hashed from the ranks and the number of
+    # live groups would repeat after ``Checkpointer.close`` destroyed the previous checkpoint
+    # group, and the new group would then read the old one's addresses from the store.
+    local = len(ranks) != dist.get_world_size()
+    return dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=local)
 
 
 def shutdown(ctx: DistContext) -> None:

@@ -40,6 +40,11 @@ GREY_MODES = ("1", "L", "I;16", "I")
 
 # uint8 pixel p maps to p / PIXEL_SCALE - 1 in [-1, 1] (DALI: mean = std = PIXEL_SCALE).
 PIXEL_SCALE = 127.5
+# Most pixels an image may declare before it is decoded: 8192 x 8192, 192 MiB as RGB. Far above
+# any face photo (a 50-megapixel camera frame is 8192 x 6144) and below Pillow's own warning
+# (89.5 M) and error (179 M) thresholds, so the cap is this one, stated and the same for every
+# caller: a few bytes of PNG header declaring 30000 x 30000 would otherwise ask for 2.7 GB.
+MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 def is_image_file(path: Path) -> bool:
@@ -58,12 +63,24 @@ def keep_mode(mode: str) -> str:
 
 
 def decode_image(data: bytes, source: str = "", mode: str = "RGB") -> Image.Image:
-    """Encoded bytes -> a loaded PIL image in ``mode``; ValueError naming ``source`` if bad."""
+    """Encoded bytes -> a loaded PIL image in ``mode``; ValueError naming ``source`` if bad,
+    or if it declares more than ``MAX_IMAGE_PIXELS`` pixels (checked before decoding)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ValueError(
+                    f"{source}: image declares {width}x{height} pixels, more than the "
+                    f"{MAX_IMAGE_PIXELS:,} (8192x8192) an image may have"
+                )
             return image.convert(mode)
+    except Image.DecompressionBombError as exc:  # Pillow refuses before we can look
+        raise ValueError(
+            f"{source}: image declares more than the {MAX_IMAGE_PIXELS:,} (8192x8192) pixels "
+            f"an image may have ({exc})"
+        ) from exc
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"{source}: cannot decode image: {exc}") from exc
 

@@ -6,18 +6,25 @@
 # Environment (defaults in brackets):
 #   NPROC_PER_NODE  ranks on this node; one per GPU                       [all visible GPUs, else 1]
 #   NNODES          number of nodes, or MIN:MAX for an elastic job        [1]
-#   NODE_RANK       this node's index, 0..NNODES-1 (fixed node counts)    [0]
-#   MASTER_ADDR     address of node 0, reachable from every node          [127.0.0.1]
-#   MASTER_PORT     rendezvous port on node 0                             [29500]
+#   MASTER_ADDR     address of the node that hosts the rendezvous (one of the job's nodes),
+#                   reachable from every node                             [127.0.0.1]
+#   MASTER_PORT     rendezvous port on that node                          [29500]
 #   RDZV_ID         job id shared by all nodes of one run                 [dist_cosface]
 #   MAX_RESTARTS    times torchrun restarts the workers after a failure   [0]
+#   NODE_ADDR       address the other nodes reach this node at
+#                                          [the source address of this node's route to MASTER_ADDR]
+#   RDZV_CONF       more rendezvous settings, k=v,... (e.g. last_call_timeout=5)       [none]
+# Node ranks come from the rendezvous (torchrun's c10d rendezvous ignores a node rank).
 # A restarted job resumes from its latest intact checkpoint (checkpoint.resume=auto), re-sharded
 # when the number of ranks changed. Each restart round gets a fresh store on a fresh port
 # (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): torchrun's shared store keeps the dead round's keys
 # and a restarted group can hang on them. See docs/launching.md.
-# Network (multi-node NCCL): set NCCL_SOCKET_IFNAME (e.g. eth0 or ib0) and GLOO_SOCKET_IFNAME
-# to the interface that carries MASTER_ADDR; NCCL_DEBUG=INFO prints the chosen transport;
-# the process-group timeout is the config key dist.timeout_s.
+# Network (several nodes, launch/node_net.py): the node whose own address MASTER_ADDR is hosts
+# the rendezvous store, the workers publish NODE_ADDR, and gloo binds to the interface holding
+# NODE_ADDR unless GLOO_SOCKET_IFNAME is set; torchrun and gloo would guess all three from the
+# host name, which often resolves to a loopback address, and then no node hosts the store.
+# Set NCCL_SOCKET_IFNAME (e.g. ib0) where NCCL's own choice is wrong; NCCL_DEBUG=INFO prints the
+# chosen transport; the process-group timeout is the config key dist.timeout_s.
 set -euo pipefail
 if [[ $# -lt 1 ]]; then
   echo "usage: $0 CONFIG.yaml [dotted.key=value ...]" >&2
@@ -27,7 +34,6 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   NPROC_PER_NODE=$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')
 fi
 NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 RDZV_ID=${RDZV_ID:-dist_cosface}
@@ -45,10 +51,19 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-
 if [[ "$NNODES" == 1 || "$NNODES" == 1:1 ]]; then
   rdzv=(--standalone)
 else
-  rdzv=(--rdzv_backend=c10d --rdzv_endpoint="${MASTER_ADDR}:${MASTER_PORT}" --rdzv_id="$RDZV_ID")
-  if [[ "$NNODES" != *:* ]]; then
-    rdzv+=(--node_rank="$NODE_RANK")  # elastic jobs get their node ranks from the rendezvous
+  net=$(python "$(dirname "$0")/node_net.py" "$MASTER_ADDR" "$MASTER_PORT")
+  read -r node_addr is_host ifname <<<"$net"
+  NODE_ADDR=${NODE_ADDR:-$node_addr}
+  if [[ -z "${GLOO_SOCKET_IFNAME:-}" && "$ifname" != - ]]; then
+    export GLOO_SOCKET_IFNAME=$ifname
   fi
+  conf=""
+  [[ "$is_host" == - ]] || conf="is_host=$is_host"
+  conf=${conf}${RDZV_CONF:+${conf:+,}$RDZV_CONF}  # the user's settings come last and win
+  rdzv=(--rdzv_backend=c10d --rdzv_endpoint="${MASTER_ADDR}:${MASTER_PORT}" --rdzv_id="$RDZV_ID"
+    --local_addr="$NODE_ADDR" ${conf:+--rdzv_conf="$conf"})
+  echo "launch/torchrun.sh: node address $NODE_ADDR, gloo interface" \
+    "${GLOO_SOCKET_IFNAME:-unset}, rendezvous settings: ${conf:-none}" >&2
 fi
 exec python -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
   --max-restarts="$MAX_RESTARTS" "${rdzv[@]}" -m dist_cosface.cli train "$@"

@@ -21,7 +21,7 @@ from dist_cosface.classifier.triton_loss import use_triton
 from dist_cosface.configtools import ConfigError, from_mapping
 from tests.classifier_ref import reference_loss_and_grads
 from tests.multiproc import run_ranks
-from tests.triton_interp_cases import two_rank_case
+from tests.triton_interp_cases import cuda_case, two_rank_case
 
 pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,10 +64,29 @@ def test_dispatch_and_validation():
             head(torch.randn(3, 4), torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="kernel"):
         ClassifierConfig(num_classes=10, kernel="cuda")
+    check_fp32_follows_the_tf32_setting()
     cfg = from_mapping(ClassifierConfig, {"kernel": "triton"})
     assert ShardedClassifier(cfg, 4, None).cfg.kernel == "triton"
     with pytest.raises((ConfigError, ValueError), match="kernel"):
         from_mapping(ClassifierConfig, {"kernel": "cuda"})
+
+
+def check_fp32_follows_the_tf32_setting():
+    """fp32 embeddings run on TF32 tensor cores: only where PyTorch allows TF32 matmuls."""
+    cuda = torch.device("cuda")  # use_triton looks at the device type only
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert not use_triton("auto", cuda, torch.float32)  # auto falls back to torch
+        assert use_triton("auto", cuda, torch.bfloat16)
+        with pytest.raises(ValueError, match="TF32"):
+            use_triton("triton", cuda, torch.float32)
+        matmul.allow_tf32 = True
+        assert use_triton("triton", cuda, torch.float32)
+        assert use_triton("auto", cuda, torch.float32)
+    finally:
+        matmul.allow_tf32 = before
 
 
 @pytest.mark.multiproc
@@ -95,50 +114,37 @@ def test_two_ranks_on_gloo_match_reference(sample_rate):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("margin_type", ["softmax", "nsl", "cosface", "arcface"])
 def test_cuda_triton_head_matches_reference(dtype, margin_type):
-    gen = torch.Generator().manual_seed(11)
-    num_classes, dim, batch = 3001, 512, 130  # partial tiles everywhere
-    weight = torch.randn(num_classes, dim, generator=gen, dtype=torch.float64)
-    x = torch.randn(batch, dim, generator=gen, dtype=torch.float64)
-    labels = torch.randint(0, num_classes, (batch,), generator=gen)
-    x[0] = -weight[labels[0]] + 0.05 * x[0]
-    for sample_rate in (1.0, 0.3):
-        cfg = ClassifierConfig(
-            num_classes=num_classes, margin_type=margin_type, scale=16.0, margin=0.4,
-            sample_rate=sample_rate, kernel="triton", chunk_size=1024,
-        )  # fmt: skip
-        head = ShardedClassifier(cfg, dim, None)
-        with torch.no_grad():
-            head.weight.copy_(weight.float())
-        head = head.cuda()
-        xl = x.to("cuda", dtype).requires_grad_()
-        loss = head(xl, labels.cuda())
-        loss.backward()
-        classes = None if sample_rate == 1.0 else head.last_sampled_rows.sort().values.cpu()
-        ref, dx, dw = reference_loss_and_grads(x, weight, labels, margin_type, 16.0, 0.4, classes)
-        got = (loss.double().cpu(), xl.grad.double().cpu(), head.weight.grad.double().cpu())
-        if dtype == torch.float32:
-            for a, b in zip(got, (ref, dx, dw)):
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-        else:
-            torch.testing.assert_close(got[0], ref, rtol=2e-2, atol=2e-2)
-            for a, b in zip(got[1:], (dx, dw)):
-                assert (a - b).norm() <= 5e-2 * b.norm(), f"{dtype} {margin_type} {sample_rate}"
+    cuda_case(dtype, margin_type)  # the compiled kernels, full and Partial FC rows
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 def test_gpu_checks_script_skips_gpu_steps_on_cpu(tmp_path):
-    env = {**os.environ, "GPU_CHECKS_STEPS": "device bench2m bench10m train dali_cpu"}
+    """The default run on a machine without CUDA: every GPU step skipped with the reason, the
+    summary written to $OUT; a spent time budget skips even the device step."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECKS_")}
     proc = subprocess.run(
-        ["bash", str(ROOT / "tools" / "gpu_checks.sh"), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=300,
+        ["bash", str(ROOT / "tools" / "gpu_checks.sh")],
+        env={**env, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    steps = {
-        s["step"]: s["status"] for s in json.loads((tmp_path / "summary.json").read_text())["steps"]
-    }
+    steps = _summary(tmp_path)
     assert steps["device"] == "ok"
     assert "torch" in (tmp_path / "device.txt").read_text()
-    for name in ("bench2m", "bench10m", "train", "dali_cpu"):
+    for name in ("triton", "bench2m", "bench10m", "train"):  # the default, in this order
         assert steps[name] == "skipped: no CUDA device"
-    assert steps["tests"] == "skipped: not selected"
+    for name in ("tests", "dali_cpu", "dali_mixed"):  # opt-in steps
+        assert steps[name] == "skipped: not selected"
+    assert list(steps)[:5] == ["device", "triton", "bench2m", "bench10m", "train"]
     assert (tmp_path / "summary.txt").read_text().count("\n") == len(steps)
+    out = tmp_path / "spent"
+    proc = subprocess.run(
+        ["bash", str(ROOT / "tools" / "gpu_checks.sh"), str(out)],
+        env={**env, "GPU_CHECKS_BUDGET_S": "0"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _summary(out)["device"] == "skipped: out of time budget"
+
+
+def _summary(out_dir: Path) -> dict[str, str]:
+    steps = json.loads((out_dir / "summary.json").read_text())["steps"]
+    return {s["step"]: s["status"] for s in steps}

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from dist_cosface.data import build_loader
-from dist_cosface.distributed import context_from_group
+from dist_cosface.distributed import DistContext, context_from_group
 from tests.data_common import (
     BACKENDS,
     bad_data_config,
     good_sample,
     jpeg_bytes,
+    loader_config,
     one_epoch,
     small_dataset,
 )
@@ -41,19 +45,22 @@ def test_bad_label_skip_or_stop(tmp_path, backend, case):
         one_epoch(backend, tmp_path, "stop")
 
 
-def test_corrupt_jpeg_webdataset(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_corrupt_jpeg_skipped_or_stops(tmp_path, backend):
+    """A truncated JPEG and one with garbage after its start marker: each replaced in its batch
+    by a good sample (DALI: never given to the decoder), logged and counted; or the stop."""
     jpg = jpeg_bytes(6)
-    small_dataset(tmp_path, {6: {"jpg": jpg[: len(jpg) // 3], "cls": b"2"}})
-    loader, labels, batches = one_epoch("webdataset", tmp_path)
-    assert len(batches) == 4 and loader.stats["skipped_samples"] == 1
-    with pytest.raises(ValueError, match=r"shard-000000.tar key 000006: corrupt image"):
-        one_epoch("webdataset", tmp_path, "stop")
-
-
-def test_corrupt_jpeg_dali_stops_with_shards_named(tmp_path):
-    small_dataset(tmp_path, {6: {"jpg": b"\xff\xd8garbage", "cls": b"2"}})
-    with pytest.raises(ValueError, match=r"DALI failed reading/decoding .*shard-000000.tar"):
-        one_epoch("dali", tmp_path)
+    bad = {
+        6: {"jpg": jpg[: len(jpg) // 3], "cls": b"2"},
+        10: {"jpg": b"\xff\xd8garbage", "cls": b"1"},
+    }
+    small_dataset(tmp_path, bad)
+    loader, labels, batches = one_epoch(backend, tmp_path)
+    assert len(batches) == 4 and loader.stats["skipped_samples"] == 2
+    assert all(float(image.std()) > 0.1 for b in batches for image in b[0])  # no placeholder
+    named = r"shard-00000[01].tar( key |:\d+:)0000(06|10)(.jpg)?: corrupt image"
+    with pytest.raises(ValueError, match=named):
+        one_epoch(backend, tmp_path, "stop")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -115,3 +122,71 @@ def test_ranks_with_different_bad_counts_stay_in_lockstep(tmp_path):
     assert results[0][0] == results[1][0] == 4
     skipped = sorted(r[1] for r in results)
     assert skipped[0] == 0 and skipped[1] >= 5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_losses_count_once_per_epoch_and_key(tmp_path, backend):
+    """2 bad labels in 256 samples (0.78%) under max_skip_fraction 0.01. The
+    webdataset stream of a rank short of good samples re-reads the shard within the epoch and
+    meets both again: still 2 losses, and the run goes on."""
+    bad = {0: good_sample(0, label=9), 1: good_sample(1, label=9)}
+    small_dataset(tmp_path, bad, n=256, shard_size=256)
+    cfg = bad_data_config(backend, tmp_path, max_skip_fraction=0.01)
+    loader = build_loader(cfg, DistContext())
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        assert len(list(loader)) == 64
+        assert loader.stats["skipped_samples"] == 2 * (epoch + 1)  # cumulative, 2 per epoch
+
+
+def _zeroed_after_header(jpg: bytes) -> bytes:
+    """A JPEG's bytes after its JFIF header (SOI + APP0, 20 bytes) zeroed: the same
+    size, so every start-up check passes."""
+    return jpg[:20] + bytes(len(jpg) - 20)
+
+
+CORRUPT_KEYS = (5, 50, 130)  # in shard 0; each in the first half of its batch of 40
+
+
+def _epoch_of_each_loader(rank, world_size, path):
+    """Both loaders with the quickstart's decoding settings (no workers, so one DALI thread;
+    32 px): steps, losses and the losses' log lines of one epoch, ranks in lockstep."""
+    group = dist.group.WORLD
+    ctx = context_from_group(group, torch.device("cpu"))
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logging.getLogger("dist_cosface.data.integrity").addHandler(handler)
+    out = {}
+    for backend in BACKENDS:
+        # shuffle_buffer 1: each rank reads exactly its part (DALI) or shard (webdataset)
+        cfg = loader_config(
+            backend, path, batch_size=40, num_workers=0, random_flip=True, shuffle_buffer=1
+        )
+        loader = build_loader(cfg, ctx)
+        logged.clear()
+        steps = 0
+        for _ in loader:
+            dist.all_reduce(torch.ones(1), group=group)
+            steps += 1
+        lines = sorted(line for line in logged if "corrupt image" in line)
+        out[backend] = steps, loader.stats["skipped_samples"], lines
+    return out
+
+
+@pytest.mark.multiproc
+def test_corrupt_images_skipped_by_both_loaders_on_two_ranks(tmp_path):
+    """3 of 400 samples zeroed after the header, max_skip_fraction 0.01: both loaders skip
+    them and the run goes on (DALI's decoder must never see them: it fails the batch, or dies
+    with SIGSEGV with num_workers 0)."""
+    bad = {i: {"jpg": _zeroed_after_header(jpeg_bytes(i)), "cls": b"1"} for i in CORRUPT_KEYS}
+    small_dataset(tmp_path, bad, n=400, shard_size=200)
+    results = run_ranks(2, _epoch_of_each_loader, str(tmp_path), timeout_s=240)
+    for backend in BACKENDS:
+        (steps0, lost0, lines0), (steps1, lost1, lines1) = (r[backend] for r in results)
+        assert steps0 == steps1 == 5, backend  # 200 samples a rank, batches of 40
+        assert (lost0, lost1) == (3, 0), backend  # rank 0 reads shard 0, once per key
+        assert len(lines0) == 3 and not lines1, backend
+        for key in CORRUPT_KEYS:  # each logged with its shard and key
+            named = rf"shard-000000.tar( key |:\d+:)000{key:03d}\b"
+            assert sum(bool(re.search(named, line)) for line in lines0) == 1, lines0

@@ -196,3 +196,163 @@ def test_cli_and_tool(tmp_path, capsys):
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert tool.returncode == 0 and "3 samples" in tool.stdout
+
+
+# ---------------------------------------------------------------- nothing destroyed
+
+
+def _tiny_folder(root, identities=("a", "b"), per_identity=2):
+    for ident in identities:
+        (root / ident).mkdir(parents=True)
+        for k in range(per_identity):
+            (root / ident / f"{k}.jpg").write_bytes(jpeg_bytes(k, 16))
+    return root
+
+
+def _snapshot(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ("out=src", r"the output folder is the source"),
+        ("out holds src", r"the output folder holds the source"),
+        ("out inside src", r"the output folder lies inside the source"),
+        ("out holds .rec", r"the output folder holds the source"),
+    ],
+)
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_output_overlapping_the_source_is_refused(tmp_path, layout, message, overwrite):
+    if layout == "out holds .rec":
+        write_rec(tmp_path / "t.rec", [0.0, 1.0])
+        src, out = tmp_path / "t.rec", tmp_path
+    else:
+        src = _tiny_folder(tmp_path / "faces")
+        out = {"out=src": src, "out holds src": tmp_path, "out inside src": src / "shards"}[layout]
+    before = _snapshot(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        convert(src, out, ConvertOptions(overwrite=overwrite))
+    assert _snapshot(tmp_path) == before, "the source (or anything beside it) was touched"
+
+
+def test_overwrite_clears_only_a_previous_output(tmp_path):
+    src = _tiny_folder(tmp_path / "src")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    (foreign / "x.tmp").write_text("mine too")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError) as err:
+            convert(src, foreign, ConvertOptions(overwrite=overwrite))
+        assert "notes.txt" in str(err.value) and "choose a new or empty" in str(err.value)
+        assert overwrite or "--overwrite" not in str(err.value)  # it would not help
+    assert _snapshot(foreign) == ["notes.txt", "x.tmp"]
+
+    out = tmp_path / "out"
+    first = convert(src, out, ConvertOptions(shard_size=2))
+    assert len(first.manifest.shards) == 2
+    with pytest.raises(ValueError, match=r"different conversion .*pass --overwrite"):
+        convert(src, out, ConvertOptions(shard_size=3))
+    again = convert(src, out, ConvertOptions(shard_size=3, overwrite=True))
+    assert (again.written, len(again.manifest.shards)) == (2, 2)
+    (out / "README").write_text("added by the user")  # resume keeps it; --overwrite refuses
+    with pytest.raises(ValueError, match=r"different conversion .*\]\); choose another"):
+        convert(src, out, ConvertOptions(shard_size=4))
+    with pytest.raises(ValueError, match=r"--overwrite only clears .* holds README"):
+        convert(src, out, ConvertOptions(shard_size=4, overwrite=True))
+    assert (out / "README").exists() and (out / "shard-000001.tar").exists()
+
+
+# ---------------------------------------------------------------- special files
+
+
+def _in_child(fn, *args, timeout_s=60):
+    """``fn(*args)`` in a forked child capped at +1 GiB of address space: a read of /dev/zero
+    or a FIFO that blocks fails this test instead of filling the memory or hanging it."""
+    import multiprocessing
+    import resource
+
+    def child(conn):
+        status = open("/proc/self/status").read()
+        vm = int(next(line.split()[1] for line in status.splitlines() if line[:7] == "VmSize:"))
+        limit = vm * 1024 + (1 << 30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        try:
+            conn.send(("ok", fn(*args)))
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+    ctx = multiprocessing.get_context("fork")
+    parent, child_end = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=child, args=(child_end,))
+    proc.start()
+    child_end.close()  # a child that dies closes the pipe: recv() then fails at once
+    try:
+        if not parent.poll(timeout_s):
+            pytest.fail(f"{fn.__name__} did not finish in {timeout_s} s (blocked on a read?)")
+        return parent.recv()
+    finally:
+        proc.kill()
+        proc.join()
+
+
+def _special_folder(root, outside):
+    import socket
+
+    src = _tiny_folder(root, per_identity=2)
+    a = src / "a"
+    os.mkfifo(a / "fifo.jpg")
+    (a / "zero.jpg").symlink_to("/dev/zero")
+    (a / "dangling.jpg").symlink_to(root / "missing.jpg")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(a / "sock.jpg"))
+    sock.close()
+    (src / "b" / "big.jpg").write_bytes(jpeg_bytes(7, 64))  # over the cap set below
+    outside.write_bytes(jpeg_bytes(8, 16))
+    (src / "b" / "outside.jpg").symlink_to(outside)  # a link out of SRC to a regular file
+    return src
+
+
+def _convert_special(src, out, on_bad):
+    from dist_cosface.data.convert import read_source_file
+
+    cap = len(jpeg_bytes(7, 64)) - 1
+    result = {}
+    for name in ("fifo.jpg", "zero.jpg", "sock.jpg"):  # a file swapped in after the scan
+        try:
+            read_source_file(str(src / "a" / name), cap)
+        except ValueError as exc:
+            result[name] = str(exc)
+    try:
+        r = convert(src, out, ConvertOptions(on_bad=on_bad, max_image_bytes=cap))
+    except ValueError as exc:
+        return result, str(exc)
+    return result, (r.manifest.num_samples, r.problems.counts, r.summary())
+
+
+@pytest.mark.timeout(120)
+def test_special_files_are_never_read(tmp_path):
+    src = _special_folder(tmp_path / "src", tmp_path / "elsewhere.jpg")
+    status, (direct, (samples, counts, summary)) = _in_child(
+        _convert_special, src, tmp_path / "o", "skip"
+    )
+    assert status == "ok"
+    assert direct == {
+        "fifo.jpg": f"{src}/a/fifo.jpg: not a regular file (a FIFO)",
+        "zero.jpg": f"{src}/a/zero.jpg: not a regular file (a character device)",
+        "sock.jpg": f"{src}/a/sock.jpg: unreadable file (No such device or address)",
+    }
+    assert samples == 5  # 4 images + the link to a regular file outside SRC
+    assert counts == {"unreadable file": 1, "not a regular file": 3, "file too large": 1}
+    for name, why in [
+        ("a/dangling.jpg", "unreadable file (No such file or directory)"),
+        ("a/fifo.jpg", "not a regular file (a FIFO)"),
+        ("a/sock.jpg", "not a regular file (a socket)"),
+        ("a/zero.jpg", "not a regular file (a character device)"),
+        ("b/big.jpg", "file too large"),
+    ]:
+        assert f"{src}/{name}: {why}" in summary
+    status, (_, message) = _in_child(_convert_special, src, tmp_path / "o2", "stop")
+    assert status == "ok"
+    assert message == f"{src}/a/dangling.jpg: unreadable file (No such file or directory)"

@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_cosface.eval.ijb import read_ijb, run_ijb
-from dist_cosface.eval.images import embed_images
+from dist_cosface.eval.embedding import embed_images
+from dist_cosface.eval.ijb import run_ijb, template_features
+from dist_cosface.eval.ijb_meta import read_ijb
 from tests.eval_sets import build_ijb_set, numpy_normalize, numpy_tar_at_far, pixel_backbone, yaleb
 from tests.multiproc import on_subgroups, run_ranks
 
@@ -116,14 +117,14 @@ def test_roc_png_and_single_process(ijb_root, tmp_path):
 
 
 def _edit(root, tmp_path, name, fn):
-    """A copy of the meta folder (symlinked crops) with one file edited."""
+    """A copy of the meta folder (symlinked crops) with one file's bytes edited by ``fn``."""
     import shutil
 
     copy = tmp_path / "ijb"
     shutil.copytree(root / "meta", copy / "meta")
     (copy / "loose_crop").symlink_to(root / "loose_crop")
     path = copy / "meta" / name
-    path.write_text(fn(path.read_text().splitlines()))
+    path.write_bytes(fn(path.read_bytes()))
     return copy, path
 
 
@@ -139,9 +140,62 @@ def _edit(root, tmp_path, name, fn):
     ],
 )
 def test_bad_meta_names_file_and_line(ijb_root, tmp_path, name, edit, message):
-    root, path = _edit(ijb_root, tmp_path, name, lambda ls: "\n".join(edit(ls)) + "\n")
+    lines = lambda data: ("\n".join(edit(data.decode().splitlines())) + "\n").encode()  # noqa: E731
+    root, path = _edit(ijb_root, tmp_path, name, lines)
     with pytest.raises(ValueError, match=f"{path}{message}" if message[0] == ":" else message):
         read_ijb(root, "ijbx")
+
+
+def _line(n, fn):
+    """Edit line ``n`` (1-based) of a file's bytes with ``fn``."""
+
+    def edit(data: bytes) -> bytes:
+        lines = data.split(b"\n")
+        lines[n - 1] = fn(lines[n - 1])
+        return b"\n".join(lines)
+
+    return edit
+
+
+def _score(value: bytes):
+    return _line(3, lambda line: line.rsplit(b" ", 1)[0] + b" " + value)
+
+
+BIG = b"9223372036854775808"  # 2^63: does not fit int64
+UTF8 = r": not UTF-8 text \(byte 0x{:02x} on line {}\)"
+
+
+@pytest.mark.parametrize(
+    ("name", "edit", "message"),
+    [
+        ("ijbx_name_5pts_score.txt", _score(b"nan"), r":3: detector score nan is not in \[0, 1\]"),
+        ("ijbx_name_5pts_score.txt", _score(b"inf"), r":3: detector score inf is not in"),
+        ("ijbx_name_5pts_score.txt", _score(b"-0.25"), r":3: detector score -0.25 is not in"),
+        ("ijbx_name_5pts_score.txt", _score(b"1.5"), r":3: detector score 1.5 is not in"),
+        ("ijbx_face_tid_mid.txt", _line(2, lambda x: x[:-4] + BIG), r":2: media id 9223372"),
+        ("ijbx_face_tid_mid.txt", _line(2, lambda x: b"2.jpg " + BIG + b" 1"), r":2: template id"),
+        ("ijbx_template_pair_label.txt", _line(4, lambda x: BIG + x[3:]), r":4: template id 922"),
+        ("ijbx_1N_probe_mixed.csv", _line(3, lambda x: BIG + x[3:]), r":3: template id 92233"),
+        ("ijbx_face_tid_mid.txt", _line(3, lambda x: b"\xff" + x), UTF8.format(255, 3)),
+        ("ijbx_name_5pts_score.txt", _line(7, lambda x: x + b"\xe9"), UTF8.format(233, 7)),
+        ("ijbx_1N_gallery_G1.csv", _line(2, lambda x: x + b"\xff"), UTF8.format(255, 2)),
+    ],
+)
+def test_ijb_values_are_checked_with_file_and_line(ijb_root, tmp_path, name, edit, message):
+    root, path = _edit(ijb_root, tmp_path, name, edit)
+    with pytest.raises(ValueError, match=f"^{path}{message}"):
+        read_ijb(root, "ijbx")
+
+
+def test_template_whose_images_all_weigh_zero_is_an_error(ijb_root):
+    ijb = read_ijb(ijb_root, "ijbx")
+    ijb.scores[ijb.templates == 104] = 0.0  # scores of 0 are in range, but leave no feature
+    embeddings = torch.randn(len(ijb.images), 8, generator=torch.Generator().manual_seed(0))
+    usable = np.ones(len(ijb.images), dtype=bool)
+    template_features(embeddings, ijb, usable, detector_score=False)  # unweighted: fine
+    first = ijb.image_lines[int(np.flatnonzero(ijb.templates == 104)[0])]
+    with pytest.raises(ValueError, match=f"^{first}: template 104: every usable image has"):
+        template_features(embeddings, ijb, usable, detector_score=True)
 
 
 def _unusable_template(rank, world_size, root):
@@ -162,8 +216,8 @@ def test_template_without_usable_image_stops_every_rank(tmp_path):
     assert all(m is not None and expected in m for m in messages), messages
 
 
-def test_pair_scores_blocks_and_rank_split_match_numpy():
-    from dist_cosface.eval.ijb import TemplateFeatures, pair_scores
+def test_template_pair_scores_blocks_and_rank_split_match_numpy():
+    from dist_cosface.eval.ijb import TemplateFeatures, template_pair_scores
 
     gen = np.random.default_rng(5)
     feats = numpy_normalize(gen.standard_normal((11, 6)))
@@ -174,7 +228,7 @@ def test_pair_scores_blocks_and_rank_split_match_numpy():
     for world_size in (1, 2, 3):
         got = np.full(len(pairs), np.nan)
         for rank in range(world_size):
-            positions, scores = pair_scores(tf, pairs, rank, world_size, block=4)
+            positions, scores = template_pair_scores(tf, pairs, rank, world_size, block=4)
             assert np.isnan(got[positions]).all()  # every pair scored by exactly one rank
             got[positions] = scores
         np.testing.assert_allclose(got, ref, atol=1e-12)

@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from dist_cosface.eval import write_bin
-from dist_cosface.eval.cli import (
-    add_eval_arguments,
+from dist_cosface.eval.cli import add_eval_arguments, run_eval_command
+from dist_cosface.export import (
     add_export_arguments,
-    run_eval_command,
+    check_onnx,
+    export_onnx,
     run_export_command,
 )
-from dist_cosface.eval.export import check_onnx, export_onnx
 from dist_cosface.models import ModelConfig, build_backbone
 from tests.eval_sets import png_bytes
 
@@ -63,9 +63,9 @@ def test_iresnet18_export_command_and_eval_command(tmp_path, capsys):
 
     parser = argparse.ArgumentParser()
     add_export_arguments(parser)
-    args = parser.parse_args(["run_dir", str(tmp_path / "r18.onnx")])
+    args = parser.parse_args([str(tmp_path), str(tmp_path / "r18.onnx")])
     assert run_export_command(args, load_backbone) == 0
-    assert loads == ["run_dir"] and '"passed": true' in capsys.readouterr().out
+    assert loads == [str(tmp_path)] and '"passed": true' in capsys.readouterr().out
     report = check_onnx(model, tmp_path / "r18.onnx", SIZE, batch_sizes=(2, 7))
     assert report["max_abs_output"] > 0.5 and report["max_abs_diff"] < 1e-4
 
@@ -75,10 +75,24 @@ def test_iresnet18_export_command_and_eval_command(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)
     args = parser.parse_args(
-        ["ckpt", "--target", str(tmp_path / "tiny.bin"), "--out-dir", str(tmp_path / "ev")]
+        [str(tmp_path), "--target", str(tmp_path / "tiny.bin"), "--out-dir", str(tmp_path / "ev")]
     )
     assert run_eval_command(args, load_backbone) == 0
     assert "tiny: accuracy" in capsys.readouterr().out
     assert (tmp_path / "ev" / "eval.json").is_file() and (
         tmp_path / "ev" / "roc_tiny.png"
     ).is_file()
+
+
+def test_opset_is_the_one_asked_for_or_refused(tmp_path):
+    """17 is converted from the exporter's 18; 13 cannot be (no adapter for some operators):
+    refused, and nothing is written, not even a temporary file."""
+    from dist_cosface.export import onnx_opset
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten()).eval()
+    path = export_onnx(model, tmp_path / "m17.onnx", 8, opset=17)
+    assert onnx_opset(path) == 17
+    assert check_onnx(model, path, 8, batch_sizes=(3,))["passed"]
+    with pytest.raises(ValueError, match=r"m13.onnx: the exporter cannot write this model in "):
+        export_onnx(model, tmp_path / "m13.onnx", 8, opset=13)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m17.onnx"]

@@ -10,20 +10,9 @@ import torch
 from torch import nn
 
 from dist_cosface.models import ModelConfig, build_backbone, count_macs, count_parameters
+from tests.models_common import calibrate_batchnorm
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "dist_cosface" / "models"
-
-
-def calibrate_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
-    """Give every BN running statistics of real activations, so eval-mode outputs are O(1)."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average: one batch sets the stats exactly
-    model.train()
-    with torch.no_grad():
-        model(x)
-    model.eval()
 
 
 @pytest.mark.parametrize("name", ["iresnet18", "iresnet34", "iresnet50", "mobilefacenet"])

@@ -143,7 +143,7 @@ def test_torchrun_job_with_a_bad_target_fails_at_start_naming_it(tmp_path):
     run = tmp_path / "run"
     proc = run_train(torchrun, run, "train.total_steps=1000", f"eval.targets=[{bad}]")
     assert proc.returncode != 0
-    assert f"ValueError: eval.targets: {bad / 'pairs.txt'}:2: cannot parse" in proc.stderr
+    assert f"error: eval.targets: {bad / 'pairs.txt'}:2: cannot parse" in proc.stderr
     assert not (run / "metrics.jsonl").exists()
 
 

@@ -5,6 +5,10 @@ environment (tests/test_classifier_triton.py spawns it): the interpreter must be
 before the kernel module is imported, so these cases never run inside pytest's process.
 Every case compares the head with ``kernel="triton"`` against the float64 reference of
 tests/classifier_ref.py (loss, dX, dW) or against the torch path of the same head.
+
+The ``cuda`` group is the exception: the compiled kernels on a GPU (no interpreter), the
+same cases as the GPU-marked pytest test, runnable without pytest (tools/gpu_checks.sh on a
+machine that lacks it).
 """
 
 from __future__ import annotations
@@ -160,18 +164,81 @@ def two_rank_case(rank, world, sample_rate):
     return x, labels, weight, loss.detach(), xl.grad, head.weight.grad, head.class_start, rows
 
 
+def cuda_case(dtype: torch.dtype, margin_type: str) -> None:
+    """The compiled kernels on CUDA against the float64 reference, full and Partial FC rows.
+
+    fp32 embeddings run on TF32 (allowed here, refused while PyTorch forbids TF32); partial
+    tiles in N, C and D and several backward chunks (C = 3,001, chunk 1,024).
+    """
+    gen = torch.Generator().manual_seed(11)
+    num_classes, dim, batch = 3001, 512, 130
+    weight = torch.randn(num_classes, dim, generator=gen, dtype=torch.float64)
+    x = torch.randn(batch, dim, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (batch,), generator=gen)
+    x[0] = -weight[labels[0]] + 0.05 * x[0]
+    matmul = torch.backends.cuda.matmul
+    tf32_before = matmul.allow_tf32
+    for sample_rate in (1.0, 0.3):
+        head = make_head(
+            num_classes, dim, weight.float(), margin_type=margin_type, scale=16.0,
+            margin=MARGIN, sample_rate=sample_rate, kernel="triton", chunk_size=1024,
+        ).cuda()  # fmt: skip
+        xl = x.to("cuda", dtype).requires_grad_()
+        if dtype == torch.float32:
+            matmul.allow_tf32 = False
+            try:
+                head(xl, labels.cuda())
+                raise AssertionError("fp32 ran on the Triton path although TF32 is forbidden")
+            except ValueError as exc:
+                if "TF32" not in str(exc):
+                    raise
+            matmul.allow_tf32 = True
+        try:
+            loss = head(xl, labels.cuda())
+            loss.backward()
+        finally:
+            matmul.allow_tf32 = tf32_before
+        classes = None if sample_rate == 1.0 else head.last_sampled_rows.sort().values.cpu()
+        ref, dx, dw = reference_loss_and_grads(
+            x, weight, labels, margin_type, 16.0, MARGIN, classes
+        )
+        got = (loss.double().cpu(), xl.grad.double().cpu(), head.weight.grad.double().cpu())
+        where = f"{dtype} {margin_type} sample_rate={sample_rate}"
+        # TF32 products (10-bit mantissa) for fp32, 16-bit operands otherwise
+        loss_tol, grad_tol = (1e-3, 5e-3) if dtype == torch.float32 else (2e-2, 5e-2)
+        torch.testing.assert_close(got[0], ref, rtol=loss_tol, atol=loss_tol, msg=where)
+        for a, b, name in zip(got[1:], (dx, dw), ("dX", "dW")):
+            if (a - b).norm() > grad_tol * b.norm():
+                raise AssertionError(f"{where}: {name} off by {(a - b).norm() / b.norm():.2e}")
+        if sample_rate < 1.0:
+            used = torch.zeros(num_classes, dtype=torch.bool)
+            used[classes] = True
+            if not (got[2][~used] == 0).all():
+                raise AssertionError(f"{where}: unsampled rows got a gradient")
+
+
+def group_cuda() -> None:
+    if not torch.cuda.is_available():
+        raise AssertionError("the cuda group needs a CUDA device")
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for margin_type in MARGINS:
+            cuda_case(dtype, margin_type)
+
+
 GROUPS = {
     "margins": group_margins,
     "shapes": group_shapes,
     "partial_fc": group_partial_fc,
     "half": group_half,
     "row_stats": group_row_stats,
+    "cuda": group_cuda,
 }
 
 
 def main(argv: list[str]) -> int:
-    require_interpreter()
-    torch.set_num_threads(1)
+    if argv != ["cuda"]:
+        require_interpreter()
+        torch.set_num_threads(1)
     for name in argv:
         GROUPS[name]()
         print(f"group {name}: ok", flush=True)

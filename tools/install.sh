@@ -32,3 +32,12 @@ if [[ "$MODE" == test ]] && ! command -v promtool >/dev/null 2>&1; then
     echo "install.sh: the Prometheus server is missing; run as root or: sudo apt-get install prometheus" >&2
   fi
 fi
+
+# iproute2's ip: tests/test_launch_multinode.py makes two network namespaces (as root)
+if [[ "$MODE" == test ]] && ! command -v ip >/dev/null 2>&1; then
+  if [[ $(id -u) == 0 ]]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null
+  else
+    echo "install.sh: ip is missing (the two-node test skips); run as root or: sudo apt-get install iproute2" >&2
+  fi
+fi

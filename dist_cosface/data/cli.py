@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dist_cosface.data.convert import ConvertOptions, convert
+from dist_cosface.data.convert import MAX_IMAGE_BYTES, ConvertOptions, convert
 
 
 def add_shards_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +31,16 @@ def add_shards_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip and count bad inputs, or stop at the first one",
     )
     parser.add_argument(
-        "--overwrite", action="store_true", help="delete OUT_DIR first instead of resuming"
+        "--overwrite",
+        action="store_true",
+        help="start clean instead of resuming: deletes the files of a previous output in "
+        "OUT_DIR (refused if OUT_DIR holds anything else or overlaps SRC)",
+    )
+    parser.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=MAX_IMAGE_BYTES,
+        help="larger source images or records are bad inputs, never read (default 64 MiB)",
     )
     parser.add_argument(
         "--num-classes",
@@ -58,6 +67,7 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         workers=args.workers,
         on_bad=args.on_bad,
         overwrite=args.overwrite,
+        max_image_bytes=args.max_image_bytes,
         num_classes=args.num_classes,
         progress=False if args.no_progress else None,
         landmarks=args.landmarks,

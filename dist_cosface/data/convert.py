@@ -5,6 +5,11 @@ or the RecordIO labels as they are), shuffled globally with ``seed`` (face datas
 sorted by identity), cut into shards and written by parallel worker processes. Each shard is
 written under a temporary name with its DALI index and renamed when complete; a
 ``<shard>.done.json`` marker published last lets a rerun skip finished shards.
+
+Nothing outside the output's own files is ever deleted or read past a limit: the output folder
+may not overlap the source, ``--overwrite`` clears only a folder that holds nothing but this
+converter's files, and source images are read only when they are regular files (symlinks
+resolved, wherever they point), at most ``max_image_bytes`` each.
 """
 
 from __future__ import annotations
@@ -12,12 +17,15 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing
-import shutil
+import os
+import re
+import stat
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from dist_cosface.align import align_encoded, read_landmarks_file
 from dist_cosface.configtools import check_minimums
 from dist_cosface.data import recordio
 from dist_cosface.data.shards import (
@@ -36,6 +44,11 @@ from dist_cosface.imageio import (
 )
 
 PLAN_NAME = "_plan.json"
+# Every name this converter writes in an output folder (``.tmp``: written, not yet renamed).
+OUTPUT_FILE = re.compile(
+    r"(shard-\d{6,}\.(tar|idx|done\.json)|manifest\.json|labels\.json|_plan\.json)(\.tmp)?"
+)
+MAX_IMAGE_BYTES = 64 << 20  # default read cap per source image (faces are far smaller)
 
 
 @dataclass
@@ -52,9 +65,16 @@ class ConvertOptions:
     progress: bool | None = None  # None: only when stderr is a terminal
     landmarks: str = ""  # folder only: file of "relative/path x1 y1 ... x5 y5"; aligns images
     align_size: int = 112  # side of the aligned crops (the 112 template, scaled)
+    max_image_bytes: int = MAX_IMAGE_BYTES  # larger source images (or records) are bad inputs
 
     def __post_init__(self) -> None:
-        minimums = {"shard_size": 1, "max_shard_bytes": 0, "workers": 1, "align_size": 8}
+        minimums = {
+            "shard_size": 1,
+            "max_shard_bytes": 0,
+            "workers": 1,
+            "align_size": 8,
+            "max_image_bytes": 1,
+        }
         check_minimums(self, minimums)
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
@@ -82,6 +102,60 @@ class Problems:
         for kind, n in other.counts.items():
             self.counts[kind] = self.counts.get(kind, 0) + n
         self.examples.extend(other.examples[: max(0, 20 - len(self.examples))])
+
+
+class BadFile(ValueError):
+    """A source file that is not read: ``kind`` is the problem, ``detail`` says why."""
+
+    def __init__(self, path: str, kind: str, detail: str):
+        super().__init__(f"{path}: {kind} ({detail})")
+        self.kind, self.detail = kind, detail
+
+
+_FILE_TYPES = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a folder",
+}
+
+
+def check_regular(path: str, st: os.stat_result, max_bytes: int) -> None:
+    """BadFile unless ``st`` (of ``path``, links resolved) is a regular file of <= max_bytes."""
+    if not stat.S_ISREG(st.st_mode):
+        kind = _FILE_TYPES.get(stat.S_IFMT(st.st_mode), "a special file")
+        raise BadFile(path, "not a regular file", kind)
+    if st.st_size > max_bytes:
+        raise BadFile(path, "file too large", f"{st.st_size} bytes, --max-image-bytes {max_bytes}")
+
+
+def stat_source_file(path: str, max_bytes: int) -> int:
+    """Size of a readable source image; BadFile for dangling links, special or huge files."""
+    try:
+        st = os.stat(path)  # follows symlinks: the target is what would be read
+    except OSError as exc:
+        raise BadFile(path, "unreadable file", exc.strerror or type(exc).__name__) from exc
+    check_regular(path, st, max_bytes)
+    return st.st_size
+
+
+def read_source_file(path: str, max_bytes: int) -> bytes:
+    """The bytes of a regular file, at most ``max_bytes``; BadFile otherwise.
+
+    Checked again on the open descriptor (the file may have changed since the scan): opened
+    non-blocking, so a FIFO put in its place cannot block, and never read unless regular.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BadFile(path, "unreadable file", exc.strerror or type(exc).__name__) from exc
+    with open(fd, "rb", closefd=True) as f:
+        check_regular(path, os.fstat(fd), max_bytes)
+        data = f.read(max_bytes + 1)  # the file may have grown since the fstat
+    if len(data) > max_bytes:
+        raise BadFile(path, "file too large", f"over --max-image-bytes {max_bytes}")
+    return data
 
 
 @dataclass
@@ -124,21 +198,31 @@ class ConvertResult:
         return "\n".join(lines)
 
 
-def scan_folder(src: Path, problems: Problems) -> tuple[list[SourceSample], dict[str, int]]:
-    """``src/<identity>/<image>`` -> samples; class ids follow sorted identity names."""
-    per_identity: dict[str, list[Path]] = {}
+def scan_folder(
+    src: Path, problems: Problems, max_bytes: int = MAX_IMAGE_BYTES
+) -> tuple[list[SourceSample], dict[str, int]]:
+    """``src/<identity>/<image>`` -> samples; class ids follow sorted identity names.
+
+    An image is a regular file after resolving symlinks (a link may point anywhere, the
+    user's own files); FIFOs, sockets, devices, dangling links and files over ``max_bytes``
+    are bad inputs, found by ``stat`` without opening them.
+    """
+    per_identity: dict[str, list[tuple[Path, int]]] = {}
     for entry in sorted(src.iterdir()):
         if not entry.is_dir():  # README, LICENSE, ...: not part of the identity tree
             problems.report("ignored top-level file", str(entry), stop=False)
             continue
         images = []
         for path in sorted(entry.rglob("*")):
-            if path.is_dir():
+            if path.is_dir():  # rglob walks real sub-folders; linked ones are not descended
                 continue
-            if is_image_file(path):
-                images.append(path)
-            else:
+            if not is_image_file(path):
                 problems.report("non-image file", str(path))
+                continue
+            try:
+                images.append((path, stat_source_file(str(path), max_bytes)))
+            except BadFile as exc:
+                problems.report(exc.kind, str(path), exc.detail)
         if images:
             per_identity[entry.name] = images
         else:
@@ -147,15 +231,15 @@ def scan_folder(src: Path, problems: Problems) -> tuple[list[SourceSample], dict
         raise ValueError(f"{src}: no identity folders with images")
     label_map = {name: i for i, name in enumerate(sorted(per_identity))}
     samples = [
-        SourceSample(str(p), label_map[name], p.stat().st_size)
+        SourceSample(str(p), label_map[name], size)
         for name, paths in per_identity.items()
-        for p in paths
+        for p, size in paths
     ]
     return samples, label_map
 
 
 def scan_recordio(
-    rec: Path, num_classes: int, problems: Problems
+    rec: Path, num_classes: int, problems: Problems, max_bytes: int = MAX_IMAGE_BYTES
 ) -> tuple[list[SourceSample], dict[str, int], dict[int, int]]:
     idx = rec.with_suffix(".idx")
     if not idx.is_file():
@@ -168,6 +252,10 @@ def scan_recordio(
     with open(rec, "rb") as f:
         for rid in ids:
             where = f"{rec} record {rid}"
+            size = next_offset[offsets[rid]] - offsets[rid]
+            if size > max_bytes:
+                problems.report("record too large", where, f"{size} bytes > {max_bytes}")
+                continue
             try:
                 payload = recordio.read_payload(f, offsets[rid], where)
                 label = recordio.unpack_image(payload, where).label
@@ -177,7 +265,6 @@ def scan_recordio(
             if label != int(label) or label < 0 or (num_classes and label >= num_classes):
                 problems.report("label out of range", where, f"label {label}")
                 continue
-            size = next_offset[offsets[rid]] - offsets[rid]
             samples.append(SourceSample(str(rid), int(label), size))
     if not samples:
         raise ValueError(f"{rec}: no usable image records")
@@ -223,8 +310,6 @@ def _encode(data: bytes, opts: ConvertOptions) -> tuple[bytes, str]:
 
 
 def _align(data: bytes, points, opts: ConvertOptions, where: str) -> bytes:
-    from dist_cosface.eval.align import align_encoded
-
     return align_encoded(data, points, opts.align_size, where)
 
 
@@ -232,8 +317,6 @@ def _landmarks_by_ref(src: Path, samples: list[SourceSample], opts: ConvertOptio
     """``--landmarks``: each folder sample's 5 points (None where the file has none)."""
     if not opts.landmarks:
         return None
-    from dist_cosface.eval.align import read_landmarks_file
-
     table = read_landmarks_file(opts.landmarks)
     return {s.ref: table.get(Path(s.ref).relative_to(src).as_posix()) for s in samples}
 
@@ -248,7 +331,12 @@ def write_shard(job: ShardJob) -> tuple[int, ShardInfo, Problems, list[str]]:
     try:
         for position, sample in job.samples:
             if rec is None:
-                where, data = sample.ref, Path(sample.ref).read_bytes()
+                where = sample.ref
+                try:
+                    data = read_source_file(sample.ref, job.options.max_image_bytes)
+                except BadFile as exc:  # changed since the scan
+                    problems.report(exc.kind, where, exc.detail)
+                    continue
             else:
                 where = f"{job.rec_path} record {sample.ref}"
                 payload = recordio.read_payload(rec, job.rec_offsets[int(sample.ref)], where)
@@ -287,37 +375,87 @@ def _load_done(path: Path) -> tuple[ShardInfo, Problems, list[str]]:
     return ShardInfo(**done["shard"]), Problems(**done["problems"]), done["exts"]
 
 
+def check_apart(src: Path, out_dir: Path) -> None:
+    """ValueError when the output folder is, holds or lies inside the source (links resolved)."""
+    source, out = src.resolve(), out_dir.resolve()
+    if out == source:
+        where = "is the source"
+    elif source in out.parents:
+        where = "lies inside the source"
+    elif out in source.parents:
+        where = "holds the source"
+    else:
+        return
+    raise ValueError(f"{out_dir}: the output folder {where} {src}; choose a folder outside it")
+
+
+def _is_output_file(entry: Path) -> bool:
+    """A plain file (not a link) named like the files this converter writes."""
+    return bool(OUTPUT_FILE.fullmatch(entry.name)) and stat.S_ISREG(entry.lstat().st_mode)
+
+
+def _clear_previous_output(out_dir: Path, entries: list[Path]) -> None:
+    """``--overwrite``: delete a previous output's files; anything else there is refused."""
+    foreign = [e.name for e in entries if not _is_output_file(e)]
+    if not (out_dir / PLAN_NAME).is_file() or foreign:
+        what = f"holds {', '.join(foreign[:3])}" if foreign else f"has no {PLAN_NAME}"
+        raise ValueError(
+            f"{out_dir}: --overwrite only clears a previous output of dist-cosface shards, "
+            f"and this folder {what}; choose a new or empty output folder"
+        )
+    for entry in entries:
+        entry.unlink()
+
+
 def _prepare_out_dir(out_dir: Path, plan: dict, overwrite: bool) -> None:
-    plan_path = out_dir / PLAN_NAME
-    if overwrite and out_dir.exists():
-        shutil.rmtree(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: exists and is not a folder")
+    entries = sorted(out_dir.iterdir()) if out_dir.is_dir() else []
+    if overwrite and entries:
+        _clear_previous_output(out_dir, entries)
+        entries = []
     out_dir.mkdir(parents=True, exist_ok=True)
+    plan_path = out_dir / PLAN_NAME
     if plan_path.exists():
-        old = json.loads(plan_path.read_text())
+        try:
+            old = json.loads(plan_path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{plan_path}: unreadable ({exc})") from exc
         if old != plan:
             changed = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+            # suggest --overwrite only where it would work (nothing but our own files)
+            ours = all(_is_output_file(e) for e in entries)
+            advice = "pass --overwrite to start clean or " if ours else ""
             raise ValueError(
                 f"{out_dir}: holds shards of a different conversion (differs in {changed}); "
-                "pass --overwrite to start clean or choose another output folder"
+                f"{advice}choose another output folder"
             )
-    elif any(out_dir.iterdir()):
-        raise ValueError(f"{out_dir}: not empty and not a conversion output; use --overwrite")
+    elif entries:
+        names = ", ".join(e.name for e in entries[:3]) + (" ..." if len(entries) > 3 else "")
+        raise ValueError(
+            f"{out_dir}: not empty ({names}) and not an output of dist-cosface shards; "
+            "choose a new or empty output folder"
+        )
     atomic_write_text(plan_path, json.dumps(plan, indent=1))
     for stale in out_dir.glob("*.tmp"):
-        stale.unlink()
+        if _is_output_file(stale):  # a write cut short; never someone else's .tmp file
+            stale.unlink()
 
 
 def convert(src: str | Path, out_dir: str | Path, opts: ConvertOptions) -> ConvertResult:
     """Convert an image folder or a ``.rec`` file into shards under ``out_dir``."""
     src, out_dir = Path(src), Path(out_dir)
+    check_apart(src, out_dir)
     problems = Problems(opts.on_bad)
     rec_offsets: dict[int, int] = {}
     if src.is_dir():
         kind = "folder"
-        samples, label_map = scan_folder(src, problems)
+        samples, label_map = scan_folder(src, problems, opts.max_image_bytes)
     elif src.is_file() and src.suffix == ".rec":
         kind = "recordio"
-        samples, label_map, rec_offsets = scan_recordio(src, opts.num_classes, problems)
+        samples, label_map, rec_offsets = scan_recordio(
+            src, opts.num_classes, problems, opts.max_image_bytes
+        )
     else:
         raise ValueError(f"{src}: not an image folder or a .rec file")
     if opts.landmarks and kind != "folder":
@@ -325,8 +463,12 @@ def convert(src: str | Path, out_dir: str | Path, opts: ConvertOptions) -> Conve
     landmarks = _landmarks_by_ref(src, samples, opts)
     num_classes = opts.num_classes or (max(label_map.values()) + 1)
     groups = plan_shards(samples, opts)
+    # the read cap is left out: it only drops files (num_samples changes with them), and
+    # outputs written before it existed still resume
     plan_opts = {
-        k: v for k, v in asdict(opts).items() if k not in ("workers", "progress", "overwrite")
+        k: v
+        for k, v in asdict(opts).items()
+        if k not in ("workers", "progress", "overwrite", "max_image_bytes")
     }
     if not opts.landmarks:  # outputs written before alignment existed still resume
         del plan_opts["landmarks"], plan_opts["align_size"]

@@ -42,7 +42,9 @@ class BadDataLog:
     def start_epoch(self) -> None:
         self.epoch_lost = 0
         self.epoch_events = 0
-        self.epoch_shards: set[str] = set()  # a short shard re-read in a later pass counts once
+        # bad shards and samples (shard and key) met this epoch: an endless stream that
+        # re-reads a shard within the epoch meets them again, and they count once
+        self.epoch_seen: set[str] = set()
 
     def _too_many(self, lost: int) -> bool:
         return self.max_fraction < 1.0 and lost > self.max_fraction * self.epoch_samples
@@ -66,11 +68,12 @@ class BadDataLog:
                 )
 
     def record(self, where: str, problem: str, lost: int = 1, shard: str = "") -> None:
-        """One bad sample (or ``lost`` samples of the bad shard ``shard``) met while reading."""
-        if shard in self.epoch_shards:
+        """One bad sample (``where`` names shard and key) or ``lost`` samples of the bad shard
+        ``shard``, met while reading; counted and logged once per epoch."""
+        seen = shard or where
+        if seen in self.epoch_seen:
             return
-        if shard:
-            self.epoch_shards.add(shard)
+        self.epoch_seen.add(seen)
         self.epoch_lost += lost
         self.total_samples += lost
         self.epoch_events += 1

@@ -26,6 +26,7 @@ INDEX_VERSION = "v1.2"
 # joined to paths, URLs and ``pipe:`` commands, so anything that could leave the folder or mean
 # something to a shell (separators, "..", spaces, quotes, ; | & $ ...) is refused.
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+DIGITS = re.compile(r"[0-9]+")  # an index's offsets and sizes
 PLAIN_NAME_RULE = "1-200 of A-Z a-z 0-9 . _ -, starting with a letter or digit, no '..'"
 
 
@@ -105,8 +106,11 @@ class IndexEntry:
 
 
 def read_index(idx_path: Path) -> list[IndexEntry]:
-    """Parse a DALI ``v1.2`` webdataset index, raising ValueError naming the file."""
-    lines = Path(idx_path).read_text().splitlines()
+    """Parse a DALI ``v1.2`` webdataset index, raising ValueError naming the file (and line)."""
+    try:
+        lines = Path(idx_path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{idx_path}: unreadable index: {exc}") from exc
     if not lines:
         raise ValueError(f"{idx_path}: empty index file")
     head = lines[0].split()
@@ -120,6 +124,12 @@ def read_index(idx_path: Path) -> list[IndexEntry]:
         comps, key = {}, None
         for i in range(0, len(fields), 4):
             ext, offset, size, name = fields[i : i + 4]
+            numbers = DIGITS.fullmatch(offset) and DIGITS.fullmatch(size)
+            if not (numbers and name.endswith("." + ext)):
+                raise ValueError(
+                    f"{idx_path}:{lineno}: entry {' '.join(fields[i : i + 4])!r} is not "
+                    "'<ext> <offset> <size> <key>.<ext>' with non-negative integers"
+                )
             key = name[: -len(ext) - 1]
             comps[ext] = (int(offset), int(size))
         entries.append(IndexEntry(key, comps))
@@ -149,6 +159,9 @@ class Manifest:
     label_map: str = LABELS_NAME
     skipped: dict[str, int] = field(default_factory=dict)
     format: str = MANIFEST_FORMAT
+    # how the set was derived from another (``dist-cosface clean``: source, run, thresholds,
+    # removals); empty for a converted set
+    provenance: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -171,6 +184,8 @@ class Manifest:
             if not isinstance(shard.num_samples, int) or shard.num_samples < 0:
                 raise ValueError(f"{where}: shard {shard.name}: num_samples {shard.num_samples!r}")
         check_plain_name(manifest.label_map, "label_map", where)
+        if not isinstance(manifest.provenance, dict):
+            raise ValueError(f"{where}: provenance must be a JSON object")
         total = sum(s.num_samples for s in manifest.shards)
         if total != manifest.num_samples:
             raise ValueError(f"{where}: num_samples={manifest.num_samples} but shards hold {total}")

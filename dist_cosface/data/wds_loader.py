@@ -17,10 +17,11 @@ from collections.abc import Iterator
 
 import torch
 
+from dist_cosface.data import augment
 from dist_cosface.data.base import DTYPES, BaseLoader, repair_batch
 from dist_cosface.data.config import DataConfig
 from dist_cosface.data.dataset import ShardSet, balanced_groups, open_shards
-from dist_cosface.data.streams import open_stream
+from dist_cosface.data.locations import open_stream
 from dist_cosface.distributed import DistContext
 from dist_cosface.imageio import decode_resized, image_key, to_unit_range
 from dist_cosface.seeding import stable_seed
@@ -131,22 +132,38 @@ class _WorkerStream(torch.utils.data.IterableDataset):
             batch.append((sample, label))
             if len(batch) < self.cfg.batch_size:
                 continue
-            if index >= skip:
-                yield self._decode(batch, stream, index, events)
+            if index >= skip:  # augmented by the batch's number in the rank's epoch
+                params = augment.batch_params(
+                    self.cfg, self.seed, index * num_workers + stream, len(batch)
+                )
+                yield self._decode(batch, stream, index, events, params)
             batch, events, index = [], [], index + 1
 
-    def _decode(self, batch: list, stream: int, index: int, events: list):
+    def _decode(
+        self,
+        batch: list,
+        stream: int,
+        index: int,
+        events: list,
+        params: augment.AugmentParams | None,
+    ):
         size = self.cfg.image_size
         images = torch.empty(len(batch), 3, size, size, dtype=torch.uint8)
         labels = torch.tensor([label for _, label in batch], dtype=torch.int64)
         bad = torch.zeros(len(batch), dtype=torch.bool)
         for i, (sample, _) in enumerate(batch):
+            data = sample[image_key(sample)]
             try:
-                images[i] = decode_resized(sample[image_key(sample)], size)
+                if params is not None and (params.cropped[i] or params.lowered[i]):
+                    images[i] = augment.decode_sample(data, size, params, i)
+                else:
+                    images[i] = decode_resized(data, size)
             except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad images
                 where = f"{sample['__url__']} key {sample['__key__']}"
                 events.append((where, f"corrupt image ({exc})", 1, ""))
                 bad[i] = True
+        if params is not None:  # before the repair: a copy carries its source's steps (as DALI)
+            augment.apply(images, params)
         images, labels, _ = repair_batch(images, labels, bad, "webdataset batch")
         if self.cfg.random_flip:
             gen = torch.Generator().manual_seed(stable_seed(self.seed, stream, index, 1))

@@ -11,23 +11,29 @@ Layout of ``<output_dir>/checkpoints/step_<N>/``::
                      CRC32 of every other file; written LAST: its presence marks completeness
 
 Saving: every rank takes a host snapshot of its state (the only part that blocks training when
-``checkpoint.async_save`` is on), then writes its own file in parallel, into
-``step_<N>.tmp-write``; the writers record sizes and CRC32s of their files, and after they all
-finished rank 0 writes meta.json, fsyncs and renames the folder. A job killed at any point
-leaves no folder that resume would take for complete. An asynchronous save runs the writing in
-a background thread that coordinates on its own gloo group (``build_checkpoint_group``), one
-save in flight at a time.
+``checkpoint.async_save`` is on); rank 0 checks that the disk has room for it; then every rank
+writes its own file in parallel, into ``step_<N>.tmp-write``; the writers record sizes and
+CRC32s of their files, and after they all finished rank 0 writes meta.json, fsyncs and renames
+the folder (never over an existing one). A job killed at any point leaves no folder that
+resume would take for complete. An asynchronous save runs the writing in a background thread
+that coordinates on its own gloo group (``build_checkpoint_group``), one save in flight at a
+time; :meth:`Checkpointer.close` joins that thread and destroys the group before the process
+exits. A write that fails (a full disk) fails on every rank at once with one line naming the
+folder (:class:`CheckpointWriteError`); an asynchronous failure is voted on at the next step.
 
 Loading: DCP reads into the current layout: on another world size each rank reads just the rows
 its ``class_range`` now owns (the rows are DTensor ``Shard(0)``). RNG and data positions are per
-rank and are restored only on the same world size.
+rank and are restored only on the same world size. Every file is verified before it is read,
+and nothing in a checkpoint is unpickled beyond two allow-lists (``ckpt_safe``).
 
-DCP stores non-tensor values (loader positions, Python RNG state) pickled: resume only
-checkpoints you trust, as with any pickle.
+One line of checkpoints per run folder: before training goes on from step S, checkpoints of
+this run after S are refused or archived (``checkpoint.later_steps``, :meth:`Checkpointer.
+keep_one_line`), so pruning and publishing never touch another line's checkpoints.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -37,8 +43,11 @@ import threading
 import time
 import warnings
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from dist_cosface.distributed import DistContext, build_checkpoint_group
@@ -48,30 +57,43 @@ from dist_cosface.engine.ckpt_files import (
     select_verified,
     write_rank_records,
 )
+from dist_cosface.engine.ckpt_safe import SafeLoadPlanner, SafeReader, fit_blobs
 from dist_cosface.engine.train_state import TrainState
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # 3: torch.distributed.checkpoint files
-_READABLE_VERSIONS = (3,)
+FORMAT_VERSION = 4  # 4: non-tensor values as JSON (3: pickled by DCP; still read, safely)
+_READABLE_VERSIONS = (3, 4)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# DCP saves every tensor as its own small torch.save record: ~1.2 KB beyond the data (measured
+# on torch 2.13), which dominates the size of small models' checkpoints
+_BYTES_PER_ENTRY = 1280
+_FULL_BELOW = 1 << 20  # bytes free after a failed write below which the disk counts as full
 
 
-def _barrier(ctx: DistContext) -> None:
-    if ctx.is_distributed:
-        dist.barrier(group=ctx.group)
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (every rank raises it, with the same one line)."""
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under ``root`` (a checkpoints folder), oldest first."""
+    return [path for path in _step_dirs(root) if (path / "meta.json").is_file()]
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """Every ``step_<N>`` folder under ``root``, complete or not, by step."""
     if not root.is_dir():
         return []
     found = []
     for child in root.iterdir():
         match = _STEP_DIR.match(child.name)
-        if match and (child / "meta.json").is_file():
+        if match and child.is_dir():
             found.append((int(match.group(1)), child))
     return [path for _, path in sorted(found)]
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
 
 
 def find_latest_checkpoint(path: str | Path) -> Path | None:
@@ -94,9 +116,20 @@ def read_meta(ckpt: Path) -> dict:
         meta = json.loads(meta_path.read_text())
     except ValueError as exc:
         raise ValueError(f"{meta_path}: not valid JSON ({exc})") from exc
-    if meta.get("format_version") not in _READABLE_VERSIONS:
-        raise ValueError(f"{meta_path}: unsupported format_version {meta.get('format_version')}")
+    if not isinstance(meta, dict) or meta.get("format_version") not in _READABLE_VERSIONS:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise ValueError(
+            f"{meta_path}: unsupported format_version {version} (this version reads "
+            f"{', '.join(map(str, _READABLE_VERSIONS))})"
+        )
+    if not isinstance(meta.get("files"), dict):
+        raise ValueError(f"{meta_path}: no 'files' records to verify the checkpoint against")
     return meta
+
+
+def safe_reader(ckpt: Path, meta: dict) -> SafeReader:
+    """DCP's reader for ``ckpt`` with its index read through the allow-list (``ckpt_safe``)."""
+    return SafeReader(ckpt, meta["files"], allow_pickled=meta["format_version"] == 3)
 
 
 def resolve_checkpoint(path: str | Path, ctx: DistContext, only=None) -> Path | None:
@@ -117,14 +150,27 @@ class Checkpointer:
     """Saves and restores a run's checkpoints; every rank builds one at the same point.
 
     ``save`` returns once this rank's snapshot is taken (``async_save``) or written; ``wait``
-    finishes the save in flight (re-raising its error) and returns the published folder.
+    finishes the save in flight (re-raising its error) and returns the published folder;
+    ``failed`` says, without blocking, whether the save in flight has failed; ``close`` (every
+    rank, on every path out of training) joins the writer thread and destroys the group.
+    Every agreement between ranks runs on that gloo group: from the writer thread while a save
+    is in flight, from the caller's thread otherwise (never both at once).
     """
 
-    def __init__(self, root: Path, ctx: DistContext, *, keep_last: int, async_save: bool):
+    def __init__(
+        self,
+        root: Path,
+        ctx: DistContext,
+        *,
+        keep_last: int,
+        async_save: bool,
+        join_timeout_s: float = 600.0,
+    ):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.root, self.ctx = Path(root), ctx
         self.keep_last, self.async_save = keep_last, async_save
+        self.join_timeout_s = join_timeout_s
         self.group = build_checkpoint_group(ctx)
         self.mesh = None
         if self.group is not None:
@@ -132,26 +178,32 @@ class Checkpointer:
 
             self.mesh = DeviceMesh.from_group(self.group, "cpu")
         self._pending: Future | None = None
+        self._writer: threading.Thread | None = None
+
+    # ---- saving ----------------------------------------------------------------------------
 
     def save(self, step: int, state: TrainState, meta: dict) -> float:
-        """Checkpoint ``state`` as ``step_<step>``; returns the seconds the caller was blocked."""
+        """Checkpoint ``state`` as ``step_<step>``; returns the seconds the caller was blocked.
+
+        Raises :class:`CheckpointWriteError` on every rank when it cannot start (no room on
+        the disk, the folder exists) or, when synchronous, cannot be written.
+        """
         t0 = time.perf_counter()
         self.wait()  # one save in flight: its folder is published before the next starts
-        final, tmp = self.root / f"step_{step}", self.root / f"step_{step}.tmp-write"
-        if self.ctx.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # left over by a killed run
-            tmp.mkdir()
-        _barrier(self.ctx)
-        if state.native is not None:
-            state.native.save(tmp)  # collective on the training group: stays on this thread
         tree = state.snapshot()
+        target = _Target(self.root, step, _estimate_bytes(tree, self.ctx.world_size))
+        verdict = self._prepare(target) if self.ctx.is_main else None
+        verdict = _gather(self.group, verdict)[0]  # rank 0's, on every rank (no writer runs)
+        _raise_agreed(verdict["problem"])
+        target.needed, target.free = verdict["needed"], verdict["free"]
+        if state.native is not None:
+            self._save_native(state, target)
         full_meta = dict(meta, format_version=FORMAT_VERSION, step=step, complete=True)
         full_meta["world_size"] = self.ctx.world_size
         if self.async_save:
-            self._pending = _in_background(lambda: self._write(tmp, final, tree, full_meta))
+            self._pending, self._writer = _in_background(self._write, target, tree, full_meta)
         else:
-            self._write(tmp, final, tree, full_meta)
+            self._write(target, tree, full_meta)
         return time.perf_counter() - t0
 
     def wait(self) -> Path | None:
@@ -159,17 +211,192 @@ class Checkpointer:
         pending, self._pending = self._pending, None
         return pending.result() if pending is not None else None
 
+    def failed(self) -> bool:
+        """Whether the save in flight has finished with an error (does not block)."""
+        pending = self._pending
+        return pending is not None and pending.done() and pending.exception() is not None
+
+    def close(self) -> None:
+        """Join the writer thread, then destroy the checkpoint group; safe to call twice.
+
+        Every rank calls it on every way out of training: a writer thread still running (or
+        still freeing its snapshot) while the interpreter shuts down aborts the process.
+        """
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.join(self.join_timeout_s)
+            if writer.is_alive():  # a peer died mid-save: leave its group to the exit
+                log.error(
+                    "rank %d: the checkpoint writer is still running after %.0f s; exiting "
+                    "without it (its step_*.tmp-write folder is cleaned up by the next save)",
+                    self.ctx.rank,
+                    self.join_timeout_s,
+                )
+                return
+        self._pending = None
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+            self.group, self.mesh = None, None
+
+    def _prepare(self, target: _Target) -> dict:
+        """Rank 0, before anything is written: the folders, and room on the disk."""
+        verdict = {"problem": None, "needed": target.needed, "free": 0}
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("step_*.tmp-write"):  # left by a killed run
+                shutil.rmtree(stale, ignore_errors=True)
+            verdict["needed"] = target.needed = max(target.needed, self._latest_size())
+            verdict["free"] = target.free = shutil.disk_usage(self.root).free
+            if target.final.exists():
+                verdict["problem"] = f"checkpoint {target.final} already exists; not replaced"
+            else:
+                verdict["problem"] = self._room_problem(target)
+            if verdict["problem"] is None:
+                target.tmp.mkdir()
+        except OSError as exc:
+            verdict["problem"] = target.failure(exc)
+        return verdict
+
+    def _room_problem(self, target: _Target) -> str | None:
+        if target.free >= target.needed:
+            return None
+        return (
+            f"checkpoint {target.final.name}: not enough space in {self.root}: needs about "
+            f"{target.needed} bytes, {target.free} free; the previous checkpoints are kept "
+            "(free space, lower checkpoint.keep_last, or move train.output_dir)"
+        )
+
+    def _latest_size(self) -> int:
+        """Bytes of this run's newest checkpoint (the best guess for the next one), or 0."""
+        latest = complete_checkpoints(self.root)
+        try:
+            files = read_meta(latest[-1])["files"] if latest else {}
+            return sum(int(record["size"]) for record in files.values())
+        except (OSError, ValueError, TypeError, KeyError):
+            return 0
+
+    def _save_native(self, state: TrainState, target: _Target) -> None:
+        """The engine's own checkpoint (collective on the training group, on this thread)."""
+        problem = None
+        try:
+            state.native.save(target.tmp)
+        except Exception as exc:  # noqa: BLE001 - a full disk surfaces as several types
+            problem = target.failure(exc)
+        problem = _first_problem(self.group, problem)
+        if problem is not None:
+            if self.ctx.is_main:
+                shutil.rmtree(target.tmp, ignore_errors=True)
+            raise CheckpointWriteError(problem)
+
+    def _write(self, target: _Target, tree: dict, meta: dict) -> Path:
+        """Every rank writes its part; rank 0 publishes. Outcomes are agreed on the group."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        problem, tmp = None, target.tmp
+        try:
+            run_dcp(dcp.save, tree, self.group, storage_writer=dcp.FileSystemWriter(str(tmp)))
+            rank = self.ctx.rank
+            write_rank_records(tmp, rank, sorted(p.name for p in tmp.glob(f"__{rank}_*.distcp")))
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - see _Target.failure
+            problem = target.failure(exc)
+        del tree  # this thread's reference to the snapshot
+        problem = _first_problem(self.group, problem)
+        if problem is None and self.ctx.is_main:
+            try:
+                meta["files"] = merge_records(tmp, self.ctx.world_size)  # + .metadata, deepspeed/
+                _publish(tmp, target.final, meta)
+                self._prune(target.final)
+            except OSError as exc:
+                problem = target.failure(exc)
+        problem = _first_problem(self.group, problem)
+        if problem is not None:
+            if self.ctx.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)  # the space it took, back
+            raise CheckpointWriteError(problem)
+        return target.final
+
+    def _prune(self, written: Path) -> None:
+        """Keep ``written`` and the newest ``keep_last - 1`` checkpoints before it."""
+        before = [c for c in complete_checkpoints(self.root) if _step_of(c) < _step_of(written)]
+        for old in before[: max(len(before) - (self.keep_last - 1), 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # ---- one line of checkpoints -----------------------------------------------------------
+
+    def keep_one_line(
+        self, start: int, resumed: Path | None, policy: str, damaged: bool = False
+    ) -> list[Path]:
+        """Before training goes on from ``start``: this run's checkpoints after it.
+
+        They belong to another line of training, which the new checkpoints would mix with
+        (and pruning by step would delete the new ones). ``policy`` "refuse" raises (every
+        rank) naming them; "archive" moves them into ``superseded-<start>/`` (returned).
+        ``damaged``: they are known to be damaged (``resume: auto`` took the newest intact
+        checkpoint before them): always archived. Every rank calls this at the same point.
+        """
+        problem, moved = None, []
+        if self.ctx.is_main:
+            later = [
+                p
+                for p in _step_dirs(self.root)
+                if _step_of(p) >= start and (resumed is None or p.resolve() != resumed.resolve())
+            ]
+            if later and (damaged or policy == "archive"):
+                moved = self._archive(later, start)
+            elif later:
+                names = ", ".join(p.name for p in later)
+                what = f"resumes from step {start}" if resumed else "starts at step 0"
+                problem = (
+                    f"{self.root} holds checkpoints from step {start} on ({names}) while this "
+                    f"run {what}; training on would mix two lines of checkpoints. Set "
+                    f"checkpoint.later_steps=archive to move them into "
+                    f"{self.root / f'superseded-{start}'} first, or use another "
+                    "train.output_dir"
+                )
+        _raise_agreed(_first_problem(self.group, problem), ValueError)
+        return moved
+
+    def _archive(self, later: list[Path], start: int) -> list[Path]:
+        dest = self.root / f"superseded-{start}"
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = self.root / f"superseded-{start}-{n}"
+        dest.mkdir()
+        moved = []
+        for path in later:
+            path.rename(dest / path.name)
+            moved.append(dest / path.name)
+        fsync_dir(dest)
+        fsync_dir(self.root)
+        log.warning(
+            "moved %s (after step %d, the step this run goes on from) into %s; nothing deleted",
+            ", ".join(p.name for p in later),
+            start,
+            dest,
+        )
+        return moved
+
+    # ---- loading ---------------------------------------------------------------------------
+
     def restore(self, ckpt: Path, state: TrainState) -> tuple[dict, dict | None]:
-        """Load ``ckpt`` into ``state``; returns (meta, this rank's loader position or None)."""
+        """Load ``ckpt`` (verified by ``resolve_checkpoint``) into ``state``; returns (meta,
+        this rank's loader position or None)."""
         import torch.distributed.checkpoint as dcp
 
         meta = read_meta(ckpt)
         _check_classes(ckpt, meta, state)  # before anything is loaded
+        reader = safe_reader(ckpt, meta)
+        metadata = reader.read_metadata()  # refused here before any other file is opened
         same_world = meta["world_size"] == self.ctx.world_size
         if state.native is not None:
             state.native.load(ckpt, meta["world_size"])
-        tree = state.template(same_world)
-        run_dcp(dcp.load, tree, self.group, storage_reader=dcp.FileSystemReader(str(ckpt)))
+        legacy = meta["format_version"] == 3
+        tree = state.template(same_world, encoded=not legacy)
+        if not legacy:
+            tree = fit_blobs(tree, metadata)
+        run_dcp(dcp.load, tree, self.group, storage_reader=reader, planner=SafeLoadPlanner(ckpt))
         position = state.restore(tree, skip_backbone=state.native is not None)
         if not same_world:
             log.warning(
@@ -182,47 +409,141 @@ class Checkpointer:
             )
         return meta, position
 
-    def _write(self, tmp: Path, final: Path, tree: dict, meta: dict) -> Path:
-        import torch.distributed.checkpoint as dcp
-
-        run_dcp(dcp.save, tree, self.group, storage_writer=dcp.FileSystemWriter(str(tmp)))
-        rank = self.ctx.rank
-        write_rank_records(tmp, rank, sorted(p.name for p in tmp.glob(f"__{rank}_*.distcp")))
-        self._barrier()
-        if self.ctx.is_main:
-            meta["files"] = merge_records(tmp, self.ctx.world_size)  # + .metadata, deepspeed/
-            _publish(tmp, final, meta)
-            for old in complete_checkpoints(self.root)[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-            for stale in self.root.glob("step_*.tmp-write"):  # left by a run killed mid-write
-                shutil.rmtree(stale, ignore_errors=True)
-        self._barrier()
-        return final
-
-    def _barrier(self) -> None:
-        if self.group is not None:
-            dist.barrier(group=self.group)
-
 
 def run_dcp(fn, tree: dict, group, **kwargs):
-    """``dcp.save`` / ``dcp.load`` on ``group``, or in this process alone when it is None."""
+    """``dcp.save`` / ``dcp.load`` on ``group``, or in this process alone when it is None.
+
+    A refusal or I/O error on any rank comes out as that error (DCP wraps every rank's
+    failure, with tracebacks, into one ``CheckpointException``).
+    """
+    from torch.distributed.checkpoint.api import CheckpointException
+
     if group is None:  # said on purpose: DCP's warning that it assumes so is noise here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
-    return fn(tree, process_group=group, no_dist=group is None, **kwargs)
+    try:
+        return fn(tree, process_group=group, no_dist=group is None, **kwargs)
+    except CheckpointException as exc:
+        for error, _ in exc.failures.values():
+            if isinstance(error, ValueError):  # a refusal (ckpt_safe)
+                raise error from None
+        raise
 
 
-def _in_background(job) -> Future:
-    """Run ``job`` on a daemon thread (a dead peer must not keep this process from exiting)."""
+def _in_background(fn, *args) -> tuple[Future, threading.Thread]:
+    """Run ``fn(*args)`` on a daemon thread (a dead peer must not keep this process from
+    exiting); the future completes only after the thread dropped its arguments (the snapshot)
+    so that freeing it never overlaps the interpreter's shutdown."""
     future: Future = Future()
+    job = [fn, args]
 
     def run() -> None:
+        call, call_args = job.pop(0), job.pop(0)
         try:
-            future.set_result(job())
+            result = call(*call_args)
         except BaseException as exc:  # handed to whoever waits
+            del call, call_args
             future.set_exception(exc)
+        else:
+            del call, call_args
+            future.set_result(result)
 
-    threading.Thread(target=run, name="checkpoint-writer", daemon=True).start()
-    return future
+    thread = threading.Thread(target=run, name="checkpoint-writer", daemon=True)
+    thread.start()
+    return future, thread
+
+
+def _gather(group, value: Any) -> list[Any]:
+    """Every rank's ``value`` over ``group``, in rank order (just ``[value]`` without one)."""
+    if group is None:
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, value, group=group)
+    return gathered
+
+
+def _first_problem(group, problem: str | None) -> str | None:
+    """The lowest rank's problem over ``group``, the same on every rank."""
+    return next((p for p in _gather(group, problem) if p is not None), None)
+
+
+def _raise_agreed(problem: str | None, kind: type[Exception] = CheckpointWriteError) -> None:
+    if problem is not None:
+        raise kind(problem)
+
+
+@dataclass
+class _Target:
+    """Where a save goes, the bytes it needs and the bytes free when it started (rank 0's)."""
+
+    root: Path
+    step: int
+    needed: int
+    free: int = 0
+
+    @property
+    def final(self) -> Path:
+        return self.root / f"step_{self.step}"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / f"step_{self.step}.tmp-write"
+
+    def failure(self, exc: BaseException) -> str:
+        """One line for a failed write: the folder, the error, for a full disk the room.
+
+        A full disk reaches us as an OSError (ENOSPC), as a RuntimeError from inside
+        torch.save's writer ("unexpected pos"), or wrapped by DCP: a disk left with less than
+        ``_FULL_BELOW`` bytes counts as full whatever the type.
+        """
+        cause = _os_error(exc)
+        lines = str(exc).strip().splitlines()
+        what = (cause.strerror or str(cause)) if cause else (lines[-1] if lines else repr(exc))
+        try:
+            free_now = shutil.disk_usage(self.root).free
+        except OSError:
+            free_now = None
+        full = cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+        if full or (free_now is not None and free_now < _FULL_BELOW):
+            what = (
+                f"{os.strerror(errno.ENOSPC)} (this checkpoint needs about {self.needed} "
+                f"bytes; {self.free} were free when it started)"
+            )
+        where = (cause.filename if cause else None) or self.tmp
+        return (
+            f"checkpoint {self.final.name}: writing {where} failed: {what}; the previous "
+            "checkpoints are kept"
+        )
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` (DCP wraps each rank's error in a CheckpointException)."""
+    if isinstance(exc, OSError):
+        return exc
+    for error, _ in getattr(exc, "failures", {}).values():
+        if isinstance(error, OSError):
+            return error
+    return None
+
+
+def _estimate_bytes(tree: dict, world_size: int) -> int:
+    """Bytes the whole save of ``tree`` writes, from rank 0's snapshot: sharded (DTensor) and
+    per-rank entries times the ranks, replicated tensors once, plus DCP's per-entry records."""
+    total = 0
+    for name, section in tree.items():
+        for tensor in _tensors(section):
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            per_rank = hasattr(tensor, "to_local") or name.startswith("rank")
+            size = local.numel() * local.element_size() + _BYTES_PER_ENTRY
+            total += size * (world_size if per_rank else 1)
+    return total
+
+
+def _tensors(node) -> list[torch.Tensor]:
+    if isinstance(node, torch.Tensor):
+        return [node]
+    if isinstance(node, dict):
+        return [t for value in node.values() for t in _tensors(value)]
+    return []
 
 
 def _check_classes(ckpt: Path, meta: dict, state: TrainState) -> None:
@@ -235,7 +556,10 @@ def _check_classes(ckpt: Path, meta: dict, state: TrainState) -> None:
 
 
 def _publish(tmp: Path, final: Path, meta: dict) -> None:
-    """meta.json last, everything on disk, then the atomic rename (and its directory entry)."""
+    """meta.json last, everything on disk, then the atomic rename (and its directory entry).
+
+    An existing ``final`` is never replaced (``keep_one_line`` keeps other lines away).
+    """
     meta_path = tmp / "meta.json"
     with open(meta_path, "w") as handle:
         handle.write(json.dumps(meta, indent=1))
@@ -243,6 +567,6 @@ def _publish(tmp: Path, final: Path, meta: dict) -> None:
         os.fsync(handle.fileno())
     fsync_dir(tmp)
     if final.exists():
-        shutil.rmtree(final)
+        raise FileExistsError(17, "a checkpoint of this step exists; not replaced", str(final))
     tmp.rename(final)
     fsync_dir(final.parent)

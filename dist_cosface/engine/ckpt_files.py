@@ -132,6 +132,7 @@ def select_verified(
     if order:
         raise ValueError(
             f"no intact checkpoint among {[c.name for c in order]} in {order[0].parent}: all "
-            "are damaged (see the warnings); set checkpoint.resume=none to start fresh"
+            "are damaged (see the warnings); set checkpoint.resume=none and "
+            "checkpoint.later_steps=archive to start fresh (they are kept under superseded-0)"
         )
     return None

@@ -16,54 +16,82 @@ import torch
 
 from dist_cosface.configtools import from_mapping
 from dist_cosface.distributed import DistContext
-from dist_cosface.engine.checkpoint import read_meta, resolve_checkpoint, run_dcp
-
-
-def _metadata(ckpt: Path):
-    import torch.distributed.checkpoint as dcp
-
-    try:
-        return dcp.FileSystemReader(str(ckpt)).read_metadata()
-    except Exception as exc:  # unpickling a damaged index raises many types
-        raise ValueError(f"{ckpt / '.metadata'} cannot be read: {exc}") from exc
+from dist_cosface.engine.checkpoint import read_meta, resolve_checkpoint, run_dcp, safe_reader
+from dist_cosface.engine.ckpt_safe import JSON_KEY, SafeLoadPlanner, from_blob
 
 
 def read_tree(ckpt: Path, prefix: str) -> dict[str, Any]:
-    """``{key: value}`` of every entry under ``prefix`` (dotted keys), tensors at full size."""
-    return _load_entries(ckpt, _metadata(ckpt), prefix)
+    """``{key: value}`` of every entry under ``prefix`` (dotted keys), tensors at full size.
+
+    Non-tensor values (format 4 keeps them as JSON) come out under their own dotted keys.
+    Verifies ``.metadata`` and the files holding those entries first.
+    """
+    ckpt = Path(ckpt)
+    return _read_verified(ckpt, prefix, strict=True)[1]
 
 
-def _load_entries(ckpt: Path, metadata, prefix: str) -> dict[str, Any]:
+def _read_verified(path: str | Path, prefix: str, strict=False) -> tuple[Path, dict[str, Any]]:
+    """(checkpoint, its entries under ``prefix``) of a checkpoint or a run folder's latest.
+
+    Order matters: meta.json (JSON) names the files and their CRC32s; ``.metadata`` is
+    verified, then unpickled through the allow-list; then only the files that hold the wanted
+    entries are verified and read (``ckpt_safe``).
+    """
+    from dist_cosface.engine.checkpoint import find_latest_checkpoint
+
+    latest = Path(path) if strict else find_latest_checkpoint(path)
+    if latest is None:
+        raise ValueError(f"no complete checkpoint found at {path}")
+    meta = read_meta(latest)
+    resolve_checkpoint(latest, DistContext(), only={".metadata"})
+    reader = safe_reader(latest, meta)
+    metadata = reader.read_metadata()
+    wanted = [k for k in metadata.state_dict_metadata if _wanted(k, prefix)]
+    holding = {
+        info.relative_path for index, info in metadata.storage_data.items() if index.fqn in wanted
+    }
+    ckpt = resolve_checkpoint(latest, DistContext(), only={".metadata"} | holding)
+    return ckpt, _load_entries(ckpt, reader, wanted, prefix)
+
+
+def _wanted(key: str, prefix: str) -> bool:
+    """Entries under ``prefix``, and the JSON of sections that may hold some (its keys are
+    known once decoded)."""
+    if key.endswith(f".{JSON_KEY}"):
+        section = key.removesuffix(f".{JSON_KEY}")
+        return section.startswith(prefix) or prefix.startswith(f"{section}.")
+    return key.startswith(prefix)
+
+
+def _load_entries(ckpt: Path, reader, wanted: list[str], prefix: str) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    stored = reader.read_metadata().state_dict_metadata
     tree: dict[str, Any] = {}
-    for key, item in metadata.state_dict_metadata.items():
-        if key.startswith(prefix):
-            is_tensor = isinstance(item, TensorStorageMetadata)
-            tree[key] = torch.empty(item.size, dtype=item.properties.dtype) if is_tensor else None
-    if not tree:
+    for key in wanted:
+        item = stored[key]
+        is_tensor = isinstance(item, TensorStorageMetadata)
+        tree[key] = torch.empty(item.size, dtype=item.properties.dtype) if is_tensor else None
+    if tree:
+        run_dcp(dcp.load, tree, None, storage_reader=reader, planner=SafeLoadPlanner(ckpt))
+    entries = {}
+    for key, value in tree.items():
+        if key.endswith(f".{JSON_KEY}"):
+            section = key.removesuffix(f".{JSON_KEY}")
+            entries.update(_flatten(from_blob(value, section), section))
+        else:
+            entries[key] = value
+    entries = {k: v for k, v in entries.items() if k.startswith(prefix)}
+    if not entries:
         raise ValueError(f"{ckpt}: no entries under {prefix!r}")
-    run_dcp(dcp.load, tree, None, storage_reader=dcp.FileSystemReader(str(ckpt)))
-    return tree
+    return entries
 
 
-def _read_verified(path: str | Path, prefix: str) -> tuple[Path, dict[str, Any]]:
-    """(checkpoint, its entries under ``prefix``) of a checkpoint or a run folder's latest,
-    after verifying only the files that DCP's index says hold those entries."""
-    from dist_cosface.engine.checkpoint import find_latest_checkpoint
-
-    latest = find_latest_checkpoint(path)
-    if latest is None:
-        raise ValueError(f"no complete checkpoint found at {path}")
-    metadata = _metadata(latest)
-    holding = {
-        info.relative_path
-        for index, info in metadata.storage_data.items()
-        if index.fqn.startswith(prefix)
-    }
-    ckpt = resolve_checkpoint(latest, DistContext(), only={".metadata"} | holding)
-    return ckpt, _load_entries(ckpt, metadata, prefix)
+def _flatten(value: Any, key: str) -> dict[str, Any]:
+    if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+        return {k2: v2 for k, v in value.items() for k2, v2 in _flatten(v, f"{key}.{k}").items()}
+    return {key: value}
 
 
 def load_backbone(checkpoint_or_run_dir: str | Path) -> tuple[torch.nn.Module, int]:

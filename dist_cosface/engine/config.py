@@ -55,6 +55,12 @@ class TrainConfig:
     max_skipped_steps: int = 20
     # time the classifier's collectives for the metrics (adds device syncs; off by default)
     time_collectives: bool = False
+    # torch.compile the backbone for training (the classifier stays eager; docs/training.md)
+    compile: bool = False
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"  # aot_eager: no codegen
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = "default"
 
     def __post_init__(self) -> None:
         if self.total_steps < 1:
@@ -69,6 +75,12 @@ class TrainConfig:
             # DeepSpeed's fp16 loss scale would also scale the classifier's gradients, which
             # live outside its optimizer; use bf16 there, or fp16 with the ddp engine.
             raise ValueError("train.precision='fp16' is not supported with engine='deepspeed'")
+        if self.compile_mode != "default" and self.compile_backend != "inductor":
+            # torch.compile's modes are inductor settings; other backends would ignore them
+            raise ValueError(
+                f"compile_mode {self.compile_mode!r} needs compile_backend 'inductor', "
+                f"got {self.compile_backend!r}"
+            )
 
 
 @dataclass
@@ -78,6 +90,9 @@ class CheckpointConfig:
     resume: Union[Literal["auto", "none"], str] = "auto"  # or a checkpoint folder
     # write in a background thread once a host snapshot is taken (training goes on meanwhile)
     async_save: bool = False
+    # checkpoints of the run folder after the step a run starts from (an explicit lower-step
+    # resume, or resume none): refuse to start, or archive them into checkpoints/superseded-<step>
+    later_steps: Literal["refuse", "archive"] = "refuse"
 
     def __post_init__(self) -> None:
         if self.every_steps < 0:

@@ -24,7 +24,7 @@ def evaluate_backbone(
     Never raises: an evaluation failure must not turn a trained run into a failed one. Targets
     that fail are logged and recorded with an ``error`` entry (in eval.json too).
     """
-    from dist_cosface.eval.pairs_dist import run_evaluation_all_ranks
+    from dist_cosface.eval.pair_verification import run_evaluation_all_ranks
 
     backbone.eval()
     try:

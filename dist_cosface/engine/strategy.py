@@ -7,6 +7,13 @@ the backbone gradient norm DeepSpeed computes on its own, and what a checkpoint 
 backbone (``checkpoint_state`` in the DCP tree, ``native_checkpoint`` beside it). The sharded
 classifier and its row optimizer stay outside both (their rows are never averaged or
 partitioned).
+
+``train.compile`` compiles the backbone's training forward only; the classifier's autograd
+Function stays eager. The checkpointed backbone keeps its own parameter names (no
+``_orig_mod.`` prefix), so checkpoints move freely between compiled and eager runs. With DDP
+the compiled wrapper (``torch.compile(backbone)``) goes inside DDP and ``backbone`` itself stays
+the eager module that checkpoints, evaluation and export see; DeepSpeed compiles its module in
+place (``engine.compile``), and evaluation then runs it eagerly (``eager``).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from dist_cosface.engine.train_state import BackboneState
 
 if TYPE_CHECKING:
     from dist_cosface.config import RunConfig
+    from dist_cosface.engine.config import TrainConfig
     from dist_cosface.engine.ds import DeepSpeedCheckpoint
 
 
@@ -43,14 +51,20 @@ class DDPStrategy:
         *,
         precision: str,
         accum_steps: int,
+        compile_options: dict | None = None,
     ) -> None:
-        self.backbone = backbone
-        self.model: torch.nn.Module = backbone
+        self.backbone = backbone  # eager: checkpoints, evaluation
+        self.model: torch.nn.Module = backbone  # the training forward
+        if compile_options is not None:
+            # inside DDP, as torch recommends: dynamo never traces DDP's Python forward and its
+            # hooks, and still splits the graph at DDP's bucket borders (DDPOptimizer sees the
+            # active DDP module when the compiled frame runs inside DDP's forward)
+            self.model = torch.compile(backbone, **compile_options)
         if ctx.is_distributed:
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             # only the backbone is wrapped: the classifier's rows are sharded, never averaged
             self.model = DistributedDataParallel(
-                backbone, device_ids=device_ids, process_group=ctx.group
+                self.model, device_ids=device_ids, process_group=ctx.group
             )
         self._optimizer = optimizer
         self._distributed = ctx.is_distributed
@@ -105,6 +119,10 @@ class DDPStrategy:
         """A backbone norm the trainer did not compute itself: none here."""
         return None
 
+    def eager(self) -> contextlib.AbstractContextManager:
+        """``backbone`` is never compiled here (the compiled wrapper is ``model``'s)."""
+        return contextlib.nullcontext()
+
 
 class DeepSpeedStrategy:
     """The backbone inside a DeepSpeed engine (ZeRO 0-2, bf16 master weights).
@@ -114,9 +132,21 @@ class DeepSpeedStrategy:
     """
 
     def __init__(
-        self, engine: Any, *, owns_backbone_grads: bool, zero_stage: int, world_size: int
+        self,
+        engine: Any,
+        *,
+        owns_backbone_grads: bool,
+        zero_stage: int,
+        world_size: int,
+        compile_options: dict | None = None,
     ) -> None:
         self.engine = engine
+        self.compiled = compile_options is not None
+        if compile_options is not None:
+            # DeepSpeed's own entry: nn.Module.compile of engine.module, in place (the names
+            # in DeepSpeed's checkpoint stay those of the eager module)
+            options = dict(compile_options)
+            engine.compile(backend=options.pop("backend"), compile_kwargs=options)
         self.zero_stage, self.world_size = zero_stage, world_size
         self.model = engine
         self.backbone: torch.nn.Module = engine.module
@@ -174,22 +204,102 @@ class DeepSpeedStrategy:
 
         return engine_grad_norm(self.engine)
 
+    def eager(self) -> contextlib.AbstractContextManager:
+        """Inside, the backbone compiled in place runs eagerly (evaluation): the compiled graph
+        is the training one, and eval mode under ``no_grad`` would compile another for a pass
+        run a few times per run; eager also gives the figures an eager run gives."""
+        if not self.compiled:
+            return contextlib.nullcontext()
+        return torch.compiler.set_stance("force_eager")
+
 
 Strategy = DDPStrategy | DeepSpeedStrategy
 
 
+def compile_options(train: TrainConfig) -> dict | None:
+    """``torch.compile`` keyword arguments per ``train.compile*``; None when it is off."""
+    if not train.compile:
+        return None
+    options: dict = {"backend": train.compile_backend}
+    if train.compile_mode != "default":
+        options["mode"] = train.compile_mode
+    return options
+
+
+class CompilerUnavailable(RuntimeError):
+    """``train.compile`` was asked for and torch.compile cannot work on this machine."""
+
+
+def check_compiler(train: TrainConfig, device: torch.device) -> None:
+    """Fail at start-up, in one line, when ``train.compile`` cannot work on this machine.
+
+    Compiles and runs a small function with the configured backend and mode on ``device``
+    (dynamo, AOTAutograd, code generation, the C++ or Triton toolchain, loading); on the CPU
+    with inductor the C++ compiler is looked up first, since a cached probe would not call it.
+    Raises CompilerUnavailable naming the key, the backend and what failed.
+    """
+    options = compile_options(train)
+    if options is None:
+        return
+    try:
+        if train.compile_backend == "inductor" and device.type == "cpu":
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()  # the compiler inductor would call (g++ or $CXX)
+        _run_compile_probe(options, device)
+    except Exception as exc:  # noqa: BLE001 - any failure means the compiler is unusable
+        detail = str(exc).strip().splitlines()
+        reason = f"{type(exc).__name__}: {detail[0]}" if detail else type(exc).__name__
+        raise CompilerUnavailable(
+            f"train.compile=true: torch.compile(backend={train.compile_backend!r}) does not work "
+            f"on this machine ({device.type}): {reason}. Install what it needs (a C++ compiler "
+            "such as g++ on the PATH or in $CXX for inductor on the CPU; Triton for CUDA) or "
+            "set train.compile=false"
+        ) from exc
+
+
+def _probe(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(x).square() + x
+
+
+def _run_compile_probe(options: dict, device: torch.device) -> None:
+    """Compile and run one small function (a single fused kernel: seconds, not the model's
+    minutes) and compare it with eager."""
+    x = torch.linspace(-3.0, 3.0, 64, device=device)
+    got = torch.compile(_probe, **options)(x)
+    if not torch.allclose(got, _probe(x), rtol=1e-5, atol=1e-6):
+        raise RuntimeError("the compiled probe computes a different result from eager")
+
+
+def _check_compiles_in_place(backbone: torch.nn.Module) -> None:
+    """``nn.Module.compile`` (DeepSpeed's ``engine.compile``) silently compiles nothing when
+    the module's ``forward`` is torch's own (``nn.Sequential``...): dynamo skips torch.nn code."""
+    forward = type(backbone).forward
+    if forward.__module__.split(".")[0] == "torch":
+        raise ValueError(
+            "train.compile with train.engine='deepspeed' compiles the backbone in place, which "
+            f"torch skips for a forward of its own ({forward.__qualname__}): wrap the backbone "
+            "in a module class of your own, or use train.engine='ddp'"
+        )
+
+
 def build_strategy(cfg: RunConfig, ctx: DistContext, backbone: torch.nn.Module) -> Strategy:
-    """Wrap ``backbone`` (already on ``ctx.device``) per ``cfg.train.engine``."""
+    """Wrap ``backbone`` (already on ``ctx.device``) per ``cfg.train.engine``; compile it per
+    ``cfg.train.compile`` (compilation itself happens at the first training forward)."""
     optimizer = build_backbone_optimizer(backbone.parameters(), cfg.optim)
+    options = compile_options(cfg.train)
     if cfg.train.engine == "deepspeed":
         from dist_cosface.engine.ds import build_deepspeed_engine, owns_backbone_grads
 
+        if options is not None:
+            _check_compiles_in_place(backbone)
         engine = build_deepspeed_engine(backbone, optimizer, cfg, ctx)
         return DeepSpeedStrategy(
             engine,
             owns_backbone_grads=owns_backbone_grads(cfg),
             zero_stage=cfg.train.zero_stage,
             world_size=ctx.world_size,
+            compile_options=options,
         )
     return DDPStrategy(
         backbone,
@@ -197,4 +307,5 @@ def build_strategy(cfg: RunConfig, ctx: DistContext, backbone: torch.nn.Module) 
         ctx,
         precision=cfg.train.precision,
         accum_steps=cfg.optim.grad_accum_steps,
+        compile_options=options,
     )

@@ -12,6 +12,10 @@
 Every tensor in a snapshot is a host copy, so taking it is the only part of an asynchronous
 save that blocks training. ``rank<r>`` entries exist only for rank r and are read back only
 on the same world size (a data position cannot be mapped onto another split of the data).
+The non-tensor values of each section (optimizer settings, the loss scale, the Python RNG
+state, loader positions) travel as one JSON document in a uint8 tensor, ``<section>._json``
+(``ckpt_safe.encode_plain``), so a checkpoint holds tensors only and resuming unpickles none
+of it beyond torch's weights-only loader.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 
 from dist_cosface.classifier.state import ClassifierState
+from dist_cosface.engine.ckpt_safe import decode_plain, encode_plain
 
 
 class NativeCheckpoint(Protocol):
@@ -70,7 +75,10 @@ class TrainState:
     native: NativeCheckpoint | None = None
 
     def snapshot(self) -> dict:
-        """Host copies of everything (the blocking part of a save)."""
+        """Host copies of everything (the blocking part of a save), non-tensors as JSON."""
+        return encode_plain(self._state())
+
+    def _state(self) -> dict:
         return {
             "backbone": self.backbone.state_dict(),
             "classifier": self.classifier.state_dict(),
@@ -78,18 +86,22 @@ class TrainState:
             f"rank{self.rank}": host_copy({"rng": rng_state(), "loader": self.loader.state_dict()}),
         }
 
-    def template(self, same_world: bool) -> dict:
-        """What to read back: a snapshot, without this rank's entry on another world size."""
-        tree = self.snapshot()
+    def template(self, same_world: bool, encoded: bool = True) -> dict:
+        """What to read back: a snapshot, without this rank's entry on another world size.
+
+        ``encoded=False``: the layout of format-3 checkpoints (non-tensor values pickled).
+        """
+        tree = self._state()
         if not same_world:
             del tree[f"rank{self.rank}"]
-        return tree
+        return encode_plain(tree) if encoded else tree
 
     def restore(self, tree: dict, skip_backbone: bool) -> dict | None:
         """Load ``tree`` (a template DCP filled in); returns the loader position or None.
 
         ``skip_backbone``: the native checkpoint restored the backbone already.
         """
+        tree = decode_plain(tree)
         if not skip_backbone:
             self.backbone.load_state_dict(tree["backbone"])
         self.classifier.load_state_dict(tree["classifier"])

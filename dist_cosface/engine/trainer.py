@@ -1,11 +1,12 @@
 """The training loop: ``train(cfg, ctx) -> summary`` runs one :class:`Trainer`.
 
 One optimizer step = ``optim.grad_accum_steps`` micro-batches. Per step the trainer issues, in
-addition to the model's own collectives, ONE all-reduce of a 4-element tensor that carries
+addition to the model's own collectives, ONE all-reduce of a 5-element tensor that carries
 the global gradient norm (each classifier shard counted once), the "SIGTERM received" and
-"launcher died" flags and the loader's "bad input data" flag, and reads it on the host: that
-single synchronisation gives every rank the same decision about clipping, fp16 overflow skips,
-non-finite stops, preemption and stops on bad data.
+"launcher died" flags, the loader's "bad input data" flag and the "checkpoint writer failed"
+flag, and reads it on the host: that single synchronisation gives every rank the same decision
+about clipping, fp16 overflow skips, non-finite stops, preemption and stops on bad data or a
+failed asynchronous save.
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ from dist_cosface.configtools import to_mapping
 from dist_cosface.data.integrity import raise_data_failure
 from dist_cosface.data.protocol import TrainLoader
 from dist_cosface.distributed import DistContext
-from dist_cosface.engine.checkpoint import Checkpointer, resolve_checkpoint
+from dist_cosface.engine.checkpoint import (
+    Checkpointer,
+    CheckpointWriteError,
+    read_meta,
+    resolve_checkpoint,
+)
 from dist_cosface.engine.optim import clip_grads_, global_grad_norm_and_flags, lr_at, set_lr
 from dist_cosface.engine.parts import (
     build_checked_loader,
@@ -37,7 +43,7 @@ from dist_cosface.engine.parts import (
 from dist_cosface.engine.progress import ProgressLog
 from dist_cosface.engine.runlock import RunLock
 from dist_cosface.engine.signals import StopRequest
-from dist_cosface.engine.strategy import build_strategy
+from dist_cosface.engine.strategy import build_strategy, check_compiler
 from dist_cosface.engine.stream import EpochStream
 from dist_cosface.engine.train_state import TrainState
 
@@ -58,21 +64,26 @@ def train(
 
     Returns a summary: ``step``, ``loss``, ``samples_per_s``, ``grad_norm`` (last log line),
     ``preempted``, ``launcher_lost`` (stopped because a rank's launcher died), ``resumed_from``,
-    ``checkpoint``, ``eval``. An exception is logged with the rank and re-raised, so the
-    launcher sees a non-zero exit and stops the other ranks.
+    ``checkpoint``, ``eval``. An exception is re-raised, so the launcher sees a non-zero exit
+    and stops the other ranks; the CLI prints it as one line naming the rank (its traceback is
+    logged here at DEBUG, which ``dist-cosface --debug`` turns on).
     """
     try:
         check_inputs(cfg, ctx)  # before the lock: a bad config leaves no run folder behind
         with RunLock(cfg.train.output_dir, ctx):  # a second job on this folder fails here
             return Trainer(cfg, ctx, backbone=backbone, loader=loader).run()
+    except CheckpointWriteError as exc:  # one line says it all (a full disk, the folder)
+        log.error("rank %d: training stopped: %s", ctx.rank, exc)
+        raise
     except Exception:
-        log.exception("rank %d: training failed", ctx.rank)
+        log.debug("rank %d: training failed", ctx.rank, exc_info=True)
         raise
 
 
 def check_inputs(cfg: RunConfig, ctx: DistContext) -> None:
     """Fail in seconds on what would otherwise fail late: config, evaluation targets."""
     check_config(cfg)
+    check_compiler(cfg.train, ctx.device)  # train.compile: a missing compiler fails here
     if ctx.is_main and cfg.eval.targets:
         from dist_cosface.eval.targets import check_targets
 
@@ -115,6 +126,7 @@ class Trainer:
             ctx,
             keep_last=cfg.checkpoint.keep_last,
             async_save=cfg.checkpoint.async_save,
+            join_timeout_s=cfg.dist.timeout_s,  # a writer past this waits on a dead peer
         )
         self.state = self._train_state()
         seed_everything(cfg.train.seed + 7919 * (ctx.rank + 1))  # per-rank dropout/augment
@@ -126,22 +138,32 @@ class Trainer:
     # ---- the run ---------------------------------------------------------------------------
 
     def run(self) -> dict:
-        """Train to ``train.total_steps`` (or an agreed stop); returns the summary."""
-        self._start()
+        """Train to ``train.total_steps`` (or an agreed stop); returns the summary.
+
+        On every way out, success or error, the checkpoint writer thread is joined and its
+        group destroyed before this returns (``Checkpointer.close``).
+        """
         try:
-            with StopRequest() as stop:
-                while self.step < self.cfg.train.total_steps:
-                    reason = self.train_step(stop)
-                    if reason is not None:
-                        self._preempt(reason)
-                        break
-            self.checkpointer.wait()  # the last checkpoint is published before evaluating
-            if self.cfg.eval.targets and not self.summary["preempted"]:
-                self.summary["eval"] = self._evaluate()
+            self._start()
+            try:
+                self._loop()
+            finally:
+                self.metrics.close()
         finally:
-            self.metrics.close()
+            self.checkpointer.close()
         self.summary["step"] = self.step
         return self.summary
+
+    def _loop(self) -> None:
+        with StopRequest() as stop:
+            while self.step < self.cfg.train.total_steps:
+                reason = self.train_step(stop)
+                if reason is not None:
+                    self._preempt(reason)
+                    break
+        self.checkpointer.wait()  # the last checkpoint is published before evaluating
+        if self.cfg.eval.targets and not self.summary["preempted"]:
+            self.summary["eval"] = self._evaluate()
 
     def train_step(self, stop: StopRequest) -> str | None:
         """One optimizer step; returns why every rank stops now ("sigterm", ...) or None.
@@ -216,12 +238,16 @@ class Trainer:
         self.strategy.scaler.unscale_(params)
         # a rank's loader that met bad data it must stop for votes here: every rank raises alike
         data_failed = float(self.loader.failure is not None)
-        flags = [float(stop.requested), float(stop.launcher_lost), data_failed]
-        norm, (stop_votes, lost_votes, data_votes) = global_grad_norm_and_flags(
+        save_failed = float(self.checkpointer.failed())  # an asynchronous save, written or not
+        flags = [float(stop.requested), float(stop.launcher_lost), data_failed, save_failed]
+        norm, (stop_votes, lost_votes, data_votes, save_votes) = global_grad_norm_and_flags(
             params, self.ctx, flags
         )
         if data_votes > 0:
             raise_data_failure(self.loader, int(data_votes))
+        if save_votes > 0:  # every rank's writer agreed on the failure: each re-raises it
+            self.checkpointer.wait()
+            raise CheckpointWriteError("an asynchronous checkpoint failed on another rank")
         reason = ("launcher_lost" if lost_votes > 0 else "sigterm") if stop_votes > 0 else None
         return norm, reason
 
@@ -358,8 +384,19 @@ class Trainer:
 
     def _restore(self) -> dict:
         """Load the checkpoint to resume; returns its ``step``, ``epoch``, loader ``position``
-        and ``from`` (its path; None and step 0 when starting fresh)."""
+        and ``from`` (its path; None and step 0 when starting fresh).
+
+        Checkpoints of this run after that step are refused or archived first
+        (``checkpoint.later_steps``): the run's checkpoints stay one line of training.
+        """
         ckpt = self._resolve_resume()
+        start = read_meta(ckpt)["step"] if ckpt is not None else 0
+        self.checkpointer.keep_one_line(
+            start,
+            ckpt,
+            self.cfg.checkpoint.later_steps,
+            damaged=self.cfg.checkpoint.resume == "auto",  # auto took the newest intact one
+        )
         if ckpt is None:
             return {"step": 0, "epoch": 0, "position": None, "from": None}
         meta, position = self.checkpointer.restore(ckpt, self.state)
@@ -401,7 +438,8 @@ class Trainer:
         """Every rank embeds its share of the verification images; rank 0 logs and writes."""
         from dist_cosface.engine.evaluation import evaluate_backbone
 
-        results = evaluate_backbone(self.cfg, self.ctx, self.strategy.backbone, self.out)
+        with self.strategy.eager():  # train.compile: the compiled graph is for training
+            results = evaluate_backbone(self.cfg, self.ctx, self.strategy.backbone, self.out)
         if self.ctx.is_main:
             for target, res in results.items():
                 if "error" in res:

@@ -1,15 +1,7 @@
 """IJB-B / IJB-C template-based 1:1 verification and 1:N identification.
 
-Files read under ``ROOT`` for a set named ``NAME`` (``ijbb`` or ``ijbc``), the layout of the
-widely used pre-processed release (see docs/evaluation.md):
-
-* ``meta/NAME_face_tid_mid.txt``: ``image template_id media_id`` per line
-* ``meta/NAME_name_5pts_score.txt``: ``image x1 y1 ... x5 y5 detector_score`` per line
-* ``meta/NAME_template_pair_label.txt``: ``template_1 template_2 label`` (1 same, 0 different)
-* ``loose_crop/<image>``: the face crops the landmarks refer to
-* 1:N (optional): ``meta/NAME_1N_gallery_G1.csv``, ``meta/NAME_1N_gallery_G2.csv``,
-  ``meta/NAME_1N_probe_mixed.csv``: CSV with a header naming ``TEMPLATE_ID`` and ``SUBJECT_ID``
-  columns (others ignored), one row per image.
+The files are read by :mod:`dist_cosface.eval.ijb_meta` (their layout is described there and
+in docs/evaluation.md).
 
 Template feature: each image is aligned with its landmarks and embedded (+ its mirror image),
 L2-normalised, optionally weighted by its detector score, averaged within its media id, the
@@ -19,158 +11,22 @@ template features.
 
 from __future__ import annotations
 
-import csv
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from dist_cosface.eval.images import ImageRef
+from dist_cosface.eval.embedding import embed_images
+from dist_cosface.eval.ijb_meta import IJBSet, read_ijb
+from dist_cosface.eval.ranks import gather_rows, rank_slice, run_agreed, world
+from dist_cosface.eval.roc import roc_auc, save_roc_png, tar_at_far
 
 VERIFICATION_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 IDENTIFICATION_FPIRS = (1e-2, 1e-1)
 CMC_RANKS = (1, 5, 10)
-
-
-@dataclass
-class IJBSet:
-    name: str
-    images: list[ImageRef]
-    templates: np.ndarray  # [N] template id of each image
-    media: np.ndarray  # [N] media id of each image
-    scores: np.ndarray  # [N] detector score of each image
-    image_lines: list[str]  # "file:line" of each image's tid_mid entry, for errors
-    pairs: np.ndarray  # [P, 2] template ids
-    labels: np.ndarray  # [P] bool
-    galleries: dict[str, dict[int, int]] = field(default_factory=dict)  # G1/G2: template->subject
-    probes: dict[int, int] = field(default_factory=dict)  # template -> subject
-
-
-def _rows(path: Path, fields: int, what: str):
-    """(line number, fields) of a whitespace-separated meta file; wrong counts are errors."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read {what}: {exc}") from exc
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) != fields:
-            raise ValueError(f"{path}:{lineno}: {len(parts)} fields, expected {fields} ({what})")
-        yield lineno, parts
-
-
-def _number(text: str, kind, where: str):
-    try:
-        return kind(text)
-    except ValueError as exc:
-        raise ValueError(f"{where}: {text!r} is not a valid number") from exc
-
-
-def _read_landmarks(path: Path) -> dict[str, tuple[tuple[float, ...], float]]:
-    table = {}
-    for lineno, parts in _rows(path, 12, "image, 10 landmark coordinates, detector score"):
-        where = f"{path}:{lineno}"
-        if parts[0] in table:
-            raise ValueError(f"{where}: image {parts[0]} listed twice")
-        values = [_number(v, float, where) for v in parts[1:]]
-        table[parts[0]] = (tuple(values[:10]), values[10])
-    return table
-
-
-def _read_subjects(path: Path) -> dict[int, int]:
-    """``TEMPLATE_ID`` -> ``SUBJECT_ID`` of a 1:N CSV (one row per image)."""
-    out: dict[int, int] = {}
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = [h.strip().upper() for h in next(reader, [])]
-        if "TEMPLATE_ID" not in header or "SUBJECT_ID" not in header:
-            raise ValueError(f"{path}:1: header needs TEMPLATE_ID and SUBJECT_ID columns")
-        t_col, s_col = header.index("TEMPLATE_ID"), header.index("SUBJECT_ID")
-        for lineno, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            where = f"{path}:{lineno}"
-            if len(row) != len(header):
-                raise ValueError(f"{where}: {len(row)} fields, expected {len(header)}")
-            template = _number(row[t_col], int, where)
-            subject = _number(row[s_col], int, where)
-            if out.setdefault(template, subject) != subject:
-                raise ValueError(f"{where}: template {template} has two subjects")
-    if not out:
-        raise ValueError(f"{path}: no templates")
-    return out
-
-
-def read_ijb(root: str | Path, name: str) -> IJBSet:
-    """Read and cross-check the meta files (errors name the file and line)."""
-    root = Path(root)
-    meta = root / "meta"
-    marks_path = meta / f"{name}_name_5pts_score.txt"
-    tid_path = meta / f"{name}_face_tid_mid.txt"
-    marks = _read_landmarks(marks_path)
-    images, templates, media, scores, lines = [], [], [], [], []
-    for lineno, (image, tid, mid) in _rows(tid_path, 3, "image, template id, media id"):
-        where = f"{tid_path}:{lineno}"
-        if image not in marks:
-            raise ValueError(f"{where}: image {image} has no line in {marks_path}")
-        path = root / "loose_crop" / image
-        if not path.is_file():
-            raise ValueError(f"{where}: image {path} not found")
-        points, score = marks[image]
-        images.append(ImageRef(path, landmarks=points))
-        templates.append(_number(tid, int, where))
-        media.append(_number(mid, int, where))
-        scores.append(score)
-        lines.append(where)
-    if not images:
-        raise ValueError(f"{tid_path}: no images")
-    known = set(templates)
-    pair_path = meta / f"{name}_template_pair_label.txt"
-    pairs, labels = [], []
-    for lineno, (t1, t2, label) in _rows(pair_path, 3, "template 1, template 2, label"):
-        where = f"{pair_path}:{lineno}"
-        pair = (_number(t1, int, where), _number(t2, int, where))
-        unknown = [t for t in pair if t not in known]
-        if unknown:
-            raise ValueError(f"{where}: template {unknown[0]} is not in {tid_path}")
-        if label not in ("0", "1"):
-            raise ValueError(f"{where}: label {label!r} is not 0 or 1")
-        pairs.append(pair)
-        labels.append(label == "1")
-    ijb = IJBSet(
-        name,
-        images,
-        np.array(templates),
-        np.array(media),
-        np.array(scores),
-        lines,
-        np.array(pairs, dtype=np.int64).reshape(-1, 2),
-        np.array(labels, dtype=bool),
-    )
-    _read_1n(meta, name, known, ijb)
-    return ijb
-
-
-def _read_1n(meta: Path, name: str, known: set[int], ijb: IJBSet) -> None:
-    probe_path = meta / f"{name}_1N_probe_mixed.csv"
-    if not probe_path.is_file():
-        return
-    for gallery in ("G1", "G2"):
-        path = meta / f"{name}_1N_gallery_{gallery}.csv"
-        if path.is_file():
-            ijb.galleries[gallery] = _read_subjects(path)
-    ijb.probes = _read_subjects(probe_path)
-    for source, table in [(probe_path, ijb.probes)] + [
-        (meta / f"{name}_1N_gallery_{g}.csv", t) for g, t in ijb.galleries.items()
-    ]:
-        missing = sorted(set(table) - known)
-        if missing:
-            raise ValueError(f"{source}: template {missing[0]} is not in the face_tid_mid file")
 
 
 @dataclass
@@ -207,10 +63,15 @@ def template_features(
     pooled = torch.zeros((len(ids), emb.shape[1]), dtype=emb.dtype)
     pooled.index_add_(0, template_of, media_means)
     pooled /= torch.bincount(template_of, minlength=len(ids)).unsqueeze(1)
+    zero = np.flatnonzero((pooled.norm(dim=1) == 0).numpy())
+    if detector_score and zero.size:  # every usable image weighted 0: no direction to compare
+        t = int(ids[zero[0]])
+        line = ijb.image_lines[first[zero[0]]]
+        raise ValueError(f"{line}: template {t}: every usable image has detector score 0")
     return TemplateFeatures(ids, torch.nn.functional.normalize(pooled, dim=1))
 
 
-def pair_scores(
+def template_pair_scores(
     feats: TemplateFeatures,
     pairs: np.ndarray,
     rank: int = 0,
@@ -240,8 +101,6 @@ def pair_scores(
 
 
 def verification(scores: np.ndarray, labels: np.ndarray, fars=VERIFICATION_FARS) -> dict:
-    from dist_cosface.eval.metrics import roc_auc, tar_at_far
-
     return {
         "tar_at_far": {far: tar_at_far(scores, labels, far) for far in fars},
         "roc_auc": roc_auc(scores, labels),
@@ -318,9 +177,6 @@ def run_ijb(
     roc_path: str | Path | None = None,
 ) -> dict:
     """Images embedded over all ranks, then scored (same result on every rank)."""
-    from dist_cosface.eval.images import embed_images, rank_slice
-    from dist_cosface.eval.ranks import gather_rows, run_agreed, world
-
     ijb = run_agreed(lambda: read_ijb(root, name), group)
     start, stop = rank_slice(len(ijb.images), group, batch_size)
     skipped: list[int] = []
@@ -336,7 +192,7 @@ def run_ijb(
     usable = gather_rows(usable_local, group).numpy()
     features = template_features(embeddings, ijb, usable, detector_score)
     rank, world_size = world(group)  # pairs are scored over the ranks too
-    positions, local_scores = pair_scores(features, ijb.pairs, rank, world_size)
+    positions, local_scores = template_pair_scores(features, ijb.pairs, rank, world_size)
     scores = np.empty(len(ijb.pairs))
     scores[gather_rows(torch.from_numpy(positions), group).numpy()] = gather_rows(
         torch.from_numpy(local_scores), group
@@ -349,8 +205,6 @@ def run_ijb(
     }
     if roc_path is not None:
         if group is None or dist.get_rank(group) == 0:
-            from dist_cosface.eval.evaluate import save_roc_png
-
             save_roc_png(scores, ijb.labels, roc_path, f"{name} 1:1")
         result["roc_png"] = str(roc_path)
     if ijb.galleries:

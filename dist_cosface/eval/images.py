@@ -1,26 +1,20 @@
-"""Image lists of the identification benchmarks and their embedding split over ranks.
+"""Image lists of the identification benchmarks: identity folders, distractor sets.
 
 An :class:`ImageRef` names one image wherever it lives (a file, or a byte range inside a
-dist_cosface shard tar), optionally with its 5 landmarks. ``embed_refs`` embeds this rank's
-contiguous slice of a list; the slices of all ranks are the same images whatever the number
-of ranks, so gathered embeddings do not depend on it.
+dist_cosface shard tar), optionally with its 5 landmarks; ``eval.embedding`` embeds lists of
+them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from torch import nn
-
-from dist_cosface.eval.evaluate import input_dtype, preprocess
-from dist_cosface.eval.topk import shard_range
-from dist_cosface.imageio import decode_image, is_image_file
+from dist_cosface.configtools import read_utf8
+from dist_cosface.data.dataset import open_shards
+from dist_cosface.data.shards import MANIFEST_NAME, read_index
+from dist_cosface.imageio import is_image_file
 
 
 @dataclass(frozen=True)
@@ -35,6 +29,12 @@ class ImageRef:
             if self.offset < 0:
                 return self.path.read_bytes()
             with open(self.path, "rb") as f:
+                end = os.fstat(f.fileno()).st_size
+                if self.offset + self.size > end:  # never allocate what the file cannot hold
+                    raise ValueError(
+                        f"{self}: {self.size} bytes at offset {self.offset} run past the end "
+                        f"of the file ({end} bytes)"
+                    )
                 f.seek(self.offset)
                 data = f.read(self.size)
         except OSError as exc:
@@ -68,10 +68,16 @@ def list_identity_folders(root: str | Path) -> tuple[list[ImageRef], list[int], 
     return refs, labels, names
 
 
+def read_lines(path: str | Path, what: str) -> list[str]:
+    """The lines of a UTF-8 text file; ValueError naming the file (and the line of a byte that
+    is not UTF-8)."""
+    return read_utf8(path, what, ValueError).splitlines()
+
+
 def _read_file_list(path: Path) -> list[ImageRef]:
     """One image path per line (relative to the list's folder); blank and '#' lines skipped."""
     refs = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_lines(path, "image list"), start=1):
         text = line.strip()
         if not text or text.startswith("#"):
             continue
@@ -83,26 +89,26 @@ def _read_file_list(path: Path) -> list[ImageRef]:
 
 
 def _read_shard_set(folder: Path) -> list[ImageRef]:
-    from dist_cosface.data.shards import MANIFEST_NAME, Manifest, read_index
-
-    manifest_path = folder / MANIFEST_NAME
-    manifest = Manifest.from_json(manifest_path.read_text(), str(manifest_path))
+    """Every sample's image of a dist_cosface shard set, after the checks the training
+    loaders run (each index against its tar and the manifest): a shard set that would lose
+    samples is an error naming the shard, never a smaller distractor set."""
+    shards = open_shards(str(folder), on_bad="stop")
     refs = []
-    for shard in manifest.shards:
-        for entry in read_index(folder / shard.index_name):
-            ext = manifest.image_ext if manifest.image_ext in entry.components else None
+    for url, index_path in zip(shards.urls, shards.index_paths):
+        for entry in read_index(Path(index_path)):
+            ext = (
+                shards.manifest.image_ext if shards.manifest.image_ext in entry.components else None
+            )
             ext = ext or next((e for e in entry.components if e != "cls"), None)
             if ext is None:
-                raise ValueError(f"{folder / shard.index_name}: sample {entry.key} has no image")
+                raise ValueError(f"{index_path}: sample {entry.key} has no image")
             offset, size = entry.components[ext]
-            refs.append(ImageRef(folder / shard.name, offset, size))
+            refs.append(ImageRef(Path(url), offset, size))
     return refs
 
 
 def list_distractors(source: str | Path) -> list[ImageRef]:
     """A flat image folder, a text file listing images, or a dist_cosface shard set."""
-    from dist_cosface.data.shards import MANIFEST_NAME
-
     source = Path(source)
     if source.is_file():
         refs = _read_file_list(source)
@@ -115,86 +121,3 @@ def list_distractors(source: str | Path) -> list[ImageRef]:
     if not refs:
         raise ValueError(f"{source}: empty distractor set (no images)")
     return refs
-
-
-def load_image(ref: ImageRef, image_size: int):
-    """Decoded RGB image, aligned to the template when the ref carries landmarks."""
-    image = decode_image(ref.read_bytes(), str(ref))
-    if ref.landmarks is None:
-        return image
-    from dist_cosface.eval.align import align_face
-
-    points = np.asarray(ref.landmarks, dtype=np.float64).reshape(5, 2)
-    return align_face(image, points, image_size, where=str(ref))
-
-
-def _load_batch(refs, start, stop, image_size, skipped, load):
-    from PIL import Image
-
-    from dist_cosface.eval.align import AlignmentError
-
-    batch, bad = [], []
-    for i in range(start, min(stop, len(refs))):
-        try:
-            batch.append(load(refs[i]) if load else load_image(refs[i], image_size))
-        except AlignmentError:
-            if skipped is None:
-                raise
-            skipped.append(i)
-            bad.append(i - start)
-            batch.append(Image.new("RGB", (image_size, image_size)))
-    return batch, bad
-
-
-@torch.no_grad()
-def embed_images(
-    backbone: nn.Module,
-    refs: list[ImageRef],
-    image_size: int,
-    device: torch.device | str,
-    batch_size: int = 64,
-    flip: bool = True,
-    skipped: list[int] | None = None,
-    load: Callable[[Any], Any] | None = None,
-) -> torch.Tensor:
-    """Unnormalised float32 embeddings ``[len(refs), D]`` on the CPU (image + mirror image).
-
-    With a ``skipped`` list, images whose landmarks cannot be aligned get a zero row and
-    their positions are appended to it, instead of raising. ``load(item) -> PIL image``
-    replaces :func:`load_image` for lists of other items.
-    """
-    was_training = backbone.training
-    backbone.eval()
-    dtype = input_dtype(backbone)
-    # an empty slice still yields the embedding width, which gathering needs
-    chunks = [torch.zeros((1, 3, image_size, image_size))] if not refs else []
-    try:
-        if chunks:
-            chunks = [backbone(chunks[0].to(device, dtype)).float().cpu()[:0]]
-        for start in range(0, len(refs), batch_size):
-            batch, bad = _load_batch(refs, start, start + batch_size, image_size, skipped, load)
-            x = preprocess(batch, image_size).to(device, dtype)
-            emb = backbone(x).float()
-            if flip:
-                emb = emb + backbone(torch.flip(x, dims=[3])).float()
-            emb[bad] = 0.0
-            chunks.append(emb.cpu())
-    finally:
-        backbone.train(was_training)
-    return torch.cat(chunks)
-
-
-def rank_slice(
-    num_items: int, group: dist.ProcessGroup | None, batch_size: int = 1
-) -> tuple[int, int]:
-    """This rank's contiguous ``[start, stop)`` of a list, made of whole batches.
-
-    Cutting only between batches of ``batch_size`` keeps every image in the same batch
-    whatever the number of ranks: convolution kernels may round differently for other batch
-    shapes, and near-equal scores would then order differently.
-    """
-    if group is None:
-        return 0, num_items
-    num_batches = -(-num_items // batch_size)
-    first, last = shard_range(num_batches, dist.get_rank(group), dist.get_world_size(group))
-    return min(first * batch_size, num_items), min(last * batch_size, num_items)

@@ -1,4 +1,5 @@
-"""Collectives of the distributed evaluation: agreeing on failures, gathering per-rank rows.
+"""A rank's share of the distributed evaluation and its collectives: which slice of a list it
+embeds, agreeing on failures, gathering per-rank rows.
 
 Every evaluation phase that can fail on one rank only (a missing image in its slice) ends with
 :func:`raise_on_any_rank`, so the failure stops every rank with the same message instead of
@@ -21,6 +22,29 @@ def world(group: dist.ProcessGroup | None) -> tuple[int, int]:
     if group is None:
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+def shard_range(num_items: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous ``[start, stop)`` of ``num_items`` owned by ``rank`` (sizes differ by <= 1)."""
+    base, extra = divmod(num_items, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def rank_slice(
+    num_items: int, group: dist.ProcessGroup | None, batch_size: int = 1
+) -> tuple[int, int]:
+    """This rank's contiguous ``[start, stop)`` of a list, made of whole batches.
+
+    Cutting only between batches of ``batch_size`` keeps every image in the same batch
+    whatever the number of ranks: convolution kernels may round differently for other batch
+    shapes, and near-equal scores would then order differently.
+    """
+    if group is None:
+        return 0, num_items
+    num_batches = -(-num_items // batch_size)
+    first, last = shard_range(num_batches, dist.get_rank(group), dist.get_world_size(group))
+    return min(first * batch_size, num_items), min(last * batch_size, num_items)
 
 
 def raise_on_any_rank(error: BaseException | None, group: dist.ProcessGroup | None) -> None:

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from torch import nn
 
-from dist_cosface.models.config import ModelConfig
+from dist_cosface.models.config import VIT_SHAPES, ModelConfig
 from dist_cosface.models.iresnet import IResNet, iresnet
 from dist_cosface.models.mobilefacenet import MobileFaceNet
 from dist_cosface.models.profile import count_macs, count_parameters
+from dist_cosface.models.vit import VisionTransformer, vision_transformer
 
 __all__ = [
     "IResNet",
     "MobileFaceNet",
     "ModelConfig",
+    "VisionTransformer",
     "build_backbone",
     "count_macs",
     "count_parameters",
@@ -29,7 +31,11 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
         raise TypeError(f"build_backbone expects a ModelConfig, got {type(cfg).__name__}")
     if cfg.name.startswith("iresnet"):
         depth = int(cfg.name.removeprefix("iresnet"))
-        return iresnet(depth, cfg.embedding_size, cfg.input_size, cfg.dropout)
+        return iresnet(
+            depth, cfg.embedding_size, cfg.input_size, cfg.dropout, cfg.activation_checkpointing
+        )
     if cfg.name == "mobilefacenet":
         return MobileFaceNet(cfg.embedding_size, cfg.input_size, cfg.dropout)
+    if cfg.name in VIT_SHAPES:
+        return vision_transformer(cfg)
     raise ValueError(f"model.name: unknown backbone {cfg.name!r}")

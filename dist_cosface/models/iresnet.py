@@ -3,13 +3,18 @@
 Each residual unit is BN -> 3x3 conv -> BN -> PReLU -> 3x3 conv (strided) -> BN, with a 1x1
 strided conv + BN shortcut when the shape changes. The head is BN -> dropout -> flatten ->
 FC -> BN1d, which keeps spatial layout information that global pooling would throw away.
+With ``activation_checkpointing`` each residual unit is recomputed in the backward pass
+(models/checkpointing.py).
 """
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
+from dist_cosface.models.checkpointing import run_blocks
 from dist_cosface.models.geometry import downsampled_size
 
 STAGE_CHANNELS = (64, 128, 256, 512)
@@ -18,6 +23,7 @@ DEPTH_LAYERS = {
     34: (3, 4, 6, 3),
     50: (3, 4, 14, 3),
     100: (3, 13, 30, 3),
+    200: (6, 26, 60, 6),  # insightface arcface_torch's iresnet200
 }
 
 
@@ -54,8 +60,10 @@ class IResNet(nn.Module):
         embedding_size: int = 512,
         input_size: int = 112,
         dropout: float = 0.0,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        self.activation_checkpointing = activation_checkpointing
         self.stem = nn.Sequential(
             conv3x3(3, STAGE_CHANNELS[0]), nn.BatchNorm2d(STAGE_CHANNELS[0]), nn.PReLU(64)
         )
@@ -88,12 +96,20 @@ class IResNet(nn.Module):
                 nn.init.zeros_(m.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stages(self.stem(x))
+        blocks = itertools.chain.from_iterable(self.stages)
+        x = run_blocks(blocks, self.stem(x), self.activation_checkpointing and self.training)
         x = self.dropout(self.bn(x))
         return self.features(self.fc(torch.flatten(x, 1)))
 
 
-def iresnet(depth: int, embedding_size: int, input_size: int, dropout: float) -> IResNet:
+def iresnet(
+    depth: int,
+    embedding_size: int,
+    input_size: int,
+    dropout: float,
+    activation_checkpointing: bool = False,
+) -> IResNet:
     if depth not in DEPTH_LAYERS:
         raise ValueError(f"iresnet depth must be one of {sorted(DEPTH_LAYERS)}, got {depth}")
-    return IResNet(DEPTH_LAYERS[depth], embedding_size, input_size, dropout)
+    layers = DEPTH_LAYERS[depth]
+    return IResNet(layers, embedding_size, input_size, dropout, activation_checkpointing)
