@@ -1,11 +1,13 @@
 """Single-process tests of the margin types and sub-centers (classifier/margins.py): float64
 head against the independent float64 reference (tests/classifier_ref.py) over two training
 forwards (running statistics included), config rules, the Triton refusal, margin health,
-the exporter's gauges and the checkpoint layout (ClassifierState)."""
+the exporter's gauges, the checkpoint layout (ClassifierState) and an exact resume through the
+engine's checkpointer."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +20,13 @@ from dist_cosface.classifier.state import ClassifierState
 from dist_cosface.config import load_config
 from dist_cosface.configtools import ConfigError, from_mapping
 from dist_cosface.distributed import DistContext
+from dist_cosface.engine import train
+from dist_cosface.engine.checkpoint import find_latest_checkpoint
+from dist_cosface.engine.trainer import Trainer
 from dist_cosface.metrics import MetricsConfig, PrometheusMetrics
 from tests.classifier_ref import ALL_MARGINS, make_head, reference_head
 from tests.prom_scrape import scrape, value
+from tests.tiny import tiny_config
 
 C, D, N = 13, 5, 10
 # parameters that make every branch happen on small random batches: AdaFace's and
@@ -374,3 +380,28 @@ def test_experiment_trains_new_margins_with_subcenters_and_noise():
     _, head, summary = train_model(cfg, faces)
     assert head.subcenters == 3 and head.spec.magface.u_a == 11.0
     assert math.isfinite(summary["final_loss"]) and summary["steps"] == 6
+
+
+# ---- through the engine's checkpointer ------------------------------------------------------
+
+
+def test_engine_resume_of_curricularface_with_subcenters_is_exact(tmp_path):
+    """A run interrupted after step 2 and resumed from its checkpoint (rows as [C, K, D], the
+    running t) takes the same step 3 as a run that was never interrupted."""
+    overrides = (
+        "classifier.margin_type=curricularface",
+        "classifier.subcenters=2",
+        "classifier.curricularface.momentum=0.5",
+        "optim.name=sgd",
+    )
+    straight = train(tiny_config(tmp_path / "straight", *overrides), DistContext())
+    interrupted = tmp_path / "interrupted"
+    train(tiny_config(interrupted, *overrides, "train.total_steps=2"), DistContext())
+    cfg = tiny_config(interrupted, *overrides)
+    parts = Trainer(cfg, DistContext())
+    parts.checkpointer.restore(Path(find_latest_checkpoint(interrupted)), parts.state)
+    t = float(parts.head.margin_state.stats["t"])
+    assert t != 0.0 and parts.head.weight.shape[0] == 2 * cfg.classifier.num_classes
+    resumed = train(cfg, DistContext())
+    assert resumed["resumed_from"].endswith("step_2") and resumed["step"] == 3
+    assert resumed["loss"] == straight["loss"]

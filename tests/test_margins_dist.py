@@ -2,13 +2,13 @@
 
 One 3-rank gloo spawn covers world sizes 1, 2 and 3 (groups of the first ranks): every
 margin type x (full softmax, Partial FC) x (fp32, bf16 autocast), half of the cases with three
-sub-centers, over two training forwards with uneven local batches, checked against
-``tests/classifier_ref.py`` (loss, the local embeddings' gradient = world x reference, the
-weight shard's gradient); the running statistics, returned to the test, must be EQUAL at
-every world size; the collectives per forward; the sub-center initialisation independent of
-the world size. The same spawn resumes a world-2 run (CurricularFace with 3 sub-centers,
-AdaFace with 2) from a ``ClassifierState`` checkpoint on 3 ranks and on 1 rank: identical
-next losses.
+sub-centers, plus the straight-through ArcFace/combined gradient, over two training forwards
+with uneven local batches, checked against ``tests/classifier_ref.py`` (loss, the local
+embeddings' gradient = world x reference, the weight shard's gradient); the running
+statistics, returned to the test, must be EQUAL at every world size; the collectives per
+forward; the sub-center initialisation independent of the world size. The same spawn resumes
+a world-2 run (CurricularFace with 3 sub-centers, AdaFace with 2) from a ``ClassifierState``
+checkpoint on 3 ranks and on 1 rank: identical next losses.
 """
 
 from __future__ import annotations
@@ -39,10 +39,17 @@ SECTIONS = {
 # them, so that each margin type meets sub-centers with and without Partial FC and in both
 # precisions
 CASES = [
-    (margin_type, 3 if (rate < 1) != (dtype == "bf16") else 1, rate, dtype)
+    (margin_type, 3 if (rate < 1) != (dtype == "bf16") else 1, rate, dtype, {})
     for margin_type in ALL_MARGINS
     for rate in (1.0, 0.4)
     for dtype in ("fp32", "bf16")
+]
+# arcface_torch's straight-through margin gradient, sharded: with Partial FC in fp32 and with
+# sub-centers in bf16
+STRAIGHT_THROUGH = {"arcface_gradient": "straight_through"}
+CASES += [
+    ("combined", 1, 0.4, "fp32", STRAIGHT_THROUGH),
+    ("arcface", 3, 1.0, "bf16", STRAIGHT_THROUGH),
 ]
 
 
@@ -115,9 +122,9 @@ def _close(got, want, rel, where):
 
 
 def _check_case(rank, world, group, case_index):
-    margin_type, k, rate, dtype = CASES[case_index]
+    margin_type, k, rate, dtype, extra = CASES[case_index]
     weight, batches = _data(100 + case_index, k)
-    cfg = _cfg(margin_type, subcenters=k, sample_rate=rate)
+    cfg = _cfg(margin_type, subcenters=k, sample_rate=rate, **extra)
     head = make_head(C, D, weight.float(), group, **cfg)
     ref = reference_head(head.cfg)
     rel = 0.05 if dtype == "bf16" else None
