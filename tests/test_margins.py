@@ -7,7 +7,6 @@ engine's checkpointer."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +20,6 @@ from dist_cosface.config import load_config
 from dist_cosface.configtools import ConfigError, from_mapping
 from dist_cosface.distributed import DistContext
 from dist_cosface.engine import train
-from dist_cosface.engine.checkpoint import find_latest_checkpoint
-from dist_cosface.engine.trainer import Trainer
 from dist_cosface.metrics import MetricsConfig, PrometheusMetrics
 from tests.classifier_ref import ALL_MARGINS, make_head, reference_head
 from tests.prom_scrape import scrape, value
@@ -386,22 +383,19 @@ def test_experiment_trains_new_margins_with_subcenters_and_noise():
 
 
 def test_engine_resume_of_curricularface_with_subcenters_is_exact(tmp_path):
-    """A run interrupted after step 2 and resumed from its checkpoint (rows as [C, K, D], the
-    running t) takes the same step 3 as a run that was never interrupted."""
+    """A run interrupted after step 1 and resumed from its checkpoint (rows as [C, K, D], the
+    running t) takes the same step 2 as a run that was never interrupted (a t left at its
+    initial value changes the reweighted negatives, hence the loss)."""
     overrides = (
         "classifier.margin_type=curricularface",
         "classifier.subcenters=2",
         "classifier.curricularface.momentum=0.5",
         "optim.name=sgd",
+        "train.total_steps=2",
     )
     straight = train(tiny_config(tmp_path / "straight", *overrides), DistContext())
     interrupted = tmp_path / "interrupted"
-    train(tiny_config(interrupted, *overrides, "train.total_steps=2"), DistContext())
-    cfg = tiny_config(interrupted, *overrides)
-    parts = Trainer(cfg, DistContext())
-    parts.checkpointer.restore(Path(find_latest_checkpoint(interrupted)), parts.state)
-    t = float(parts.head.margin_state.stats["t"])
-    assert t != 0.0 and parts.head.weight.shape[0] == 2 * cfg.classifier.num_classes
-    resumed = train(cfg, DistContext())
-    assert resumed["resumed_from"].endswith("step_2") and resumed["step"] == 3
+    train(tiny_config(interrupted, *overrides, "train.total_steps=1"), DistContext())
+    resumed = train(tiny_config(interrupted, *overrides), DistContext())
+    assert resumed["resumed_from"].endswith("step_1") and resumed["step"] == 2
     assert resumed["loss"] == straight["loss"]
