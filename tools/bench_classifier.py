@@ -28,9 +28,9 @@ bf16 GEMM peak measured in the same run. ``--json PATH`` writes every figure as 
 ignored) and prints time and memory-growth ratios against the first one (plain CosFace by
 default); a name ending in ``-kN`` adds N sub-centers per class (``cosface-k3``). Memory: each
 variant in its own fresh ranks, as above. Time: all variants in one set of ranks, one step of
-each per round for ``--iters`` rounds, the median per variant (on a shared machine a load
-change then hits every variant alike). The weight's size is reported too: K sub-centers hold
-K times the rows.
+each per round for ``--iters`` rounds (each round starting one variant later), the median per
+variant (on a shared machine a load change then hits every variant alike). The weight's size
+is reported too: K sub-centers hold K times the rows.
 
 Examples:
   python tools/bench_classifier.py --world-size 2 --num-classes 400000 --dim 128 --batch 256
@@ -334,16 +334,22 @@ def measure_bf16_peak(device: torch.device, n: int = 8192, iters: int = 20) -> f
 
 def _rank_interleaved(rank: int, world_size: int, args) -> dict | None:
     """``--margins`` timing: every variant's head in the same ranks, timed round-robin
-    (``--iters`` rounds, one step of each per round), so that a change of the machine's load
-    hits every variant alike; rank 0 returns the median seconds per variant (max over ranks)."""
+    (``--iters`` rounds, one step of each per round, the order rotated), so that a change of
+    the machine's load hits every variant alike; rank 0 returns the median seconds per
+    variant (max over ranks)."""
     device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
     steps = {}
     for variant in args.margins:
         steps[variant] = _stepper(args, "torch", rank, device, dist.group.WORLD, variant)[1]
         steps[variant]()  # warm-up
     times = {variant: [] for variant in args.margins}
-    for _ in range(args.iters):
-        for variant, step in steps.items():
+    names = list(steps)
+    for round_index in range(args.iters):
+        # each round starts one variant later: no variant always follows the same other one
+        # (the step after the sub-center head's, which frees 3x the memory, ran slower)
+        shift = round_index % len(names)
+        for variant in names[shift:] + names[:shift]:
+            step = steps[variant]
             _sync(device)
             dist.barrier(group=dist.group.WORLD)
             start = time.perf_counter()

@@ -105,8 +105,7 @@ def _put_targets(
 def _reweight_negatives_(logits: torch.Tensor, params: RowParams, scale: float) -> None:
     """CurricularFace on a chunk of ``s c`` logits, in place: ``s c (t + c)`` where
     ``c > cos(theta_y + m)`` (targets are overwritten afterwards, -inf stays -inf)."""
-    cos = logits / scale
-    logits.copy_(scale * CurricularFace.negatives(cos, params.hard_threshold[:, None], params.t))
+    CurricularFace.reweight_(logits, params.hard_threshold[:, None], params.t, scale)
 
 
 def _count_subcenters(
@@ -262,11 +261,10 @@ def _probabilities(
     derivative where CurricularFace reweighted them: ``G`` but for the target column."""
     if params is None or params.hard_threshold is None:
         return logits.sub_(lse[:, None]).exp_()
-    cos = logits / scale
     threshold = params.hard_threshold[:, None]
-    reweighted = scale * CurricularFace.negatives(cos, threshold, params.t)
-    probs = reweighted.sub_(lse[:, None]).exp_()
-    return probs.mul_(CurricularFace.negatives_grad(cos, threshold, params.t))
+    hard, t_plus_c = CurricularFace.reweight_(logits, threshold, params.t, scale)
+    probs = logits.sub_(lse[:, None]).exp_()
+    return probs.mul_(CurricularFace.reweight_grad_(hard, t_plus_c, params.t))
 
 
 def _store_weight_grad(

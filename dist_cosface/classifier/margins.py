@@ -411,13 +411,25 @@ class CurricularFace(ArcFace):
         return self.hard_threshold(global_target_cos), t
 
     @staticmethod
-    def negatives(cos: torch.Tensor, threshold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``c (t + c)`` where ``c > threshold`` (``[N, 1]`` broadcast), ``c`` elsewhere."""
-        return torch.where(cos > threshold, cos * (t + cos), cos)
+    def reweight_(
+        logits: torch.Tensor, threshold: torch.Tensor, t: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chunk of ``s c`` logits, in place: ``s c (t + c)`` where ``c > threshold`` (``[N,
+        1]`` broadcast; the hard negatives), unchanged elsewhere (-inf stays -inf). Returns the
+        hard mask and ``t + c`` (1 off the mask) for :meth:`reweight_grad_`. One float
+        temporary of the chunk's size: at small D this elementwise work, not the matmul, is
+        what the reweighting costs."""
+        t_plus_c = logits / scale
+        hard = t_plus_c > threshold
+        t_plus_c.add_(t).masked_fill_(~hard, 1.0)
+        logits.mul_(t_plus_c)
+        return hard, t_plus_c
 
     @staticmethod
-    def negatives_grad(cos: torch.Tensor, threshold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return torch.where(cos > threshold, t + 2.0 * cos, torch.ones_like(cos))
+    def reweight_grad_(hard: torch.Tensor, t_plus_c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``d/dc`` of the reweighted negative, in place over ``t_plus_c``: ``t + 2 c`` on the
+        hard negatives, 1 elsewhere."""
+        return t_plus_c.mul_(2.0).sub_(t).masked_fill_(~hard, 1.0)
 
 
 class AdaFace(Margin):
