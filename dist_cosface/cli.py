@@ -230,21 +230,21 @@ def _cmd_shards(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from dist_cosface.engine.ckpt_read import load_backbone
+    from dist_cosface.engine.checkpoint.reader import load_backbone
     from dist_cosface.eval.cli import run_eval_command
 
     return run_eval_command(args, load_backbone)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from dist_cosface.engine.ckpt_read import load_backbone
+    from dist_cosface.engine.checkpoint.reader import load_backbone
     from dist_cosface.eval.cli import run_export_command
 
     return run_export_command(args, load_backbone)
 
 
 def _cmd_merge_classifier(args: argparse.Namespace) -> int:
-    from dist_cosface.engine.ckpt_read import run_merge_command
+    from dist_cosface.engine.checkpoint.reader import run_merge_command
 
     return run_merge_command(args)
 
@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "merge-classifier",
         "write a checkpoint's full classifier matrix and row state to one .pt file",
-        "dist_cosface.engine.ckpt_read",
+        "dist_cosface.engine.checkpoint.reader",
         "add_merge_arguments",
         _cmd_merge_classifier,
     )

@@ -38,7 +38,7 @@ def _refused(cfg, ctx) -> str | None:
 
 
 def _deepspeed_cases(rank, world, disk, marker):
-    import dist_cosface.engine.checkpoint as checkpoint
+    import dist_cosface.engine.checkpoint.manager as checkpoint
 
     ctx = context_from_group(dist.group.WORLD, torch.device("cpu"))
     disk, results = Path(disk), {}

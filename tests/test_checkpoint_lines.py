@@ -14,7 +14,8 @@ import pytest
 
 from dist_cosface.distributed import DistContext
 from dist_cosface.engine import train
-from dist_cosface.engine.checkpoint import Checkpointer, _publish, resolve_checkpoint
+from dist_cosface.engine.checkpoint import Checkpointer, resolve_checkpoint
+from dist_cosface.engine.checkpoint.manager import _publish
 from tests.tiny import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")

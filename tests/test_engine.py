@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from dist_cosface.classifier import ShardedClassifier
 from dist_cosface.distributed import DistContext, context_from_group
 from dist_cosface.engine import train
-from dist_cosface.engine.ckpt_read import read_value
+from dist_cosface.engine.checkpoint.reader import read_value
 from dist_cosface.engine.config import OptimConfig
 from dist_cosface.engine.optim import clip_grads_, global_grad_norm_and_flags, lr_at
 from dist_cosface.engine.parts import seed_everything

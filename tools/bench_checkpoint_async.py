@@ -44,7 +44,7 @@ def _state(args, ctx, checkpointer):
     )
     from dist_cosface.classifier.state import ClassifierState
     from dist_cosface.engine.amp import ShardedLossScaler
-    from dist_cosface.engine.train_state import BackboneState, TrainState
+    from dist_cosface.engine.checkpoint.train_state import BackboneState, TrainState
 
     head = ShardedClassifier(ClassifierConfig(num_classes=args.classes), args.dim, ctx.group)
     optim = build_classifier_optimizer(head, "sgd", lr=0.1)

@@ -21,8 +21,8 @@ def train(cfg: RunConfig, ctx: DistContext, **kwargs: Any) -> dict:
 
 
 def load_backbone(checkpoint_or_run_dir):
-    """See :func:`dist_cosface.engine.ckpt_read.load_backbone`."""
-    from dist_cosface.engine.ckpt_read import load_backbone as _load
+    """See :func:`dist_cosface.engine.checkpoint.reader.load_backbone`."""
+    from dist_cosface.engine.checkpoint.reader import load_backbone as _load
 
     return _load(checkpoint_or_run_dir)
 

@@ -32,6 +32,7 @@ from dist_cosface.engine.checkpoint import (
     read_meta,
     resolve_checkpoint,
 )
+from dist_cosface.engine.checkpoint.train_state import TrainState
 from dist_cosface.engine.optim import clip_grads_, global_grad_norm_and_flags, lr_at, set_lr
 from dist_cosface.engine.parts import (
     build_checked_loader,
@@ -45,7 +46,6 @@ from dist_cosface.engine.runlock import RunLock
 from dist_cosface.engine.signals import StopRequest
 from dist_cosface.engine.strategy import build_strategy, check_compiler
 from dist_cosface.engine.stream import EpochStream
-from dist_cosface.engine.train_state import TrainState
 
 if TYPE_CHECKING:
     from dist_cosface.metrics.exporter import RunMetrics
@@ -422,7 +422,7 @@ class Trainer:
         self.last_saved = step
 
     def _train_state(self) -> TrainState:
-        """The owners of everything a checkpoint holds (engine/train_state.py)."""
+        """The owners of everything a checkpoint holds (engine/checkpoint/train_state.py)."""
         return TrainState(
             backbone=self.strategy.checkpoint_state(),
             classifier=ClassifierState(self.head, self.head_optim, self.checkpointer.mesh),

@@ -24,7 +24,7 @@ folder (:class:`CheckpointWriteError`); an asynchronous failure is voted on at t
 Loading: DCP reads into the current layout: on another world size each rank reads just the rows
 its ``class_range`` now owns (the rows are DTensor ``Shard(0)``). RNG and data positions are per
 rank and are restored only on the same world size. Every file is verified before it is read,
-and nothing in a checkpoint is unpickled beyond two allow-lists (``ckpt_safe``).
+and nothing in a checkpoint is unpickled beyond two allow-lists (``safe``).
 
 One line of checkpoints per run folder: before training goes on from step S, checkpoints of
 this run after S are refused or archived (``checkpoint.later_steps``, :meth:`Checkpointer.
@@ -51,14 +51,14 @@ import torch
 import torch.distributed as dist
 
 from dist_cosface.distributed import DistContext, build_checkpoint_group
-from dist_cosface.engine.ckpt_files import (
+from dist_cosface.engine.checkpoint.files import (
     fsync_dir,
     merge_records,
     select_verified,
     write_rank_records,
 )
-from dist_cosface.engine.ckpt_safe import SafeLoadPlanner, SafeReader, fit_blobs
-from dist_cosface.engine.train_state import TrainState
+from dist_cosface.engine.checkpoint.safe import SafeLoadPlanner, SafeReader, fit_blobs
+from dist_cosface.engine.checkpoint.train_state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def read_meta(ckpt: Path) -> dict:
 
 
 def safe_reader(ckpt: Path, meta: dict) -> SafeReader:
-    """DCP's reader for ``ckpt`` with its index read through the allow-list (``ckpt_safe``)."""
+    """DCP's reader for ``ckpt`` with its index read through the allow-list (``safe``)."""
     return SafeReader(ckpt, meta["files"], allow_pickled=meta["format_version"] == 3)
 
 
@@ -424,7 +424,7 @@ def run_dcp(fn, tree: dict, group, **kwargs):
         return fn(tree, process_group=group, no_dist=group is None, **kwargs)
     except CheckpointException as exc:
         for error, _ in exc.failures.values():
-            if isinstance(error, ValueError):  # a refusal (ckpt_safe)
+            if isinstance(error, ValueError):  # a refusal (checkpoint.safe)
                 raise error from None
         raise
 

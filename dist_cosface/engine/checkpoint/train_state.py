@@ -14,7 +14,7 @@ save that blocks training. ``rank<r>`` entries exist only for rank r and are rea
 on the same world size (a data position cannot be mapped onto another split of the data).
 The non-tensor values of each section (optimizer settings, the loss scale, the Python RNG
 state, loader positions) travel as one JSON document in a uint8 tensor, ``<section>._json``
-(``ckpt_safe.encode_plain``), so a checkpoint holds tensors only and resuming unpickles none
+(``safe.encode_plain``), so a checkpoint holds tensors only and resuming unpickles none
 of it beyond torch's weights-only loader.
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from dist_cosface.classifier.state import ClassifierState
-from dist_cosface.engine.ckpt_safe import decode_plain, encode_plain
+from dist_cosface.engine.checkpoint.safe import decode_plain, encode_plain
 
 
 class NativeCheckpoint(Protocol):

@@ -16,8 +16,16 @@ import torch
 
 from dist_cosface.configtools import from_mapping
 from dist_cosface.distributed import DistContext
-from dist_cosface.engine.checkpoint import read_meta, resolve_checkpoint, run_dcp, safe_reader
-from dist_cosface.engine.ckpt_safe import JSON_KEY, SafeLoadPlanner, from_blob
+from dist_cosface.engine.checkpoint.manager import (
+    find_latest_checkpoint,
+    read_meta,
+    resolve_checkpoint,
+    run_dcp,
+    safe_reader,
+)
+from dist_cosface.engine.checkpoint.safe import JSON_KEY, SafeLoadPlanner, from_blob
+from dist_cosface.models import build_backbone
+from dist_cosface.models.config import ModelConfig
 
 
 def read_tree(ckpt: Path, prefix: str) -> dict[str, Any]:
@@ -35,10 +43,8 @@ def _read_verified(path: str | Path, prefix: str, strict=False) -> tuple[Path, d
 
     Order matters: meta.json (JSON) names the files and their CRC32s; ``.metadata`` is
     verified, then unpickled through the allow-list; then only the files that hold the wanted
-    entries are verified and read (``ckpt_safe``).
+    entries are verified and read (``safe``).
     """
-    from dist_cosface.engine.checkpoint import find_latest_checkpoint
-
     latest = Path(path) if strict else find_latest_checkpoint(path)
     if latest is None:
         raise ValueError(f"no complete checkpoint found at {path}")
@@ -100,9 +106,6 @@ def load_backbone(checkpoint_or_run_dir: str | Path) -> tuple[torch.nn.Module, i
     A run folder resolves to its latest complete checkpoint; only the files holding the
     backbone are verified and read. The model config comes from meta.json.
     """
-    from dist_cosface.models import build_backbone
-    from dist_cosface.models.config import ModelConfig
-
     prefix = "backbone.model."
     ckpt, tree = _read_verified(checkpoint_or_run_dir, prefix)
     meta = read_meta(ckpt)
