@@ -11,8 +11,7 @@ import torch
 
 from dist_cosface.distributed import DistContext
 from dist_cosface.engine import load_backbone, train
-from dist_cosface.engine.checkpoint import find_latest_checkpoint
-from dist_cosface.engine.checkpoint import read_tree, read_value
+from dist_cosface.engine.checkpoint import find_latest_checkpoint, read_tree, read_value
 from tests.tiny import tiny_config
 
 RANK0_FILE = "__0_0.distcp"  # DCP: rank 0's part of the state tree

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from dist_cosface.classifier import ShardedClassifier
 from dist_cosface.distributed import DistContext, context_from_group
 from dist_cosface.engine import train
+from dist_cosface.engine.builders import seed_everything
 from dist_cosface.engine.checkpoint.reader import read_value
 from dist_cosface.engine.config import OptimConfig
-from dist_cosface.engine.optim import clip_grads_, global_grad_norm_and_flags, lr_at
-from dist_cosface.engine.parts import seed_everything
+from dist_cosface.engine.grad_norm import clip_grads_, global_grad_norm_and_flags
+from dist_cosface.engine.lr_schedule import lr_at
 from dist_cosface.models import build_backbone
 from dist_cosface.sharding import mark_sharded
 from tests.multiproc import run_ranks

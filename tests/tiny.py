@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from dist_cosface.config import RunConfig, load_config
-from dist_cosface.engine.parts import seed_everything
+from dist_cosface.engine.builders import seed_everything
 
 # mobilefacenet at 32 px, 16-d embeddings, 8 synthetic identities, no exporter
 TINY_OVERRIDES = [

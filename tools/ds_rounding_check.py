@@ -20,7 +20,7 @@ import torch
 
 def _train(engine: str, zero_stage: int, out: str, seed: int, ulp_sign_seed: int | None, ctx):
     from dist_cosface.engine import train
-    from dist_cosface.engine.parts import seed_everything
+    from dist_cosface.engine.builders import seed_everything
     from dist_cosface.models import build_backbone
     from tests.tiny import DS_COMPARE_OVERRIDES, tiny_config
 

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dist_cosface.distributed import DistContext
 from dist_cosface.engine.amp import ShardedLossScaler, autocast
+from dist_cosface.engine.builders import build_backbone_optimizer
 from dist_cosface.engine.checkpoint.deepspeed_native import DeepSpeedCheckpoint
 from dist_cosface.engine.checkpoint.train_state import BackboneState
 from dist_cosface.engine.deepspeed_engine import (
@@ -34,7 +35,6 @@ from dist_cosface.engine.deepspeed_engine import (
     engine_grad_norm,
     owns_backbone_grads,
 )
-from dist_cosface.engine.optim import build_backbone_optimizer
 
 if TYPE_CHECKING:
     from dist_cosface.config import RunConfig

@@ -26,6 +26,13 @@ from dist_cosface.configtools import to_mapping
 from dist_cosface.data.integrity import raise_data_failure
 from dist_cosface.data.protocol import TrainLoader
 from dist_cosface.distributed import DistContext
+from dist_cosface.engine.builders import (
+    build_checked_loader,
+    build_head_and_optimizer,
+    check_config,
+    describe_loader,
+    seed_everything,
+)
 from dist_cosface.engine.checkpoint import (
     Checkpointer,
     CheckpointWriteError,
@@ -33,19 +40,14 @@ from dist_cosface.engine.checkpoint import (
     resolve_checkpoint,
 )
 from dist_cosface.engine.checkpoint.train_state import TrainState
-from dist_cosface.engine.optim import clip_grads_, global_grad_norm_and_flags, lr_at, set_lr
-from dist_cosface.engine.parts import (
-    build_checked_loader,
-    build_head,
-    check_config,
-    describe_loader,
-    seed_everything,
-)
+from dist_cosface.engine.epochs import EpochStream
+from dist_cosface.engine.grad_norm import clip_grads_, global_grad_norm_and_flags
+from dist_cosface.engine.lr_schedule import lr_at, set_lr
 from dist_cosface.engine.progress import ProgressLog
 from dist_cosface.engine.runlock import RunLock
 from dist_cosface.engine.signals import StopRequest
 from dist_cosface.engine.strategy import build_strategy, check_compiler
-from dist_cosface.engine.stream import EpochStream
+from dist_cosface.engine.training_eval import evaluate_backbone
 
 if TYPE_CHECKING:
     from dist_cosface.metrics.exporter import RunMetrics
@@ -119,7 +121,7 @@ class Trainer:
         seed_everything(cfg.train.seed)  # identical backbone init on every rank
         backbone = backbone if backbone is not None else build_backbone(cfg.model)
         backbone = backbone.to(ctx.device)
-        self.head, self.head_optim = build_head(cfg, ctx)
+        self.head, self.head_optim = build_head_and_optimizer(cfg, ctx)
         self.strategy = build_strategy(cfg, ctx, backbone)
         self.checkpointer = Checkpointer(
             self.out / "checkpoints",
@@ -436,8 +438,6 @@ class Trainer:
 
     def _evaluate(self) -> dict:
         """Every rank embeds its share of the verification images; rank 0 logs and writes."""
-        from dist_cosface.engine.evaluation import evaluate_backbone
-
         with self.strategy.eager():  # train.compile: the compiled graph is for training
             results = evaluate_backbone(self.cfg, self.ctx, self.strategy.backbone, self.out)
         if self.ctx.is_main:

@@ -24,7 +24,7 @@ from dist_cosface.classifier import (
     build_classifier_optimizer,
 )
 from dist_cosface.engine.config import OptimConfig
-from dist_cosface.engine.optim import lr_at, set_lr
+from dist_cosface.engine.lr_schedule import lr_at, set_lr
 from dist_cosface.eval.metrics import verification_metrics
 from dist_cosface.experiments.faces import FaceSet, identity_split, load_faces, make_pairs
 from dist_cosface.experiments.smallnet import SmallFaceNet

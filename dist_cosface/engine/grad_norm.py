@@ -1,54 +1,14 @@
-"""Optimizers, the learning-rate schedule and the sharding-aware gradient norm.
-
-The schedule is a pure function of the optimizer step, so resuming only needs the step
-number; it is applied to the backbone's and the classifier's optimizers alike.
-"""
+"""The sharding-aware global gradient norm (with the step's votes riding along) and clipping."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 
 from dist_cosface.distributed import DistContext
-from dist_cosface.engine.config import OptimConfig
 from dist_cosface.sharding import is_sharded
-
-
-def lr_at(cfg: OptimConfig, step: int, total_steps: int) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then decay."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
-    decay_steps = max(total_steps - cfg.warmup_steps, 1)
-    progress = min(max(step - cfg.warmup_steps, 0) / decay_steps, 1.0)
-    if cfg.schedule == "cosine":
-        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:
-        factor = (1.0 - progress) ** cfg.poly_power
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * factor
-
-
-def set_lr(optimizers: Iterable[torch.optim.Optimizer], lr: float) -> None:
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-
-def build_backbone_optimizer(
-    params: Iterable[torch.nn.Parameter], cfg: OptimConfig
-) -> torch.optim.Optimizer:
-    params = list(params)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-    return torch.optim.AdamW(
-        params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
-    )
 
 
 def _sq_norm(params: list[torch.Tensor], device: torch.device) -> torch.Tensor:
