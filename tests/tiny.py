@@ -86,7 +86,7 @@ def fixed_batches(n, batch, seed=0):
     ]
 
 
-# DeepSpeed vs DDP comparisons (tests/test_engine_deepspeed.py, tools/ds_rounding_check.py):
+# DeepSpeed vs DDP comparisons (tests/engine/test_trainer_deepspeed.py, tools/ds_rounding_check.py):
 # accumulation 2 (DeepSpeed scales the loss itself), SGD momentum + weight decay, no clipping
 # (with DeepSpeed the backbone is clipped by DeepSpeed on its own norm, docs/training.md)
 DS_COMPARE_OVERRIDES = (
