@@ -72,13 +72,16 @@ def _crafted_entry(src: Path, dest: Path, marker: Path, cfg, version: int) -> Pa
 
 
 def _refusal(run, capsys, ckpt: Path) -> str:
-    """The one line a command printed or raised when refusing ``ckpt`` (eval and export raise
-    until the CLI turns errors into lines; merge-classifier prints)."""
+    """The one line a command printed or raised when refusing ``ckpt`` (resume raises; the
+    CLI's commands print it and exit non-zero)."""
+    code = message = None
     try:
         code = run()
     except ValueError as exc:
         message = str(exc)
-    else:
+    except SystemExit as exc:  # the CLI's one line for a failure, on stderr
+        code = exc.code
+    if code is not None:
         assert code != 0
         err = capsys.readouterr().err
         assert "Traceback" not in err
