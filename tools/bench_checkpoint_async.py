@@ -69,8 +69,10 @@ def _train_until_done(head, checkpointer) -> None:
 
 def _one_save(args, ctx, root: Path, async_save: bool, step: int) -> tuple[float, float]:
     from dist_cosface.engine.checkpoint import Checkpointer
+    from dist_cosface.engine.config import CheckpointConfig
 
-    checkpointer = Checkpointer(root, ctx, keep_last=1, async_save=async_save)
+    settings = CheckpointConfig(keep_last=1, async_save=async_save)
+    checkpointer = Checkpointer(settings, root, ctx)
     head, state = _state(args, ctx, checkpointer)
     dist.barrier(group=ctx.group)
     t0 = time.perf_counter()

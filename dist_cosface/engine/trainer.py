@@ -33,12 +33,7 @@ from dist_cosface.engine.builders import (
     describe_loader,
     seed_everything,
 )
-from dist_cosface.engine.checkpoint import (
-    Checkpointer,
-    CheckpointWriteError,
-    read_meta,
-    resolve_checkpoint,
-)
+from dist_cosface.engine.checkpoint import Checkpointer, CheckpointWriteError
 from dist_cosface.engine.checkpoint.train_state import TrainState
 from dist_cosface.engine.epochs import EpochStream
 from dist_cosface.engine.grad_norm import clip_grads_, global_grad_norm_and_flags
@@ -123,12 +118,8 @@ class Trainer:
         backbone = backbone.to(ctx.device)
         self.head, self.head_optim = build_head_and_optimizer(cfg, ctx)
         self.strategy = build_strategy(cfg, ctx, backbone)
-        self.checkpointer = Checkpointer(
-            self.out / "checkpoints",
-            ctx,
-            keep_last=cfg.checkpoint.keep_last,
-            async_save=cfg.checkpoint.async_save,
-            join_timeout_s=cfg.dist.timeout_s,  # a writer past this waits on a dead peer
+        self.checkpointer = Checkpointer.from_config(
+            cfg.checkpoint, self.out, ctx, timeout_s=cfg.dist.timeout_s
         )
         self.state = self._train_state()
         seed_everything(cfg.train.seed + 7919 * (ctx.rank + 1))  # per-rank dropout/augment
@@ -341,9 +332,9 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.out / "config.yaml")
             log.info("data: %s", describe_loader(cfg.data, self.loader))
-        resumed = self._restore()
-        self.step = resumed["step"]
-        self.last_saved = self.step if resumed["from"] else -1
+        resumed = self.checkpointer.resume(self.state)
+        self.step = resumed.step
+        self.last_saved = self.step if resumed.source else -1
         self.summary = {
             "step": self.step,
             "loss": None,
@@ -353,9 +344,9 @@ class Trainer:
             "launcher_lost": False,
             "checkpoint": None,
             "eval": {},
-            "resumed_from": str(resumed["from"]) if resumed["from"] else None,
+            "resumed_from": str(resumed.source) if resumed.source else None,
         }
-        self.stream = EpochStream(self.loader, resumed["epoch"], resumed["position"])
+        self.stream = EpochStream(self.loader, resumed.epoch, resumed.position)
         self.metrics = build_metrics(cfg.metrics, ctx, self._run_info())
         self.progress = ProgressLog(self.out / "metrics.jsonl", ctx.is_main, cfg.train.total_steps)
         self.strategy.backbone.train()
@@ -371,40 +362,6 @@ class Trainer:
         if self.ctx.is_main:
             what = "a launcher died" if reason == "launcher_lost" else "SIGTERM"
             log.info("%s: stopped at step %d, checkpoint written", what, self.step)
-
-    def _resolve_resume(self) -> Path | None:
-        """The verified checkpoint to resume (all ranks agree), or None to start fresh."""
-        resume = self.cfg.checkpoint.resume
-        if resume == "none":
-            return None
-        if resume == "auto":
-            return resolve_checkpoint(self.out / "checkpoints", self.ctx)
-        found = resolve_checkpoint(resume, self.ctx)
-        if found is None:
-            raise ValueError(f"checkpoint.resume={resume!r}: no complete checkpoint there")
-        return found
-
-    def _restore(self) -> dict:
-        """Load the checkpoint to resume; returns its ``step``, ``epoch``, loader ``position``
-        and ``from`` (its path; None and step 0 when starting fresh).
-
-        Checkpoints of this run after that step are refused or archived first
-        (``checkpoint.later_steps``): the run's checkpoints stay one line of training.
-        """
-        ckpt = self._resolve_resume()
-        start = read_meta(ckpt)["step"] if ckpt is not None else 0
-        self.checkpointer.keep_one_line(
-            start,
-            ckpt,
-            self.cfg.checkpoint.later_steps,
-            damaged=self.cfg.checkpoint.resume == "auto",  # auto took the newest intact one
-        )
-        if ckpt is None:
-            return {"step": 0, "epoch": 0, "position": None, "from": None}
-        meta, position = self.checkpointer.restore(ckpt, self.state)
-        if self.ctx.is_main:
-            log.info("resumed from %s at step %d", ckpt, meta["step"])
-        return {"step": meta["step"], "epoch": meta["epoch"], "position": position, "from": ckpt}
 
     def _save_checkpoint(self, step: int) -> None:
         """Checkpoint this step (returns after the host snapshot when saves are async)."""

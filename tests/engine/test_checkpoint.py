@@ -92,11 +92,13 @@ def test_merge_classifier_command(tmp_path, capsys):
 
 def _parts_and_state(out: Path, async_save: bool):
     from dist_cosface.engine.checkpoint import Checkpointer
+    from dist_cosface.engine.config import CheckpointConfig
     from dist_cosface.engine.trainer import Trainer
 
     cfg = tiny_config(out, "optim.name=adamw")
     trainer = Trainer(cfg, DistContext())
-    checkpointer = Checkpointer(out, DistContext(), keep_last=2, async_save=async_save)
+    settings = CheckpointConfig(keep_last=2, async_save=async_save)
+    checkpointer = Checkpointer(settings, out, DistContext())
     return trainer.strategy, checkpointer, trainer.state
 
 

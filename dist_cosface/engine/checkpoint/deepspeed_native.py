@@ -8,9 +8,12 @@ imported only inside the functions that need it.
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import torch
 
+from dist_cosface.engine.checkpoint.contract import NATIVE_DIR
+from dist_cosface.engine.checkpoint.files import read_meta
 from dist_cosface.engine.checkpoint.safe import CheckpointRefused, refusal
 
 
@@ -27,9 +30,9 @@ class DeepSpeedCheckpoint:
     def __init__(self, engine, zero_stage: int, world_size: int) -> None:
         self.engine, self.zero_stage, self.world_size = engine, zero_stage, world_size
 
-    def save(self, folder) -> None:
+    def save(self, folder: Path) -> None:
         try:
-            self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
+            self.engine.save_checkpoint(str(folder / NATIVE_DIR), tag="state")
         except Exception:
             # DeepSpeed's save ends in a barrier (its only collective after the first files
             # are written, DeepSpeed 0.19) that the ranks whose files were written are waiting
@@ -40,7 +43,10 @@ class DeepSpeedCheckpoint:
             deepspeed.comm.barrier()
             raise
 
-    def load(self, folder, saved_world_size: int) -> None:
+    def load(self, folder: Path) -> None:
+        """Read ``folder``'s DeepSpeed files (verified with the rest of the checkpoint); the
+        world size that wrote them comes from its meta.json."""
+        saved_world_size = read_meta(folder)["world_size"]
         if saved_world_size != self.world_size and self.zero_stage >= 1:
             raise ValueError(
                 f"{folder}: a DeepSpeed ZeRO-{self.zero_stage} checkpoint written by "
@@ -51,7 +57,7 @@ class DeepSpeedCheckpoint:
             )
         full, self.engine.checkpoint_engine = self.engine.checkpoint_engine, _weights_only_engine()
         try:
-            self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
+            self.engine.load_checkpoint(str(folder / NATIVE_DIR), tag="state")
         finally:
             self.engine.checkpoint_engine = full
 

@@ -16,9 +16,10 @@ import torch
 
 from dist_cosface.configtools import from_mapping
 from dist_cosface.distributed import DistContext
+from dist_cosface.engine.checkpoint.contract import BACKBONE, CLASSIFIER, INDEX_FILE, MODEL
+from dist_cosface.engine.checkpoint.files import read_meta
 from dist_cosface.engine.checkpoint.manager import (
     find_latest_checkpoint,
-    read_meta,
     resolve_checkpoint,
     run_dcp,
     safe_reader,
@@ -49,14 +50,14 @@ def _read_verified(path: str | Path, prefix: str, strict=False) -> tuple[Path, d
     if latest is None:
         raise ValueError(f"no complete checkpoint found at {path}")
     meta = read_meta(latest)
-    resolve_checkpoint(latest, DistContext(), only={".metadata"})
+    resolve_checkpoint(latest, DistContext(), only={INDEX_FILE})
     reader = safe_reader(latest, meta)
     metadata = reader.read_metadata()
     wanted = [k for k in metadata.state_dict_metadata if _wanted(k, prefix)]
     holding = {
         info.relative_path for index, info in metadata.storage_data.items() if index.fqn in wanted
     }
-    ckpt = resolve_checkpoint(latest, DistContext(), only={".metadata"} | holding)
+    ckpt = resolve_checkpoint(latest, DistContext(), only={INDEX_FILE} | holding)
     return ckpt, _load_entries(ckpt, reader, wanted, prefix)
 
 
@@ -106,7 +107,7 @@ def load_backbone(checkpoint_or_run_dir: str | Path) -> tuple[torch.nn.Module, i
     A run folder resolves to its latest complete checkpoint; only the files holding the
     backbone are verified and read. The model config comes from meta.json.
     """
-    prefix = "backbone.model."
+    prefix = f"{BACKBONE}.{MODEL}."
     ckpt, tree = _read_verified(checkpoint_or_run_dir, prefix)
     meta = read_meta(ckpt)
     backbone = build_backbone(from_mapping(ModelConfig, meta["model"], "meta.model"))
@@ -116,9 +117,10 @@ def load_backbone(checkpoint_or_run_dir: str | Path) -> tuple[torch.nn.Module, i
 
 def merge_classifier(checkpoint: str | Path) -> dict:
     """``{"weight": [C, D], "optim": {name: [C, ...]}, "num_classes": C}`` of a checkpoint."""
-    _, tree = _read_verified(checkpoint, "classifier.")
-    weight = tree["classifier.weight"]
-    optim = {k.removeprefix("classifier.optim."): v for k, v in tree.items() if ".optim." in k}
+    _, tree = _read_verified(checkpoint, f"{CLASSIFIER}.")
+    weight = tree[f"{CLASSIFIER}.weight"]  # ClassifierState's layout
+    rows = f"{CLASSIFIER}.optim."
+    optim = {k.removeprefix(rows): v for k, v in tree.items() if k.startswith(rows)}
     return {"weight": weight, "optim": optim, "num_classes": weight.shape[0]}
 
 

@@ -35,6 +35,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
+from dist_cosface.engine.checkpoint.contract import INDEX_FILE
+
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
 _INDEX_GLOBALS = {
     (_DCP_METADATA, name)
@@ -128,7 +130,7 @@ class SafeReader(FileSystemReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if self._metadata is None:
-            metadata = read_index(self.ckpt / ".metadata", self.files, self.allow_pickled)
+            metadata = read_index(self.ckpt / INDEX_FILE, self.files, self.allow_pickled)
             if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader does
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
