@@ -19,25 +19,24 @@ def _sq_norm(params: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(grads)).double().pow(2).sum()
 
 
-def global_grad_norm_and_flags(
-    params: list[torch.nn.Parameter], ctx: DistContext, flags: list[float]
+def global_grad_norm_and_votes(
+    params: list[torch.nn.Parameter], ctx: DistContext, votes: torch.Tensor
 ) -> tuple[float, list[float]]:
-    """Global L2 gradient norm plus summed per-rank flags, in ONE tiny all-reduce.
+    """Global L2 gradient norm plus the ranks' summed votes, in ONE tiny all-reduce.
 
     Sharded parameters contribute their squared norm from every rank (each shard once);
     replicated parameters (identical after data-parallel averaging) contribute from rank 0
-    only, so every rank ends with the same, bit-identical total. ``flags`` (e.g. "SIGTERM
-    received") ride along in the same tensor and come back summed over the group. This is the
-    loop's one host synchronisation per step.
+    only, so every rank ends with the same, bit-identical total. ``votes`` (a cast
+    ``agreement.Ballot``: "SIGTERM received", ...) ride along in the same tensor and come back
+    summed over the group, for the ballot to read. This is the loop's one host
+    synchronisation per step.
     """
     sharded = [p for p in params if is_sharded(p)]
     replicated = [p for p in params if not is_sharded(p)]
     total = _sq_norm(sharded, ctx.device)
     if ctx.rank == 0:
         total = total + _sq_norm(replicated, ctx.device)
-    packed = torch.stack(
-        [total] + [torch.tensor(float(f), dtype=torch.float64, device=ctx.device) for f in flags]
-    )
+    packed = torch.cat([total.reshape(1), votes.to(ctx.device, torch.float64)])
     if ctx.is_distributed:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=ctx.group)
     values = packed.tolist()

@@ -2,11 +2,11 @@
 
 One optimizer step = ``optim.grad_accum_steps`` micro-batches. Per step the trainer issues, in
 addition to the model's own collectives, ONE all-reduce of a 5-element tensor that carries
-the global gradient norm (each classifier shard counted once), the "SIGTERM received" and
-"launcher died" flags, the loader's "bad input data" flag and the "checkpoint writer failed"
-flag, and reads it on the host: that single synchronisation gives every rank the same decision
-about clipping, fp16 overflow skips, non-finite stops, preemption and stops on bad data or a
-failed asynchronous save.
+the global gradient norm (each classifier shard counted once) and the ranks' votes
+(``_STEP_VOTES``, an ``agreement.Ballot``: "SIGTERM received", "launcher died", the loader's
+"bad input data", "checkpoint writer failed"), and reads it on the host: that single
+synchronisation gives every rank the same decision about clipping, fp16 overflow skips,
+non-finite stops, preemption and stops on bad data or a failed asynchronous save.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dist_cosface.agreement import Ballot
 from dist_cosface.classifier import class_range
 from dist_cosface.classifier.state import ClassifierState
 from dist_cosface.config import RunConfig, dump_config
@@ -36,7 +37,7 @@ from dist_cosface.engine.builders import (
 from dist_cosface.engine.checkpoint import Checkpointer, CheckpointWriteError
 from dist_cosface.engine.checkpoint.train_state import TrainState
 from dist_cosface.engine.epochs import EpochStream
-from dist_cosface.engine.grad_norm import clip_grads_, global_grad_norm_and_flags
+from dist_cosface.engine.grad_norm import clip_grads_, global_grad_norm_and_votes
 from dist_cosface.engine.lr_schedule import lr_at, set_lr
 from dist_cosface.engine.progress import ProgressLog
 from dist_cosface.engine.runlock import RunLock
@@ -48,6 +49,9 @@ if TYPE_CHECKING:
     from dist_cosface.metrics.exporter import RunMetrics
 
 log = logging.getLogger(__name__)
+
+# what each rank votes on in the step's one all-reduce (summed over the ranks)
+_STEP_VOTES = Ballot("sigterm", "launcher_lost", "bad_data", "save_failed")
 
 
 def train(
@@ -229,20 +233,24 @@ class Trainer:
     ) -> tuple[float, str | None]:
         """Global gradient norm and the ranks' stop votes, in the step's one all-reduce."""
         self.strategy.scaler.unscale_(params)
-        # a rank's loader that met bad data it must stop for votes here: every rank raises alike
-        data_failed = float(self.loader.failure is not None)
-        save_failed = float(self.checkpointer.failed())  # an asynchronous save, written or not
-        flags = [float(stop.requested), float(stop.launcher_lost), data_failed, save_failed]
-        norm, (stop_votes, lost_votes, data_votes, save_votes) = global_grad_norm_and_flags(
-            params, self.ctx, flags
+        votes = _STEP_VOTES.cast(
+            self.ctx.device,
+            sigterm=stop.requested,
+            launcher_lost=stop.launcher_lost,
+            # a rank's loader that met bad data it must stop for: every rank raises alike
+            bad_data=self.loader.failure is not None,
+            save_failed=self.checkpointer.failed(),  # an asynchronous save, written or not
         )
-        if data_votes > 0:
-            raise_data_failure(self.loader, int(data_votes))
-        if save_votes > 0:  # every rank's writer agreed on the failure: each re-raises it
+        norm, summed = global_grad_norm_and_votes(params, self.ctx, votes)
+        tally = _STEP_VOTES.read(summed)
+        if tally["bad_data"] > 0:
+            raise_data_failure(self.loader, int(tally["bad_data"]))
+        if tally["save_failed"] > 0:  # every rank's writer agreed on the failure: each re-raises
             self.checkpointer.wait()
             raise CheckpointWriteError("an asynchronous checkpoint failed on another rank")
-        reason = ("launcher_lost" if lost_votes > 0 else "sigterm") if stop_votes > 0 else None
-        return norm, reason
+        if tally["sigterm"] == 0:
+            return norm, None
+        return norm, "launcher_lost" if tally["launcher_lost"] > 0 else "sigterm"
 
     def _clip(self, params: list[torch.nn.Parameter], norm: float) -> None:
         if self.cfg.optim.grad_clip is not None:

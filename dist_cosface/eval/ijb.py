@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dist_cosface.distributed import GroupMember
 from dist_cosface.eval.images import ImageRef, read_lines
 
 VERIFICATION_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -338,7 +339,7 @@ def run_ijb(
 ) -> dict:
     """Images embedded over all ranks, then scored (same result on every rank)."""
     from dist_cosface.eval.images import embed_images, rank_slice
-    from dist_cosface.eval.ranks import gather_rows, run_agreed, world
+    from dist_cosface.eval.ranks import gather_rows, run_agreed
 
     ijb = run_agreed(lambda: read_ijb(root, name), group)
     start, stop = rank_slice(len(ijb.images), group, batch_size)
@@ -354,8 +355,8 @@ def run_ijb(
     embeddings = gather_rows(local, group)
     usable = gather_rows(usable_local, group).numpy()
     features = template_features(embeddings, ijb, usable, detector_score)
-    rank, world_size = world(group)  # pairs are scored over the ranks too
-    positions, local_scores = pair_scores(features, ijb.pairs, rank, world_size)
+    member = GroupMember.of(group)  # pairs are scored over the ranks too
+    positions, local_scores = pair_scores(features, ijb.pairs, member.rank, member.world_size)
     scores = np.empty(len(ijb.pairs))
     scores[gather_rows(torch.from_numpy(positions), group).numpy()] = gather_rows(
         torch.from_numpy(local_scores), group

@@ -16,9 +16,8 @@ import os
 import zlib
 from pathlib import Path
 
-import torch.distributed as dist
-
-from dist_cosface.distributed import DistContext
+from dist_cosface.agreement import gather_objects
+from dist_cosface.distributed import GroupMember
 from dist_cosface.engine.checkpoint.contract import META_FILE
 
 log = logging.getLogger(__name__)
@@ -107,28 +106,19 @@ def first_mismatch(ckpt: Path, files: dict, names: list[str]) -> str | None:
     return None
 
 
-def _check_my_share(ckpt: Path, ctx: DistContext, only) -> str | None:
+def _check_my_share(ckpt: Path, member: GroupMember, only) -> str | None:
     """This rank's share of ``ckpt``'s recorded files (every world_size-th), verified: the
     first problem, or None. An unreadable meta.json is a problem on every rank."""
     try:
         files = read_meta(ckpt)["files"]
     except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
         return f"{ckpt / META_FILE}: unreadable ({exc})"
-    names = sorted(n for n in files if only is None or n in only)[ctx.rank :: ctx.world_size]
+    names = sorted(n for n in files if only is None or n in only)[member.rank :: member.world_size]
     return first_mismatch(ckpt, files, names)
 
 
-def _all_ranks(ctx: DistContext, value):
-    """Every rank's ``value``, in rank order."""
-    if not ctx.is_distributed:
-        return [value]
-    gathered = [None] * ctx.world_size
-    dist.all_gather_object(gathered, value, group=ctx.group)
-    return gathered
-
-
 def select_verified(
-    candidates: list[Path], ctx: DistContext, strict: bool, only=None
+    candidates: list[Path], member: GroupMember, strict: bool, only=None
 ) -> Path | None:
     """Newest intact checkpoint of ``candidates`` (oldest first), agreed by all ranks.
 
@@ -137,14 +127,15 @@ def select_verified(
     ``only``: verify just these files (a reader that needs only the backbone).
     """
     order = [str(c) for c in reversed(candidates)]
-    order = [Path(c) for c in _all_ranks(ctx, order)[0]]
+    order = [Path(c) for c in gather_objects(order, member.group)[0]]
     for ckpt in order:
-        problems = [p for p in _all_ranks(ctx, _check_my_share(ckpt, ctx, only)) if p]
+        mine = _check_my_share(ckpt, member, only)
+        problems = [p for p in gather_objects(mine, member.group) if p]
         if not problems:
             return ckpt
         if strict:
             raise ValueError(f"checkpoint {ckpt} is damaged: {'; '.join(problems)}")
-        if ctx.is_main:
+        if member.is_main:
             log.warning(
                 "checkpoint %s is damaged (%s); falling back to the previous complete checkpoint",
                 ckpt,

@@ -45,13 +45,13 @@ import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from dist_cosface.distributed import DistContext, build_checkpoint_group
+from dist_cosface.agreement import first_problem, gather_objects
+from dist_cosface.distributed import DistContext, GroupMember, build_checkpoint_group
 from dist_cosface.engine.checkpoint.contract import META_FILE
 from dist_cosface.engine.checkpoint.files import (
     fsync_dir,
@@ -116,8 +116,9 @@ def safe_reader(ckpt: Path, meta: dict) -> SafeReader:
     return SafeReader(ckpt, meta["files"], allow_pickled=meta["format_version"] == 3)
 
 
-def resolve_checkpoint(path: str | Path, ctx: DistContext, only=None) -> Path | None:
-    """The checkpoint to resume from ``path`` after verifying its files on all ranks.
+def resolve_checkpoint(path: str | Path, member: GroupMember, only=None) -> Path | None:
+    """The checkpoint to resume from ``path`` after verifying its files on all ranks of
+    ``member``'s group (a ``DistContext``, or ``GroupMember()`` for one process).
 
     ``path`` is a checkpoint folder (it must be intact), or a run / checkpoints folder: the
     newest intact checkpoint there, skipping damaged ones with a warning. None: nothing there.
@@ -125,9 +126,9 @@ def resolve_checkpoint(path: str | Path, ctx: DistContext, only=None) -> Path | 
     """
     path = Path(path)
     if (path / META_FILE).is_file():
-        return select_verified([path], ctx, strict=True, only=only)
+        return select_verified([path], member, strict=True, only=only)
     root = path / "checkpoints" if complete_checkpoints(path / "checkpoints") else path
-    return select_verified(complete_checkpoints(root), ctx, strict=False, only=only)
+    return select_verified(complete_checkpoints(root), member, strict=False, only=only)
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ class Checkpointer:
         self.cfg, self.root, self.ctx = cfg, Path(root), ctx
         self.join_timeout_s = join_timeout_s
         self.group = build_checkpoint_group(ctx)
+        self.member = GroupMember.of(self.group)  # where the ranks agree (gloo)
         self.mesh = None
         if self.group is not None:
             self.mesh = DeviceMesh.from_group(self.group, "cpu")
@@ -193,7 +195,7 @@ class Checkpointer:
         tree = state.snapshot()
         target = _Target(self.root, step, _estimate_bytes(tree, self.ctx.world_size))
         verdict = self._prepare(target) if self.ctx.is_main else None
-        verdict = _gather(self.group, verdict)[0]  # rank 0's, on every rank (no writer runs)
+        verdict = gather_objects(verdict, self.group)[0]  # rank 0's, on every rank (no writer runs)
         _raise_agreed(verdict["problem"])
         target.needed, target.free = verdict["needed"], verdict["free"]
         if state.native is not None:
@@ -236,7 +238,7 @@ class Checkpointer:
         self._pending = None
         if self.group is not None:
             dist.destroy_process_group(self.group)
-            self.group, self.mesh = None, None
+            self.group, self.member, self.mesh = None, GroupMember(), None
 
     def _prepare(self, target: _Target) -> dict:
         """Rank 0, before anything is written: the folders, and room on the disk."""
@@ -282,7 +284,7 @@ class Checkpointer:
             state.native.save(target.tmp)
         except Exception as exc:  # noqa: BLE001 - a full disk surfaces as several types
             problem = target.failure(exc)
-        problem = _first_problem(self.group, problem)
+        problem = first_problem(problem, self.group)
         if problem is not None:
             if self.ctx.is_main:
                 shutil.rmtree(target.tmp, ignore_errors=True)
@@ -301,7 +303,7 @@ class Checkpointer:
         except (Exception, CheckpointException) as exc:  # noqa: BLE001 - see _Target.failure
             problem = target.failure(exc)
         del tree  # this thread's reference to the snapshot
-        problem = _first_problem(self.group, problem)
+        problem = first_problem(problem, self.group)
         if problem is None and self.ctx.is_main:
             try:
                 meta["files"] = merge_records(tmp, self.ctx.world_size)  # + .metadata, deepspeed/
@@ -309,7 +311,7 @@ class Checkpointer:
                 self._prune(target.final)
             except OSError as exc:
                 problem = target.failure(exc)
-        problem = _first_problem(self.group, problem)
+        problem = first_problem(problem, self.group)
         if problem is not None:
             if self.ctx.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)  # the space it took, back
@@ -353,7 +355,7 @@ class Checkpointer:
                     f"{self.root / f'superseded-{start}'} first, or use another "
                     "train.output_dir"
                 )
-        _raise_agreed(_first_problem(self.group, problem), ValueError)
+        _raise_agreed(first_problem(problem, self.group), ValueError)
         return moved
 
     def _archive(self, later: list[Path], start: int) -> list[Path]:
@@ -404,8 +406,8 @@ class Checkpointer:
         if resume == "none":
             return None
         if resume == "auto":
-            return resolve_checkpoint(self.root, self.ctx)
-        found = resolve_checkpoint(resume, self.ctx)
+            return resolve_checkpoint(self.root, self.member)
+        found = resolve_checkpoint(resume, self.member)
         if found is None:
             raise ValueError(f"checkpoint.resume={resume!r}: no complete checkpoint there")
         return found
@@ -480,20 +482,6 @@ def _in_background(fn, *args) -> tuple[Future, threading.Thread]:
     thread = threading.Thread(target=run, name="checkpoint-writer", daemon=True)
     thread.start()
     return future, thread
-
-
-def _gather(group, value: Any) -> list[Any]:
-    """Every rank's ``value`` over ``group``, in rank order (just ``[value]`` without one)."""
-    if group is None:
-        return [value]
-    gathered: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, value, group=group)
-    return gathered
-
-
-def _first_problem(group, problem: str | None) -> str | None:
-    """The lowest rank's problem over ``group``, the same on every rank."""
-    return next((p for p in _gather(group, problem) if p is not None), None)
 
 
 def _raise_agreed(problem: str | None, kind: type[Exception] = CheckpointWriteError) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from dist_cosface.configtools import from_mapping
-from dist_cosface.distributed import DistContext
+from dist_cosface.distributed import GroupMember
 from dist_cosface.engine.checkpoint.contract import BACKBONE, CLASSIFIER, INDEX_FILE, MODEL
 from dist_cosface.engine.checkpoint.files import read_meta
 from dist_cosface.engine.checkpoint.manager import (
@@ -50,14 +50,14 @@ def _read_verified(path: str | Path, prefix: str, strict=False) -> tuple[Path, d
     if latest is None:
         raise ValueError(f"no complete checkpoint found at {path}")
     meta = read_meta(latest)
-    resolve_checkpoint(latest, DistContext(), only={INDEX_FILE})
+    resolve_checkpoint(latest, GroupMember(), only={INDEX_FILE})
     reader = safe_reader(latest, meta)
     metadata = reader.read_metadata()
     wanted = [k for k in metadata.state_dict_metadata if _wanted(k, prefix)]
     holding = {
         info.relative_path for index, info in metadata.storage_data.items() if index.fqn in wanted
     }
-    ckpt = resolve_checkpoint(latest, DistContext(), only={INDEX_FILE} | holding)
+    ckpt = resolve_checkpoint(latest, GroupMember(), only={INDEX_FILE} | holding)
     return ckpt, _load_entries(ckpt, reader, wanted, prefix)
 
 
