@@ -1,7 +1,8 @@
 """The ``dist-cosface`` command line.
 
-Subcommands import their implementation lazily so ``dist-cosface --help`` stays fast and
-optional dependencies (DALI, DeepSpeed, onnx) are only needed by the commands that use them.
+The subcommand modules import their optional dependencies (DALI, DeepSpeed, onnx) inside
+the functions that use them, so ``dist-cosface --help`` and every command that does not use
+one work without them.
 
     dist-cosface train CONFIG.yaml [dotted.key=value ...]   (alone, or under torchrun/deepspeed)
     dist-cosface eval RUN_OR_CHECKPOINT --target FILE ... [--megaface P D] [--ijb ROOT NAME]
@@ -11,6 +12,8 @@ optional dependencies (DALI, DeepSpeed, onnx) are only needed by the commands th
     dist-cosface merge-classifier CHECKPOINT OUT.pt        (full classifier rows + state)
     dist-cosface config CONFIG.yaml [dotted.key=value ...]  (print the resolved config)
     dist-cosface synthetic-faces OUT_DIR [options]          (JPEG identity folders, generated)
+    dist-cosface clean RUN SHARDS OUT [--eval-set PATH ...]  (label noise, duplicates, overlap;
+                                                            alone or under torchrun)
 
 Failures: a command that fails prints one line on stderr, ``dist-cosface <command>: error:
 <message>`` (``config error:`` for config keys and values; ``dist-cosface <command> (rank
@@ -25,17 +28,27 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 from pathlib import Path
 
+from dist_cosface import export
+from dist_cosface.clean import cli as clean_cli
+from dist_cosface.cliargs import UsageError, folder_problem, int_in, new_folder
+from dist_cosface.config import config_to_yaml, load_config
+from dist_cosface.configtools import ConfigError
+from dist_cosface.data import cli as data_cli
+from dist_cosface.data.synth_shards import write_synthetic_image_folder
+from dist_cosface.distributed import init_distributed, shutdown
+from dist_cosface.engine import train
+from dist_cosface.engine.checkpoint import reader as checkpoint_reader
+from dist_cosface.engine.runlock import RunFolderLocked
+from dist_cosface.engine.signals import watch_launcher
+from dist_cosface.engine.strategy import CompilerUnavailable
+from dist_cosface.eval import cli as eval_cli
+
 DEBUG_ENV = "DIST_COSFACE_DEBUG"
 MAX_SYNTHETIC_SIZE = 1024  # synthetic-faces --image-size: 9x the usual 112 px face crop
-
-
-class UsageError(ValueError):
-    """An argument that cannot be used as given (exit status 2, like argparse's own errors)."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -43,106 +56,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-# ---- argument types: a bad value is an argparse error (one line, exit 2) ------------------
-
-
-def int_in(low: int, high: int | None = None):
-    """argparse type: an integer in ``[low, high]`` (no upper bound when ``high`` is None)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low or (high is not None and value > high):
-            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
-            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
-        return value
-
-    return parse
-
-
-def float_in(low: float, high: float, *, low_open: bool = False, high_open: bool = False):
-    """argparse type: a finite float in the interval given (open ends as stated)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        below = value <= low if low_open else value < low
-        above = value >= high if high_open else value > high
-        if not math.isfinite(value) or below or above:
-            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
-        return value
-
-    return parse
-
-
-def existing_path(text: str) -> str:
-    """argparse type: a file or folder that exists."""
-    if not Path(text).exists():
-        raise argparse.ArgumentTypeError(f"{text}: not found")
-    return text
-
-
-def output_file(text: str) -> str:
-    """argparse type: where a file will be written (not a folder, not under a file)."""
-    path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: is a folder; give the path of a file")
-    _raise_if(text, _folder_problem(path.parent, path))
-    return text
-
-
-def new_folder(text: str) -> str:
-    """argparse type: a folder to create (it must not exist; its parent must be creatable)."""
-    if Path(text).exists():
-        raise argparse.ArgumentTypeError(f"{text}: already exists; choose a new folder")
-    return output_folder(text)
-
-
-def output_folder(text: str) -> str:
-    """argparse type: a folder to write into (it may not exist yet; it must not be a file)."""
-    _raise_if(text, _folder_problem(Path(text), Path(text)))
-    return text
-
-
-def _raise_if(text: str, problem: str) -> None:
-    if problem:
-        raise argparse.ArgumentTypeError(f"{text}: {problem}")
-
-
-def _folder_problem(folder: Path, named: Path) -> str:
-    """Why ``folder`` cannot be (made) a folder: its nearest existing ancestor is a file."""
-    for existing in (folder, *folder.parents):
-        if existing.exists():
-            if existing.is_dir():
-                return ""
-            return "is a file, not a folder" if existing == named else f"{existing} is a file"
-    return ""
-
-
-def device_arg(text: str) -> str:
-    """argparse type: a torch device this machine has (``cpu``, ``cuda``, ``cuda:N``)."""
-    import torch
-
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:N)") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device")
-        if device.index is not None and device.index >= count:
-            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA devices")
-    elif device.type != "cpu":
-        raise argparse.ArgumentTypeError(f"{text!r}: only cpu and cuda devices are supported")
-    return text
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -156,11 +69,6 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from dist_cosface.config import load_config
-    from dist_cosface.distributed import init_distributed, shutdown
-    from dist_cosface.engine import train
-    from dist_cosface.engine.signals import watch_launcher
-
     cfg = load_config(args.config, args.overrides)
     _check_train_paths(cfg)
     watch_launcher(grace_s=cfg.dist.timeout_s)  # stop when torchrun's agent is killed
@@ -181,10 +89,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _check_train_paths(cfg) -> None:
     """Paths the config names that cannot work, found before any process group is built."""
-    from dist_cosface.configtools import ConfigError
-
     out = Path(cfg.train.output_dir)
-    problem = _folder_problem(out, out)
+    problem = folder_problem(out, out)
     if problem:
         raise ConfigError(f"train.output_dir={cfg.train.output_dir!r}: {problem}")
     path = cfg.data.path
@@ -197,16 +103,12 @@ def _check_train_paths(cfg) -> None:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from dist_cosface.config import config_to_yaml, load_config
-
     cfg = load_config(args.config, args.overrides)
     sys.stdout.write(config_to_yaml(cfg))
     return 0
 
 
 def _cmd_synthetic_faces(args: argparse.Namespace) -> int:
-    from dist_cosface.data.synth_shards import write_synthetic_image_folder
-
     path = write_synthetic_image_folder(
         args.out_dir,
         args.identities,
@@ -223,30 +125,26 @@ def _cmd_synthetic_faces(args: argparse.Namespace) -> int:
     return 0
 
 
+# the subcommands' own modules are called through their module, so that a test can replace
+# a function there (monkeypatch) and the command runs the replacement
 def _cmd_shards(args: argparse.Namespace) -> int:
-    from dist_cosface.data.cli import run_shards
-
-    return run_shards(args)
+    return data_cli.run_shards(args)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from dist_cosface.engine.checkpoint.reader import load_backbone
-    from dist_cosface.eval.cli import run_eval_command
-
-    return run_eval_command(args, load_backbone)
+    return eval_cli.run_eval_command(args, checkpoint_reader.load_backbone)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from dist_cosface.engine.checkpoint.reader import load_backbone
-    from dist_cosface.eval.cli import run_export_command
+    return export.run_export_command(args, checkpoint_reader.load_backbone)
 
-    return run_export_command(args, load_backbone)
+
+def _cmd_clean(args: argparse.Namespace) -> int:
+    return clean_cli.run_clean_command(args)
 
 
 def _cmd_merge_classifier(args: argparse.Namespace) -> int:
-    from dist_cosface.engine.checkpoint.reader import run_merge_command
-
-    return run_merge_command(args)
+    return checkpoint_reader.run_merge_command(args)
 
 
 _DEBUG_HELP = f"on failure, show the traceback instead of one error line (or set {DEBUG_ENV}=1)"
@@ -288,47 +186,44 @@ def build_parser() -> argparse.ArgumentParser:
     faces.add_argument("--seed", type=int, default=0)
     faces.set_defaults(func=_cmd_synthetic_faces)
 
-    _add_lazy(
+    _add_declared(
         sub,
         "shards",
         "convert an image folder or a .rec file into WebDataset shards",
-        "dist_cosface.data.cli",
-        "add_shards_arguments",
+        data_cli.add_shards_arguments,
         _cmd_shards,
     )
-    _add_lazy(
+    _add_declared(
         sub,
         "eval",
         "verification / identification benchmarks of a trained backbone",
-        "dist_cosface.eval.cli",
-        "add_eval_arguments",
+        eval_cli.add_eval_arguments,
         _cmd_eval,
     )
-    _add_lazy(
-        sub,
-        "export",
-        "export a trained backbone to ONNX",
-        "dist_cosface.eval.cli",
-        "add_export_arguments",
-        _cmd_export,
+    _add_declared(
+        sub, "export", "export a trained backbone to ONNX", export.add_export_arguments, _cmd_export
     )
-    _add_lazy(
+    _add_declared(
         sub,
         "merge-classifier",
         "write a checkpoint's full classifier matrix and row state to one .pt file",
-        "dist_cosface.engine.checkpoint.reader",
-        "add_merge_arguments",
+        checkpoint_reader.add_merge_arguments,
         _cmd_merge_classifier,
+    )
+    _add_declared(
+        sub,
+        "clean",
+        "find label noise, duplicate identities and train/eval overlap; write a cleaned set",
+        clean_cli.add_clean_arguments,
+        _cmd_clean,
     )
     return parser
 
 
-def _add_lazy(sub, name, help_text, module, adder, func) -> None:
+def _add_declared(sub, name, help_text, add_arguments, func) -> None:
     """Register a subcommand whose arguments are declared by its own module."""
-    import importlib
-
     parser = _add_command(sub, name, help_text)
-    getattr(importlib.import_module(module), adder)(parser)
+    add_arguments(parser)
     parser.set_defaults(func=func)
 
 
@@ -366,10 +261,6 @@ def describe_failure(exc: BaseException) -> tuple[int, str]:
     anything else is unexpected and the line says so, with its type and how to see the
     traceback.
     """
-    from dist_cosface.configtools import ConfigError
-    from dist_cosface.engine.runlock import RunFolderLocked
-    from dist_cosface.engine.strategy import CompilerUnavailable
-
     if isinstance(exc, ConfigError):
         return 2, "config error: " + _one_line(exc)
     status = 2 if isinstance(exc, UsageError) else 1
@@ -402,8 +293,4 @@ def _rank_suffix() -> str:
 
 
 if __name__ == "__main__":
-    # through the package: ``python -m`` would otherwise hold a second copy of this module,
-    # whose UsageError is not the one the subcommands raise
-    from dist_cosface.cli import main as package_main
-
-    sys.exit(package_main())
+    sys.exit(main())

@@ -84,7 +84,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         number = float(value) if abs(value) < 1e308 else math.inf  # no OverflowError
         if not math.isfinite(number):
             # YAML's .nan/.inf mean nothing in any of our fields, and NaN slips through
-            # every range check in __post_init__ (a NaN lr used to fail only at step 1)
+            # every range check in __post_init__ (a NaN lr would fail only at step 1)
             raise _BadValue(f"{key}: expected a finite number, got {value!r}")
         return number
     if tp is int:

@@ -13,15 +13,11 @@ import torch
 _SHARDED_ATTR = "_dist_cosface_sharded"
 
 
-def mark_sharded(param: torch.nn.Parameter, dim: int = 0) -> torch.nn.Parameter:
-    """Declare ``param`` split over the model-parallel group along ``dim``."""
-    setattr(param, _SHARDED_ATTR, dim)
+def mark_sharded(param: torch.nn.Parameter) -> torch.nn.Parameter:
+    """Declare ``param`` split over the model-parallel group (each rank holds its own rows)."""
+    setattr(param, _SHARDED_ATTR, True)
     return param
 
 
 def is_sharded(param: torch.Tensor) -> bool:
-    return getattr(param, _SHARDED_ATTR, None) is not None
-
-
-def shard_dim(param: torch.Tensor) -> int | None:
-    return getattr(param, _SHARDED_ATTR, None)
+    return getattr(param, _SHARDED_ATTR, False)

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from torch import nn
 
-from dist_cosface.eval.align import template
+from dist_cosface.align import template
 from dist_cosface.eval.bin_file import write_bin
 
 REPO = Path(__file__).resolve().parents[1]

@@ -65,7 +65,7 @@ def test_usage_errors_are_one_line_and_exit_2(capsys, paths, argv, needle):
 
 
 def test_debug_flag_and_environment_show_the_exception(paths, monkeypatch, capsys):
-    from dist_cosface.cli import UsageError
+    from dist_cosface.cliargs import UsageError
 
     for argv in (["--debug", "eval", paths["dir"]], ["eval", "--debug", paths["dir"]]):
         with pytest.raises(UsageError, match="nothing to evaluate"):

@@ -108,7 +108,7 @@ def _assert_honoured(cfg, values: dict, where: str) -> None:
             assert got == value or (isinstance(value, int) and got == float(value)), (where, key)
 
 
-# ---------------------------------------------------------------- value checks (issue 9)
+# ---------------------------------------------------------------- value checks
 
 
 @pytest.mark.parametrize(
@@ -170,7 +170,7 @@ def test_optimizer_boundaries_are_accepted():
 
 
 _MARGIN_CASES = [
-    ("cosface", 5.0, 1000, False),  # the issue's case: passed `config`, failed at head build
+    ("cosface", 5.0, 1000, False),  # must fail at config load, not at head build
     ("cosface", 1.0, 1000, True),
     ("cosface", 1.002, 1000, False),  # bound C/(C-1) = 1.001
     ("cosface", 1.9, 2, True),  # bound 2 for two classes

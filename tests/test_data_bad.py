@@ -126,7 +126,7 @@ def test_ranks_with_different_bad_counts_stay_in_lockstep(tmp_path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_losses_count_once_per_epoch_and_key(tmp_path, backend):
-    """Issue 17: 2 bad labels in 256 samples (0.78%) under max_skip_fraction 0.01. The
+    """2 bad labels in 256 samples (0.78%) under max_skip_fraction 0.01. The
     webdataset stream of a rank short of good samples re-reads the shard within the epoch and
     meets both again: still 2 losses, and the run goes on."""
     bad = {0: good_sample(0, label=9), 1: good_sample(1, label=9)}
@@ -140,7 +140,7 @@ def test_losses_count_once_per_epoch_and_key(tmp_path, backend):
 
 
 def _zeroed_after_header(jpg: bytes) -> bytes:
-    """Issue 17: a JPEG's bytes after its JFIF header (SOI + APP0, 20 bytes) zeroed: the same
+    """A JPEG's bytes after its JFIF header (SOI + APP0, 20 bytes) zeroed: the same
     size, so every start-up check passes."""
     return jpg[:20] + bytes(len(jpg) - 20)
 
@@ -176,8 +176,9 @@ def _epoch_of_each_loader(rank, world_size, path):
 
 @pytest.mark.multiproc
 def test_corrupt_images_skipped_by_both_loaders_on_two_ranks(tmp_path):
-    """Issue 17 row 13: 3 of 400 samples zeroed after the header, max_skip_fraction 0.01. The
-    DALI loader used to stop the run, or die with SIGSEGV with num_workers 0."""
+    """3 of 400 samples zeroed after the header, max_skip_fraction 0.01: both loaders skip
+    them and the run goes on (DALI's decoder must never see them: it fails the batch, or dies
+    with SIGSEGV with num_workers 0)."""
     bad = {i: {"jpg": _zeroed_after_header(jpeg_bytes(i)), "cls": b"1"} for i in CORRUPT_KEYS}
     small_dataset(tmp_path, bad, n=400, shard_size=200)
     results = run_ranks(2, _epoch_of_each_loader, str(tmp_path), timeout_s=240)

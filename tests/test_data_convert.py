@@ -198,7 +198,7 @@ def test_cli_and_tool(tmp_path, capsys):
     assert tool.returncode == 0 and "3 samples" in tool.stdout
 
 
-# ---------------------------------------------------------------- issue 17: nothing destroyed
+# ---------------------------------------------------------------- nothing destroyed
 
 
 def _tiny_folder(root, identities=("a", "b"), per_identity=2):
@@ -264,7 +264,7 @@ def test_overwrite_clears_only_a_previous_output(tmp_path):
     assert (out / "README").exists() and (out / "shard-000001.tar").exists()
 
 
-# ---------------------------------------------------------------- issue 17: special files
+# ---------------------------------------------------------------- special files
 
 
 def _in_child(fn, *args, timeout_s=60):

@@ -50,7 +50,7 @@ def test_sound_images_pass_and_damaged_ones_do_not(ext):
     assert header_problem(data) == ""
     assert header_problem(data + b"trailing bytes") == ""  # e.g. camera trailers after EOI
     if ext in ("jpg", "jpeg", "png"):
-        assert header_problem(data[:20] + bytes(len(data) - 20)) != ""  # issue 17's damage
+        assert header_problem(data[:20] + bytes(len(data) - 20)) != ""  # zeroed after the header
     if ext in TRUNCATION_FOUND:
         assert header_problem(data[: len(data) // 2]) != ""
     assert header_problem(bytes(len(data))) != ""  # all zeros: no known format

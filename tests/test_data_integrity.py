@@ -1,6 +1,6 @@
-"""Issue 9: manifests cannot run commands, and no bad shard or sample is lost silently.
+"""Manifests cannot run commands, and no bad shard or sample is lost silently.
 
-Each observed case of the issue is rebuilt on small hand-made shards: a shell payload as a
+Each case is rebuilt on small hand-made shards: a shell payload as a
 shard name, a truncated shard, a missing tar, an index cut short, an edited num_classes, a tar
 with one zeroed 512-byte header, swapped index files, and a bad shard that only one of two
 gloo ranks reads.
@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from dist_cosface.data import DataConfig, build_loader
+from dist_cosface.data.locations import open_stream
 from dist_cosface.data.shards import Manifest, read_index
-from dist_cosface.data.streams import open_stream
 from dist_cosface.distributed import DistContext, context_from_group
 from tests.data_common import (
     BACKENDS,
@@ -34,7 +34,7 @@ from tests.data_common import (
 )
 from tests.multiproc import run_ranks
 
-# ---------------------------------------------------------------- section 3: shell payloads
+# ---------------------------------------------------------------- shell payloads
 
 
 def _payload(tmp_path) -> tuple[str, object]:
@@ -128,7 +128,7 @@ def test_pipe_command_shell_syntax_refused_and_failures_named(tmp_path):
         build_loader(bad_data_config("webdataset", missing), DistContext())
 
 
-# ---------------------------------------------------------------- section 4: cases of the issue
+# ---------------------------------------------------------------- damaged shard sets
 
 
 def _warnings(caplog) -> str:
@@ -188,7 +188,7 @@ def _eight_class_dataset(path) -> None:
     write_dataset(path, samples, 8, num_classes=8)
     (path / "labels.json").write_text(json.dumps({f"id{c}": c for c in range(8)}))
     manifest = json.loads((path / "manifest.json").read_text())
-    manifest["num_classes"] = 4  # the edit of the issue (with classifier.num_classes=4)
+    manifest["num_classes"] = 4  # a hand edit (with classifier.num_classes=4)
     (path / "manifest.json").write_text(json.dumps(manifest))
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dist_cosface.cli import UsageError
+from dist_cosface.cliargs import UsageError
 from dist_cosface.eval.cli import add_eval_arguments, run_eval_command
 from tests.eval_sets import (
     build_ijb_set,

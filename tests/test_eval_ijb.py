@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_cosface.eval.ijb import read_ijb, run_ijb, template_features
-from dist_cosface.eval.images import embed_images
+from dist_cosface.eval.embedding import embed_images
+from dist_cosface.eval.ijb import run_ijb, template_features
+from dist_cosface.eval.ijb_meta import read_ijb
 from tests.eval_sets import build_ijb_set, numpy_normalize, numpy_tar_at_far, pixel_backbone, yaleb
 from tests.multiproc import on_subgroups, run_ranks
 
@@ -215,8 +216,8 @@ def test_template_without_usable_image_stops_every_rank(tmp_path):
     assert all(m is not None and expected in m for m in messages), messages
 
 
-def test_pair_scores_blocks_and_rank_split_match_numpy():
-    from dist_cosface.eval.ijb import TemplateFeatures, pair_scores
+def test_template_pair_scores_blocks_and_rank_split_match_numpy():
+    from dist_cosface.eval.ijb import TemplateFeatures, template_pair_scores
 
     gen = np.random.default_rng(5)
     feats = numpy_normalize(gen.standard_normal((11, 6)))
@@ -227,7 +228,7 @@ def test_pair_scores_blocks_and_rank_split_match_numpy():
     for world_size in (1, 2, 3):
         got = np.full(len(pairs), np.nan)
         for rank in range(world_size):
-            positions, scores = pair_scores(tf, pairs, rank, world_size, block=4)
+            positions, scores = template_pair_scores(tf, pairs, rank, world_size, block=4)
             assert np.isnan(got[positions]).all()  # every pair scored by exactly one rank
             got[positions] = scores
         np.testing.assert_allclose(got, ref, atol=1e-12)

@@ -13,8 +13,9 @@ import zlib
 
 import pytest
 
-from dist_cosface.eval.images import ImageRef, list_distractors, load_image
-from dist_cosface.eval.ytf import frame_refs, read_video_pairs
+from dist_cosface.eval.embedding import load_image
+from dist_cosface.eval.images import ImageRef, list_distractors
+from dist_cosface.eval.ytf_pairs import frame_refs, read_video_pairs
 from dist_cosface.imageio import MAX_IMAGE_PIXELS, decode_image
 from tests.data_common import jpeg_bytes, unique_label_dataset
 from tests.eval_sets import build_ytf_set, yaleb

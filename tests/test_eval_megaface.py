@@ -11,11 +11,8 @@ import numpy as np
 import pytest
 import torch.distributed as dist
 
-from dist_cosface.eval.images import (
-    embed_images,
-    list_distractors,
-    list_identity_folders,
-)
+from dist_cosface.eval.embedding import embed_images
+from dist_cosface.eval.images import list_distractors, list_identity_folders
 from dist_cosface.eval.megaface import counts_that_fit, run_megaface
 from tests.eval_sets import (
     build_megaface_set,

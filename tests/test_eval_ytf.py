@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dist_cosface.eval.images import embed_images
-from dist_cosface.eval.ytf import frame_refs, read_video_pairs, run_ytf
+from dist_cosface.eval.embedding import embed_images
+from dist_cosface.eval.ytf import run_ytf
+from dist_cosface.eval.ytf_pairs import frame_refs, read_video_pairs
 from tests.eval_sets import build_ytf_set, numpy_normalize, pixel_backbone, yaleb
 from tests.multiproc import on_subgroups, run_ranks
 

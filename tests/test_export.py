@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from dist_cosface.eval import write_bin
-from dist_cosface.eval.cli import (
-    add_eval_arguments,
+from dist_cosface.eval.cli import add_eval_arguments, run_eval_command
+from dist_cosface.export import (
     add_export_arguments,
-    run_eval_command,
+    check_onnx,
+    export_onnx,
     run_export_command,
 )
-from dist_cosface.eval.export import check_onnx, export_onnx
 from dist_cosface.models import ModelConfig, build_backbone
 from tests.eval_sets import png_bytes
 
@@ -87,7 +87,7 @@ def test_iresnet18_export_command_and_eval_command(tmp_path, capsys):
 def test_opset_is_the_one_asked_for_or_refused(tmp_path):
     """17 is converted from the exporter's 18; 13 cannot be (no adapter for some operators):
     refused, and nothing is written, not even a temporary file."""
-    from dist_cosface.eval.export import onnx_opset
+    from dist_cosface.export import onnx_opset
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten()).eval()
     path = export_onnx(model, tmp_path / "m17.onnx", 8, opset=17)

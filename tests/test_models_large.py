@@ -237,7 +237,7 @@ def test_vit_onnx_export_parity(tmp_path):
     name = "vit_t"
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from dist_cosface.eval.export import check_onnx, export_onnx
+    from dist_cosface.export import check_onnx, export_onnx
 
     torch.manual_seed(0)
     model = build_backbone(ModelConfig(name=name))  # the real 112 px, 144-token shapes

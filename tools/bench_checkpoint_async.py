@@ -28,6 +28,18 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as a plain script from a checkout (tools.spawn)
     sys.path.insert(0, str(REPO))
 
+from dist_cosface.classifier import (  # noqa: E402
+    ClassifierConfig,
+    ShardedClassifier,
+    build_classifier_optimizer,
+)
+from dist_cosface.classifier.state import ClassifierState  # noqa: E402
+from dist_cosface.distributed import context_from_group  # noqa: E402
+from dist_cosface.engine.amp import ShardedLossScaler  # noqa: E402
+from dist_cosface.engine.checkpoint import Checkpointer  # noqa: E402
+from dist_cosface.engine.checkpoint.train_state import BackboneState, TrainState  # noqa: E402
+from dist_cosface.engine.config import CheckpointConfig  # noqa: E402
+
 
 class _Position:
     """A data-loader stand-in: only its position is checkpointed."""
@@ -37,15 +49,6 @@ class _Position:
 
 
 def _state(args, ctx, checkpointer):
-    from dist_cosface.classifier import (
-        ClassifierConfig,
-        ShardedClassifier,
-        build_classifier_optimizer,
-    )
-    from dist_cosface.classifier.state import ClassifierState
-    from dist_cosface.engine.amp import ShardedLossScaler
-    from dist_cosface.engine.checkpoint.train_state import BackboneState, TrainState
-
     head = ShardedClassifier(ClassifierConfig(num_classes=args.classes), args.dim, ctx.group)
     optim = build_classifier_optimizer(head, "sgd", lr=0.1)
     backbone = torch.nn.Linear(512, args.dim)
@@ -68,9 +71,6 @@ def _train_until_done(head, checkpointer) -> None:
 
 
 def _one_save(args, ctx, root: Path, async_save: bool, step: int) -> tuple[float, float]:
-    from dist_cosface.engine.checkpoint import Checkpointer
-    from dist_cosface.engine.config import CheckpointConfig
-
     settings = CheckpointConfig(keep_last=1, async_save=async_save)
     checkpointer = Checkpointer(settings, root, ctx)
     head, state = _state(args, ctx, checkpointer)
@@ -83,8 +83,6 @@ def _one_save(args, ctx, root: Path, async_save: bool, step: int) -> tuple[float
 
 
 def _rank(rank: int, world: int, args, root: str) -> dict:
-    from dist_cosface.distributed import context_from_group
-
     ctx = context_from_group(dist.group.WORLD, torch.device("cpu"))
     results = {}
     for mode in ("sync", "async"):

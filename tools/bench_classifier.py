@@ -47,6 +47,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as a plain script from a checkout (tools.spawn)
     sys.path.insert(0, str(REPO))
 
+from dist_cosface.classifier import ClassifierConfig, ShardedClassifier  # noqa: E402
+from dist_cosface.classifier.comm import GatherBatch, gather_labels  # noqa: E402
+
 H100_H200_BF16_DENSE_TFLOPS = 989.0  # NVIDIA datasheet, SXM, dense (no sparsity)
 IMPLS = ("torch", "triton", "naive")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -122,8 +125,6 @@ class _SumIdentityBackward(torch.autograd.Function):
 
 def naive_loss(head, embeddings, labels):
     """The baseline: full local logits through plain autograd (same maths as the head)."""
-    from dist_cosface.classifier.comm import GatherBatch, gather_labels
-
     comm = head.comm
     sizes = [embeddings.shape[0]] * comm.world_size
     x = GatherBatch.apply(embeddings, sizes, comm)
@@ -194,8 +195,6 @@ def _head_on_gpu(cfg, dim: int, group, device: torch.device, rank: int):
     minutes of a GPU slot. The benchmark skips it and draws N(0, 0.01) rows on the device from
     a generator seeded by the rank; the weights' values play no part in the timing.
     """
-    from dist_cosface.classifier import ShardedClassifier
-
     skip_init = mock.patch.object(ShardedClassifier, "reset_parameters", lambda self: None)
     with skip_init, torch.device(device):
         head = ShardedClassifier(cfg, dim, group)
@@ -206,8 +205,6 @@ def _head_on_gpu(cfg, dim: int, group, device: torch.device, rank: int):
 
 
 def _measure(args, impl: str, rank: int, device: torch.device, group) -> dict:
-    from dist_cosface.classifier import ClassifierConfig, ShardedClassifier
-
     cfg = ClassifierConfig(
         num_classes=args.num_classes,
         chunk_size=args.chunk_size,

@@ -27,6 +27,8 @@ import torch
 from dist_cosface.configtools import from_mapping, parse_yaml
 from dist_cosface.data import DataConfig, build_loader
 from dist_cosface.data.config import AugmentConfig
+from dist_cosface.data.convert import ConvertOptions, convert
+from dist_cosface.data.synth_shards import write_synthetic_shards
 from dist_cosface.distributed import DistContext
 
 # --augment without a value: the probabilities of the strongest face recipes' augmentations
@@ -89,13 +91,9 @@ def prepare_shards(args: argparse.Namespace, tmp: str) -> str:
         return args.shards
     out = str(Path(tmp) / "shards")
     if args.src:
-        from dist_cosface.data.convert import ConvertOptions, convert
-
         opts = ConvertOptions(shard_size=args.shard_size, image_format="jpeg", workers=2)
         print(convert(args.src, out, opts).summary())
         return out
-    from dist_cosface.data.synth_shards import write_synthetic_shards
-
     t0 = time.perf_counter()
     write_synthetic_shards(out, args.images, shard_size=args.shard_size)
     print(f"wrote {args.images} synthetic JPEGs in {time.perf_counter() - t0:.1f}s")

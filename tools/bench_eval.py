@@ -35,6 +35,15 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as a plain script from a checkout (tools.spawn)
     sys.path.insert(0, str(REPO))
 
+from dist_cosface.eval.ijb import (  # noqa: E402
+    identification,
+    template_features,
+    template_pair_scores,
+)
+from dist_cosface.eval.ijb_meta import IJBSet  # noqa: E402
+from dist_cosface.eval.megaface import identification_metrics  # noqa: E402
+from dist_cosface.eval.topk import local_topk, shard_range, sharded_topk  # noqa: E402
+
 BLOCK = 65536  # rows drawn per generator seed: slices do not depend on the number of ranks
 
 
@@ -103,8 +112,6 @@ def peak_bytes() -> int:
 
 def _rank_main(rank: int, world_size: int, args) -> tuple:
     """(seconds, memory growth, bytes held, top-k scores, top-k indices) of this rank's search."""
-    from dist_cosface.eval.topk import shard_range, sharded_topk
-
     group = dist.group.WORLD
     start, stop = shard_range(args.gallery, rank, world_size)
     shard = draw_rows(start, stop, args.dim, args.seed)
@@ -172,10 +179,6 @@ def time_protocols(args) -> None:
     """MegaFace metrics (--queries probes x --gallery distractors) and IJB scoring steps."""
     import numpy as np
 
-    from dist_cosface.eval.ijb import IJBSet, identification, pair_scores, template_features
-    from dist_cosface.eval.megaface import identification_metrics
-    from dist_cosface.eval.topk import local_topk
-
     probes, labels = draw_queries(args), [i // 10 for i in range(args.queries)]
     gallery = draw_rows(0, args.gallery, args.dim, args.seed)
     for name, fn in [
@@ -219,7 +222,7 @@ def time_protocols(args) -> None:
     t0 = time.perf_counter()
     feats = template_features(torch.randn(n, args.dim), ijb, np.ones(n, bool), True)
     t1 = time.perf_counter()
-    pair_scores(feats, pairs)
+    template_pair_scores(feats, pairs)
     t2 = time.perf_counter()
     gallery_t = {g: g for g in range(0, t, 3)}
     probes_t = {q: (q - 1 if q % 2 else 10**6 + q) for q in range(1, t, 3)}

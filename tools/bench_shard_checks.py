@@ -1,4 +1,4 @@
-"""Start-up cost of checking each shard's index against its tar (issue 9), as a ratio.
+"""Start-up cost of checking each shard's index against its tar, as a ratio.
 
 Times ``open_shards`` on the same folder twice in one run: with the tar-header spot checks of
 ``verify_index`` and with only the length check made before them, e.g.

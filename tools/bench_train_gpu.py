@@ -19,6 +19,13 @@ from pathlib import Path
 
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # runnable as a plain script from a checkout
+    sys.path.insert(0, str(REPO))
+
+from dist_cosface.classifier import ClassifierConfig, ShardedClassifier  # noqa: E402
+from dist_cosface.models import ModelConfig, build_backbone  # noqa: E402
+
 VARIANTS = ("eager", "compile")
 
 
@@ -43,9 +50,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def samples_per_second(args: argparse.Namespace, variant: str) -> float:
-    from dist_cosface.classifier import ClassifierConfig, ShardedClassifier
-    from dist_cosface.models import ModelConfig, build_backbone
-
     device = torch.device("cuda")
     torch.manual_seed(0)
     backbone = build_backbone(ModelConfig(name=args.model, input_size=args.image_size))
@@ -78,7 +82,6 @@ def samples_per_second(args: argparse.Namespace, variant: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     if not torch.cuda.is_available():
         print("no CUDA device: nothing measured")
         return 2

@@ -2,7 +2,7 @@
 
 For each ``--models`` name: build the backbone at 112x112 (512-d), give its BatchNorms
 statistics of a random batch (so outputs are O(1) and an absolute tolerance means
-something), write it with ``dist_cosface.eval.export.export_onnx`` and compare onnxruntime
+something), write it with ``dist_cosface.export.export_onnx`` and compare onnxruntime
 with PyTorch on random inputs of batch 1 and 3 (``check_onnx``). One JSON line per model:
 export seconds, file size, ``max_abs_diff``, ``max_abs_output``, ``passed`` (at ``--atol``).
 A trained checkpoint goes through the same functions with ``dist-cosface export``.
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dist_cosface.eval.export import check_onnx, export_onnx
+from dist_cosface.export import check_onnx, export_onnx
 from dist_cosface.models import ModelConfig, build_backbone
 
 SIZE = 112

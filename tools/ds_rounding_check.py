@@ -17,13 +17,14 @@ import tempfile
 
 import torch
 
+from dist_cosface.distributed import DistConfig, init_distributed, shutdown
+from dist_cosface.engine import train
+from dist_cosface.engine.builders import seed_everything
+from dist_cosface.models import build_backbone
+from tests.tiny import DS_COMPARE_OVERRIDES, tiny_config
+
 
 def _train(engine: str, zero_stage: int, out: str, seed: int, ulp_sign_seed: int | None, ctx):
-    from dist_cosface.engine import train
-    from dist_cosface.engine.builders import seed_everything
-    from dist_cosface.models import build_backbone
-    from tests.tiny import DS_COMPARE_OVERRIDES, tiny_config
-
     cfg = tiny_config(
         out,
         *DS_COMPARE_OVERRIDES,
@@ -59,8 +60,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
-    from dist_cosface.distributed import DistConfig, init_distributed, shutdown
-
     torch.set_num_threads(1)  # as the test's ranks
     ctx = init_distributed(DistConfig(backend="gloo", device="cpu"))
     try:

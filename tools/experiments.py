@@ -25,6 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(REPO))
 
+from dist_cosface.configtools import from_mapping, load_yaml, to_mapping  # noqa: E402
+from dist_cosface.experiments import ExperimentConfig, run_experiment  # noqa: E402
+
 MARGINS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45]
 
 # name -> list of (row label, overrides); each row runs for every seed
@@ -58,8 +61,6 @@ SUITES = {
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    from dist_cosface.experiments import ExperimentConfig
-
     for f in dataclasses.fields(ExperimentConfig):
         if f.name == "seed":
             continue
@@ -73,13 +74,8 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 def _build_config(args: argparse.Namespace, overrides: dict, seed: int):
     import yaml
 
-    from dist_cosface.configtools import from_mapping
-    from dist_cosface.experiments import ExperimentConfig
-
     data = {}
     if args.config:
-        from dist_cosface.configtools import load_yaml
-
         data.update(load_yaml(args.config))
     for f in dataclasses.fields(ExperimentConfig):
         raw = getattr(args, f.name, None)
@@ -94,9 +90,6 @@ def _run_rows(
     args: argparse.Namespace, rows: list[tuple[str, dict]], suite: str, argv: list[str]
 ) -> None:
     import torch
-
-    from dist_cosface.configtools import to_mapping
-    from dist_cosface.experiments import run_experiment
 
     torch.set_num_threads(args.threads)
     command = "python tools/experiments.py " + shlex.join(argv)

@@ -22,6 +22,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from dist_cosface.experiments import ExperimentConfig, train_model  # noqa: E402
+from dist_cosface.experiments.runner import embed, split_sets  # noqa: E402
+
 
 def angular_stats(features, labels) -> dict:
     """Median over classes of (smallest angle to another class, largest angle within class).
@@ -48,9 +51,6 @@ def angular_stats(features, labels) -> dict:
 
 def train_2d(margin_type: str, margin: float, seed: int, args: argparse.Namespace):
     import torch
-
-    from dist_cosface.experiments import ExperimentConfig, train_model
-    from dist_cosface.experiments.runner import embed, split_sets
 
     cfg = ExperimentConfig(
         dataset=args.dataset,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from dist_cosface.configtools import check_minimums
+from dist_cosface.data.locations import pipe_argv
 
 _MINIMUMS = {
     "batch_size": 1,
@@ -121,8 +122,6 @@ class DataConfig:
         if self.augment.active:
             self._check_augment()
         if self.path.startswith("pipe:"):
-            from dist_cosface.data.streams import pipe_argv
-
             pipe_argv(self.path)  # shell syntax fails at config load, not on the first read
 
     def _check_augment(self) -> None:

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from dist_cosface.align import align_encoded, read_landmarks_file
 from dist_cosface.configtools import check_minimums
 from dist_cosface.data import recordio
 from dist_cosface.data.shards import (
@@ -309,8 +310,6 @@ def _encode(data: bytes, opts: ConvertOptions) -> tuple[bytes, str]:
 
 
 def _align(data: bytes, points, opts: ConvertOptions, where: str) -> bytes:
-    from dist_cosface.eval.align import align_encoded
-
     return align_encoded(data, points, opts.align_size, where)
 
 
@@ -318,8 +317,6 @@ def _landmarks_by_ref(src: Path, samples: list[SourceSample], opts: ConvertOptio
     """``--landmarks``: each folder sample's 5 points (None where the file has none)."""
     if not opts.landmarks:
         return None
-    from dist_cosface.eval.align import read_landmarks_file
-
     table = read_landmarks_file(opts.landmarks)
     return {s.ref: table.get(Path(s.ref).relative_to(src).as_posix()) for s in samples}
 

@@ -10,7 +10,7 @@ order reproducible; resuming at batch ``k`` runs the reader (not the decoder) ``
 Reading and decoding are two pipelines joined here, batch by batch, so that a bad sample never
 reaches the decoder: DALI's decoder cannot skip one (it fails the whole batch) and DALI 2.4
 crashes the process with SIGSEGV when an image it cannot parse is parsed on one of the
-decoder's pool threads (batches larger than 4 x (threads + 1); issue 17). Each image's header
+decoder's pool threads (batches larger than 4 x (threads + 1)). Each image's header
 is checked first (``data/image_headers.py``, a few microseconds an image) and each label
 parsed; a bad sample is fed to the decoder as a small placeholder image and then replaced by a
 copy of a good sample of its batch (``repair_batch``), as the webdataset loader does, logged

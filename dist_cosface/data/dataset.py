@@ -14,8 +14,8 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dist_cosface.data.locations import open_stream
 from dist_cosface.data.shards import MANIFEST_NAME, IndexEntry, Manifest, read_index
-from dist_cosface.data.streams import open_stream
 from dist_cosface.imageio import image_key
 
 
@@ -205,8 +205,3 @@ def balanced_groups(counts: list[int], world_size: int) -> list[list[int]]:
         groups[g].append(shard)
         totals[g] += counts[shard]
     return [sorted(g) for g in groups]
-
-
-def load_label_map(path: str) -> dict[str, int]:
-    manifest, location = _read_manifest(path)
-    return json.loads(Path(_shard_url(location, manifest.label_map)).read_text())

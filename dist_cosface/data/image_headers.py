@@ -1,7 +1,7 @@
 """Cheap structural checks of encoded images, for a decoder that cannot skip a bad one.
 
 DALI's image decoder fails the whole batch on an image it cannot parse, and DALI 2.4 can
-crash the process (SIGSEGV) when that parse runs on one of its pool threads (issue 17), so the
+crash the process (SIGSEGV) when that parse runs on one of its pool threads, so the
 DALI loader checks every image here before the decoder sees it. Only the bytes at segment or
 chunk boundaries are read (a few microseconds an image): the image data itself is left to the
 decoder. A check passes what both Pillow and DALI decode: the formats of

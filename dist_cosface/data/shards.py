@@ -159,6 +159,9 @@ class Manifest:
     label_map: str = LABELS_NAME
     skipped: dict[str, int] = field(default_factory=dict)
     format: str = MANIFEST_FORMAT
+    # how the set was derived from another (``dist-cosface clean``: source, run, thresholds,
+    # removals); empty for a converted set
+    provenance: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -181,6 +184,8 @@ class Manifest:
             if not isinstance(shard.num_samples, int) or shard.num_samples < 0:
                 raise ValueError(f"{where}: shard {shard.name}: num_samples {shard.num_samples!r}")
         check_plain_name(manifest.label_map, "label_map", where)
+        if not isinstance(manifest.provenance, dict):
+            raise ValueError(f"{where}: provenance must be a JSON object")
         total = sum(s.num_samples for s in manifest.shards)
         if total != manifest.num_samples:
             raise ValueError(f"{where}: num_samples={manifest.num_samples} but shards hold {total}")

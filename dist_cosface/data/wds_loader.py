@@ -21,7 +21,7 @@ from dist_cosface.data import augment
 from dist_cosface.data.base import DTYPES, BaseLoader, repair_batch
 from dist_cosface.data.config import DataConfig
 from dist_cosface.data.dataset import ShardSet, balanced_groups, open_shards
-from dist_cosface.data.streams import open_stream
+from dist_cosface.data.locations import open_stream
 from dist_cosface.distributed import DistContext
 from dist_cosface.imageio import decode_resized, image_key, to_unit_range
 from dist_cosface.seeding import stable_seed

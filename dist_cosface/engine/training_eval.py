@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dist_cosface.distributed import DistContext
-from dist_cosface.eval.pairs_dist import run_evaluation_all_ranks
+from dist_cosface.eval.pair_verification import run_evaluation_all_ranks
 
 if TYPE_CHECKING:
     from dist_cosface.config import RunConfig

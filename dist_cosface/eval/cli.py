@@ -1,34 +1,37 @@
-"""``eval`` and ``export`` sub-commands; the caller supplies how to load a trained backbone.
+"""``dist-cosface eval``: pair verification and the distributed benchmarks (MegaFace-style,
+IJB, YTF) of a trained backbone; the caller supplies how to load it.
 
 ``load_backbone(checkpoint_or_run_dir) -> (backbone, image_size)`` comes from the engine so
-that this package does not depend on the checkpoint format.
+that this package does not depend on the checkpoint format. Every rank runs the command:
+images are split over ranks for embedding, results are identical on every rank, and rank 0
+writes them into ``eval.json`` (beside the checkpoint unless ``--out-dir`` says otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
+import torch.distributed as dist
 
-from dist_cosface.cli import (
+from dist_cosface.cliargs import (
+    LoadBackbone,
     UsageError,
     device_arg,
     existing_path,
     float_in,
     int_in,
-    output_file,
     output_folder,
 )
 from dist_cosface.configtools import from_mapping
-from dist_cosface.eval.benchmarks import add_benchmark_arguments, run_benchmarks, write_results
+from dist_cosface.distributed import init_distributed, shutdown
 from dist_cosface.eval.config import EvalConfig
-
-LoadBackbone = Callable[[str], tuple[nn.Module, int]]
+from dist_cosface.eval.ijb import run_ijb
+from dist_cosface.eval.megaface import run_megaface
+from dist_cosface.eval.pair_verification import run_evaluation_all_ranks
+from dist_cosface.eval.results import write_results
+from dist_cosface.eval.ytf import run_ytf
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +43,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         type=existing_path,
         help=".bin file, pairs file, or folder with pairs.txt (repeatable)",
     )
-    add_benchmark_arguments(parser)
+    _add_benchmark_arguments(parser)
     parser.add_argument(
         "--out-dir",
         type=output_folder,
@@ -64,14 +67,50 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--megaface",
+        nargs=2,
+        type=existing_path,
+        metavar=("PROBES", "DISTRACTORS"),
+        help="identity-folder probe set and distractors (flat folder, file list or shard set)",
+    )
+    parser.add_argument(
+        "--distractor-counts",
+        type=int_in(1),
+        nargs="+",
+        help="distractor set sizes (default: those of 10, 100, ..., 1M that fit)",
+    )
+    parser.add_argument(
+        "--ijb",
+        nargs=2,
+        metavar=("ROOT", "NAME"),
+        help="IJB-B/C folder (meta/, loose_crop/) and set name, e.g. ijbc",
+    )
+    parser.add_argument(
+        "--detector-score", action="store_true", help="IJB: weight images by detector score"
+    )
+    parser.add_argument(
+        "--ytf",
+        nargs=2,
+        type=existing_path,
+        metavar=("PAIRS", "FRAMES"),
+        help="video pair list and frames root",
+    )
+    parser.add_argument(
+        "--max-frames", type=int_in(1), default=100, help="YTF: frames per video (>= 1)"
+    )
+    parser.add_argument(
+        "--chunk-size", type=int_in(1), default=65536, help="distractor rows scored at once"
+    )
+
+
 def run_eval_command(args: argparse.Namespace, load_backbone: LoadBackbone) -> int:
     """Pair verification, then the benchmarks, on all ranks (one process without torchrun)."""
     if not (args.target or args.megaface or args.ijb or args.ytf):
         raise UsageError("nothing to evaluate: give --target, --megaface, --ijb or --ytf")
     if args.ijb and not Path(args.ijb[0]).is_dir():
         raise UsageError(f"--ijb {args.ijb[0]}: not a folder (one holding meta/ and loose_crop/)")
-    from dist_cosface.distributed import init_distributed, shutdown
-
     ctx = init_distributed()
     try:
         return _run_all(args, load_backbone, ctx)
@@ -87,7 +126,7 @@ def _run_all(args: argparse.Namespace, load_backbone: LoadBackbone, ctx) -> int:
     results = {}
     if args.target:
         results.update(_pair_targets(args, backbone, image_size, device, out_dir, ctx))
-    results.update(run_benchmarks(args, backbone, image_size, device, ctx.group, out_dir))
+    results.update(_run_benchmarks(args, backbone, image_size, device, ctx.group, out_dir))
     if ctx.is_main:
         write_results(out_dir / "eval.json", results)
         print(f"results: {out_dir / 'eval.json'}")
@@ -96,8 +135,6 @@ def _run_all(args: argparse.Namespace, load_backbone: LoadBackbone, ctx) -> int:
 
 def _pair_targets(args, backbone, image_size, device, out_dir, ctx) -> dict:
     """``--target`` pair sets, their images embedded over all ranks."""
-    from dist_cosface.eval.pairs_dist import run_evaluation_all_ranks
-
     settings = {
         "targets": args.target,
         "batch_size": args.batch_size,
@@ -109,38 +146,75 @@ def _pair_targets(args, backbone, image_size, device, out_dir, ctx) -> dict:
     cfg = from_mapping(EvalConfig, settings, "eval")
     results = run_evaluation_all_ranks(backbone, cfg, device, image_size, out_dir, ctx.group)
     for name, r in results.items() if ctx.is_main else ():
-        tars = ", ".join(f"TAR@FAR={far:g}: {tar:.4f}" for far, tar in r["tar_at_far"].items())
         print(
-            f"{name}: accuracy {r['accuracy']:.4f} +- {r['accuracy_std']:.4f}, {tars}, "
+            f"{name}: accuracy {r['accuracy']:.4f} +- {r['accuracy_std']:.4f}, {_tars(r)}, "
             f"AUC {r['roc_auc']:.4f} ({r['num_pairs']} pairs)"
         )
     return results
 
 
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=existing_path, help="checkpoint folder or run directory")
-    parser.add_argument("out", type=output_file, help="path of the .onnx file to write")
-    parser.add_argument(
-        "--opset",
-        type=int_in(1),
-        default=18,
-        help="ONNX opset to write; one the exporter cannot produce is refused (nothing written)",
-    )
-    parser.add_argument(
-        "--atol", type=float_in(0, math.inf), default=1e-4, help="parity tolerance vs PyTorch"
-    )
-    parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
+def _run_benchmarks(
+    args: argparse.Namespace,
+    backbone: torch.nn.Module,
+    image_size: int,
+    device: torch.device,
+    group: dist.ProcessGroup | None,
+    out_dir: Path,
+) -> dict:
+    """Every benchmark named in ``args``; prints one summary line each (rank 0)."""
+    main = group is None or dist.get_rank(group) == 0
+    common = {"batch_size": args.batch_size, "flip": not args.no_flip}
+    results = {}
+    if args.megaface:
+        probes, distractors = args.megaface
+        r = run_megaface(
+            backbone,
+            probes,
+            distractors,
+            image_size,
+            device,
+            group,
+            counts=args.distractor_counts,
+            chunk_size=args.chunk_size,
+            **common,
+        )
+        results["megaface"] = r
+        for n, m in r["by_count"].items():
+            _say(main, f"megaface {n} distractors: rank-1 {m['rank1']:.4f}, " + _tars(m))
+    if args.ijb:
+        root, name = args.ijb
+        roc = None if args.no_roc else out_dir / f"roc_{name}.png"
+        r = run_ijb(
+            backbone,
+            root,
+            name,
+            image_size,
+            device,
+            group,
+            detector_score=args.detector_score,
+            roc_path=roc,
+            **common,
+        )
+        results[name] = r
+        _say(main, f"{name} 1:1: " + _tars(r["verification"]))
+        for g, m in r.get("identification", {}).items():
+            tpir = ", ".join(f"TPIR@FPIR={f:g}: {v:.4f}" for f, v in m["tpir_at_fpir"].items())
+            cmc = ", ".join(f"rank-{k}: {v:.4f}" for k, v in m["cmc"].items())
+            _say(main, f"{name} 1:N {g}: {cmc}, {tpir}")
+    if args.ytf:
+        pairs, frames = args.ytf
+        r = run_ytf(
+            backbone, pairs, frames, image_size, device, group, max_frames=args.max_frames, **common
+        )
+        results["ytf"] = r
+        _say(main, f"ytf: accuracy {r['accuracy']:.4f} +- {r['accuracy_std']:.4f}")
+    return results
 
 
-def run_export_command(args: argparse.Namespace, load_backbone: LoadBackbone) -> int:
-    """Export, then check parity with onnxruntime; returns 1 if the check fails."""
-    from dist_cosface.eval.export import check_onnx, export_onnx
+def _tars(metrics: dict) -> str:
+    return ", ".join(f"TAR@FAR={f:g}: {t:.4f}" for f, t in metrics["tar_at_far"].items())
 
-    backbone, image_size = load_backbone(args.checkpoint)
-    path = export_onnx(backbone, args.out, image_size, opset=args.opset)
-    print(f"wrote {path} (input images [N, 3, {image_size}, {image_size}])")
-    if args.no_check:
-        return 0
-    report = check_onnx(backbone, path, image_size, atol=args.atol)
-    print(json.dumps(report))
-    return 0 if report["passed"] else 1
+
+def _say(main: bool, line: str) -> None:
+    if main:
+        print(line)  # user-facing CLI output

@@ -1,28 +1,20 @@
-"""Image lists of the identification benchmarks and their embedding split over ranks.
+"""Image lists of the identification benchmarks: identity folders, distractor sets.
 
 An :class:`ImageRef` names one image wherever it lives (a file, or a byte range inside a
-dist_cosface shard tar), optionally with its 5 landmarks. ``embed_refs`` embeds this rank's
-contiguous slice of a list; the slices of all ranks are the same images whatever the number
-of ranks, so gathered embeddings do not depend on it.
+dist_cosface shard tar), optionally with its 5 landmarks; ``eval.embedding`` embeds lists of
+them.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-import torch.distributed as dist
-from torch import nn
 
 from dist_cosface.configtools import read_utf8
-from dist_cosface.eval.evaluate import input_dtype, preprocess
-from dist_cosface.eval.topk import shard_range
-from dist_cosface.imageio import decode_image, is_image_file
+from dist_cosface.data.dataset import open_shards
+from dist_cosface.data.shards import MANIFEST_NAME, read_index
+from dist_cosface.imageio import is_image_file
 
 
 @dataclass(frozen=True)
@@ -100,9 +92,6 @@ def _read_shard_set(folder: Path) -> list[ImageRef]:
     """Every sample's image of a dist_cosface shard set, after the checks the training
     loaders run (each index against its tar and the manifest): a shard set that would lose
     samples is an error naming the shard, never a smaller distractor set."""
-    from dist_cosface.data.dataset import open_shards
-    from dist_cosface.data.shards import read_index
-
     shards = open_shards(str(folder), on_bad="stop")
     refs = []
     for url, index_path in zip(shards.urls, shards.index_paths):
@@ -120,8 +109,6 @@ def _read_shard_set(folder: Path) -> list[ImageRef]:
 
 def list_distractors(source: str | Path) -> list[ImageRef]:
     """A flat image folder, a text file listing images, or a dist_cosface shard set."""
-    from dist_cosface.data.shards import MANIFEST_NAME
-
     source = Path(source)
     if source.is_file():
         refs = _read_file_list(source)
@@ -134,86 +121,3 @@ def list_distractors(source: str | Path) -> list[ImageRef]:
     if not refs:
         raise ValueError(f"{source}: empty distractor set (no images)")
     return refs
-
-
-def load_image(ref: ImageRef, image_size: int):
-    """Decoded RGB image, aligned to the template when the ref carries landmarks."""
-    image = decode_image(ref.read_bytes(), str(ref))
-    if ref.landmarks is None:
-        return image
-    from dist_cosface.eval.align import align_face
-
-    points = np.asarray(ref.landmarks, dtype=np.float64).reshape(5, 2)
-    return align_face(image, points, image_size, where=str(ref))
-
-
-def _load_batch(refs, start, stop, image_size, skipped, load):
-    from PIL import Image
-
-    from dist_cosface.eval.align import AlignmentError
-
-    batch, bad = [], []
-    for i in range(start, min(stop, len(refs))):
-        try:
-            batch.append(load(refs[i]) if load else load_image(refs[i], image_size))
-        except AlignmentError:
-            if skipped is None:
-                raise
-            skipped.append(i)
-            bad.append(i - start)
-            batch.append(Image.new("RGB", (image_size, image_size)))
-    return batch, bad
-
-
-@torch.no_grad()
-def embed_images(
-    backbone: nn.Module,
-    refs: list[ImageRef],
-    image_size: int,
-    device: torch.device | str,
-    batch_size: int = 64,
-    flip: bool = True,
-    skipped: list[int] | None = None,
-    load: Callable[[Any], Any] | None = None,
-) -> torch.Tensor:
-    """Unnormalised float32 embeddings ``[len(refs), D]`` on the CPU (image + mirror image).
-
-    With a ``skipped`` list, images whose landmarks cannot be aligned get a zero row and
-    their positions are appended to it, instead of raising. ``load(item) -> PIL image``
-    replaces :func:`load_image` for lists of other items.
-    """
-    was_training = backbone.training
-    backbone.eval()
-    dtype = input_dtype(backbone)
-    # an empty slice still yields the embedding width, which gathering needs
-    chunks = [torch.zeros((1, 3, image_size, image_size))] if not refs else []
-    try:
-        if chunks:
-            chunks = [backbone(chunks[0].to(device, dtype)).float().cpu()[:0]]
-        for start in range(0, len(refs), batch_size):
-            batch, bad = _load_batch(refs, start, start + batch_size, image_size, skipped, load)
-            x = preprocess(batch, image_size).to(device, dtype)
-            emb = backbone(x).float()
-            if flip:
-                emb = emb + backbone(torch.flip(x, dims=[3])).float()
-            emb[bad] = 0.0
-            chunks.append(emb.cpu())
-    finally:
-        backbone.train(was_training)
-    return torch.cat(chunks)
-
-
-def rank_slice(
-    num_items: int, group: dist.ProcessGroup | None, batch_size: int = 1
-) -> tuple[int, int]:
-    """This rank's contiguous ``[start, stop)`` of a list, made of whole batches.
-
-    Cutting only between batches of ``batch_size`` keeps every image in the same batch
-    whatever the number of ranks: convolution kernels may round differently for other batch
-    shapes, and near-equal scores would then order differently.
-    """
-    if group is None:
-        return 0, num_items
-    num_batches = -(-num_items // batch_size)
-    first, last = shard_range(num_batches, dist.get_rank(group), dist.get_world_size(group))
-    return min(first * batch_size, num_items), min(last * batch_size, num_items)

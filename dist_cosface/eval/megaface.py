@@ -6,7 +6,7 @@ rank of g is 1 + the number of distractors scoring at least s(p, g) against p (a
 against the genuine match). CMC(r) is the fraction of pairs with rank <= r. Verification
 TAR@FAR: genuine pairs are those same (p, g) pairs, impostor pairs are all (probe image,
 distractor) pairs; the threshold is the score of the impostor ranked ``floor(FAR * N_imp)``
-(0-based, descending), a pair is accepted when strictly above it (as ``metrics.tar_at_far``).
+(0-based, descending), a pair is accepted when strictly above it (as ``roc.tar_at_far``).
 
 Distributed: every rank holds all probe embeddings but only its own slice of the distractor
 embeddings; it keeps, per probe, the 10 best distractor scores and, over all probes, the
@@ -22,6 +22,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dist_cosface.agreement import run_agreed
+from dist_cosface.eval.embedding import embed_images
+from dist_cosface.eval.images import list_distractors, list_identity_folders
+from dist_cosface.eval.ranks import all_gather_tensor, gather_rows, rank_slice
 from dist_cosface.eval.topk import local_topk
 
 CMC_RANKS = 10
@@ -58,8 +62,6 @@ def _gather_padded(values: torch.Tensor, width: int, group) -> torch.Tensor:
     padded = torch.cat([values, values.new_full(pad_shape, float("-inf"))], dim=-1)
     if group is None:
         return padded
-    from dist_cosface.eval.ranks import all_gather_tensor
-
     return torch.cat(all_gather_tensor(padded, group), dim=-1)
 
 
@@ -151,14 +153,6 @@ def run_megaface(
     Result: ``{"num_probe_images", "num_probe_identities", "num_distractors",
     "by_count": {n: metrics}}`` (see :func:`identification_metrics`).
     """
-    from dist_cosface.eval.images import (
-        embed_images,
-        list_distractors,
-        list_identity_folders,
-        rank_slice,
-    )
-    from dist_cosface.eval.ranks import gather_rows, run_agreed
-
     probe_refs, labels, names = run_agreed(lambda: list_identity_folders(probes), group)
     distractor_refs = run_agreed(lambda: list_distractors(distractors), group)
     total = len(distractor_refs)

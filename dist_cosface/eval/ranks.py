@@ -1,9 +1,10 @@
-"""Collectives of the distributed evaluation: gathering per-rank rows.
+"""A rank's share of the distributed evaluation and its collectives: which slice of a list it
+embeds, and gathering per-rank rows.
 
 Every evaluation phase that can fail on one rank only (a missing image in its slice) runs
-through :func:`dist_cosface.agreement.run_agreed` (re-exported here for the evaluation's
-modules), so the failure stops every rank with the same message instead of leaving the others
-waiting in the next collective until the process-group timeout.
+through :func:`dist_cosface.agreement.run_agreed`, so the failure stops every rank with the
+same message instead of leaving the others waiting in the next collective until the
+process-group timeout.
 """
 
 from __future__ import annotations
@@ -11,9 +12,29 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from dist_cosface.agreement import run_agreed
+from dist_cosface.distributed import GroupMember
 
-__all__ = ["all_gather_tensor", "comm_device", "gather_rows", "run_agreed"]
+
+def shard_range(num_items: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous ``[start, stop)`` of ``num_items`` owned by ``rank`` (sizes differ by <= 1)."""
+    base, extra = divmod(num_items, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def rank_slice(
+    num_items: int, group: dist.ProcessGroup | None, batch_size: int = 1
+) -> tuple[int, int]:
+    """This rank's contiguous ``[start, stop)`` of a list, made of whole batches.
+
+    Cutting only between batches of ``batch_size`` keeps every image in the same batch
+    whatever the number of ranks: convolution kernels may round differently for other batch
+    shapes, and near-equal scores would then order differently.
+    """
+    member = GroupMember.of(group)
+    num_batches = -(-num_items // batch_size)
+    first, last = shard_range(num_batches, member.rank, member.world_size)
+    return min(first * batch_size, num_items), min(last * batch_size, num_items)
 
 
 def comm_device(group: dist.ProcessGroup, fallback: torch.device) -> torch.device:

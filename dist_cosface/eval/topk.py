@@ -17,18 +17,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+# shard_range is part of this module's interface: the gallery split sharded_topk expects
+from dist_cosface.eval.ranks import all_gather_tensor
+from dist_cosface.eval.ranks import shard_range as shard_range
+
 
 @dataclass
 class TopK:
     scores: torch.Tensor  # [Q, k], descending per row
     indices: torch.Tensor  # [Q, k] int64 global gallery indices; -1 marks "no entry"
-
-
-def shard_range(num_items: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Contiguous ``[start, stop)`` of ``num_items`` owned by ``rank`` (sizes differ by <= 1)."""
-    base, extra = divmod(num_items, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
 
 
 def merge_topk(scores: torch.Tensor, indices: torch.Tensor, k: int) -> TopK:
@@ -118,8 +115,6 @@ def gather_topk(local: TopK, k: int, group: dist.ProcessGroup | None) -> TopK:
     """Merge every rank's top-k lists into the global top-k (same result on every rank)."""
     if group is None:
         return merge_topk(local.scores, local.indices, k)
-    from dist_cosface.eval.ranks import all_gather_tensor
-
     scores = all_gather_tensor(local.scores, group)
     indices = all_gather_tensor(local.indices, group)
     return merge_topk(torch.cat(scores, dim=1), torch.cat(indices, dim=1), k)

@@ -25,10 +25,11 @@ from dist_cosface.classifier import (
 )
 from dist_cosface.engine.config import OptimConfig
 from dist_cosface.engine.lr_schedule import lr_at, set_lr
-from dist_cosface.eval.metrics import verification_metrics
+from dist_cosface.eval.roc import verification_metrics
 from dist_cosface.experiments.faces import FaceSet, identity_split, load_faces, make_pairs
 from dist_cosface.experiments.smallnet import SmallFaceNet
 from dist_cosface.imageio import to_unit_range
+from dist_cosface.models import ModelConfig, build_backbone
 
 FARS = (1e-2, 1e-3)
 
@@ -113,8 +114,6 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def build_model(cfg: ExperimentConfig) -> nn.Module:
     if cfg.backbone == "small":
         return SmallFaceNet(cfg.embedding_size, cfg.image_size, cfg.width, cfg.dropout)
-    from dist_cosface.models import ModelConfig, build_backbone
-
     return build_backbone(
         ModelConfig(name=cfg.backbone, embedding_size=cfg.embedding_size, input_size=cfg.image_size)
     )

@@ -3,7 +3,8 @@
 A real ENOSPC: the runs write into a small tmpfs the test mounts (root only; skipped with the
 reason otherwise), filled so that the next checkpoint does not fit. Synchronous saves stop at
 that save (rank 0 checks the room before anything is written); an asynchronous writer that
-meets the full disk is voted on at the next step, before the next save is due. Either way
+meets the full disk is voted on at the next step (at the latest, the next save waits for it
+and fails). Either way
 every rank raises the same one-line ``CheckpointWriteError`` naming the folder, the bytes the
 checkpoint needs and the bytes free, and the previous checkpoint stays intact.
 """
@@ -138,7 +139,10 @@ def test_full_disk_fails_that_save_on_every_rank_in_one_line(tmp_path):
             if mode == "sync":
                 assert stopped == 2 * EVERY  # at that save
             else:
-                assert 2 * EVERY < stopped < 3 * EVERY  # voted on, before the next save
+                # voted on as soon as the writer fails (a fast writer fails before the step
+                # that launched it is logged), at the latest when the next save waits for it
+                # (a loaded machine can keep a writer busy for ten tiny steps)
+                assert 2 * EVERY <= stopped <= 3 * EVERY
             previous = run / "checkpoints" / f"step_{EVERY}"
             assert resolve_checkpoint(previous, DistContext()) == previous  # files intact
             assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [previous.name]

@@ -30,7 +30,7 @@ from tests.tiny import tiny_config
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class _RunsCommand:
+class RunsCommand:
     """Pickles as ``os.system("touch MARKER")``: what a hostile checkpoint would carry."""
 
     def __init__(self, marker: Path) -> None:
@@ -40,7 +40,7 @@ class _RunsCommand:
         return (os.system, (f"touch {shlex.quote(self.marker)}",))
 
 
-def _rerecord(ckpt: Path, **changes) -> None:
+def rerecord_files(ckpt: Path, **changes) -> None:
     """meta.json with fresh size/CRC32 records of every file (a tamperer's update)."""
     meta = json.loads((ckpt / "meta.json").read_text())
     meta["files"] = {name: file_record(ckpt / name) for name in meta["files"]}
@@ -50,9 +50,9 @@ def _rerecord(ckpt: Path, **changes) -> None:
 
 def _crafted_index(src: Path, dest: Path, marker: Path, rerecord: bool) -> Path:
     shutil.copytree(src, dest)
-    (dest / ".metadata").write_bytes(pickle.dumps(_RunsCommand(marker)))
+    (dest / ".metadata").write_bytes(pickle.dumps(RunsCommand(marker)))
     if rerecord:
-        _rerecord(dest)
+        rerecord_files(dest)
     return dest
 
 
@@ -64,30 +64,34 @@ def _crafted_entry(src: Path, dest: Path, marker: Path, cfg, version: int) -> Pa
     from dist_cosface.engine.trainer import Trainer
 
     tree = Trainer(cfg, DistContext()).state.template(True, encoded=False)
-    tree["rank0"]["loader"]["epoch"] = _RunsCommand(marker)
+    tree["rank0"]["loader"]["epoch"] = RunsCommand(marker)
     dcp.save(tree, storage_writer=dcp.FileSystemWriter(str(dest)), no_dist=True)
     shutil.copy(src / "meta.json", dest / "meta.json")
-    _rerecord(dest, format_version=version)
+    rerecord_files(dest, format_version=version)
     return dest
 
 
 def _refusal(run, capsys, ckpt: Path) -> str:
-    """The one line a command printed or raised when refusing ``ckpt`` (resume raises; the
-    CLI's commands print it and exit non-zero)."""
-    code = message = None
+    """The one line a command printed (the CLI: one ``error:`` line and a non-zero exit) or
+    raised (resume through ``train``) when refusing ``ckpt``."""
     try:
         code = run()
     except ValueError as exc:
         message = str(exc)
-    except SystemExit as exc:  # the CLI's one line for a failure, on stderr
-        code = exc.code
-    if code is not None:
+    except SystemExit as exc:  # the CLI's one-line failure
+        assert exc.code not in (0, None)
+        message = _one_error_line(capsys, ckpt)
+    else:
         assert code != 0
-        err = capsys.readouterr().err
-        assert "Traceback" not in err
-        message = next(line for line in err.splitlines() if str(ckpt) in line)
+        message = _one_error_line(capsys, ckpt)
     assert "\n" not in message.strip()
     return message
+
+
+def _one_error_line(capsys, ckpt: Path) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return next(line for line in err.splitlines() if str(ckpt) in line)
 
 
 def _commands(ckpt: Path, tmp_path: Path, target: Path) -> dict:

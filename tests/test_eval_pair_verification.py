@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from dist_cosface.eval.config import EvalConfig
-from dist_cosface.eval.pairs_dist import run_evaluation_all_ranks
+from dist_cosface.eval.pair_verification import run_evaluation_all_ranks
 from tests.eval_sets import pixel_backbone, yaleb_bin
 from tests.multiproc import run_ranks
 

@@ -1,16 +1,22 @@
-"""ONNX export of a backbone with a dynamic batch axis, and a parity check in onnxruntime."""
+"""ONNX export of a backbone with a dynamic batch axis, a parity check in onnxruntime, and
+``dist-cosface export`` (the caller supplies how to load a trained backbone)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
+import json
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from dist_cosface.cliargs import LoadBackbone, existing_path, float_in, int_in, output_file
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
@@ -137,3 +143,30 @@ def check_onnx(
         "atol": atol,
         "passed": max_diff <= atol,
     }
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=existing_path, help="checkpoint folder or run directory")
+    parser.add_argument("out", type=output_file, help="path of the .onnx file to write")
+    parser.add_argument(
+        "--opset",
+        type=int_in(1),
+        default=18,
+        help="ONNX opset to write; one the exporter cannot produce is refused (nothing written)",
+    )
+    parser.add_argument(
+        "--atol", type=float_in(0, math.inf), default=1e-4, help="parity tolerance vs PyTorch"
+    )
+    parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
+
+
+def run_export_command(args: argparse.Namespace, load_backbone: LoadBackbone) -> int:
+    """Export, then check parity with onnxruntime; returns 1 if the check fails."""
+    backbone, image_size = load_backbone(args.checkpoint)
+    path = export_onnx(backbone, args.out, image_size, opset=args.opset)
+    print(f"wrote {path} (input images [N, 3, {image_size}, {image_size}])")
+    if args.no_check:
+        return 0
+    report = check_onnx(backbone, path, image_size, atol=args.atol)
+    print(json.dumps(report))
+    return 0 if report["passed"] else 1

@@ -1,9 +1,12 @@
-"""Verification metrics on pair similarity scores (numpy only, no torch).
+"""Threshold statistics of pair similarity scores: best-threshold and k-fold accuracy,
+TAR@FAR, the ROC curve, its area and its plot (numpy only, no torch; matplotlib for the plot).
 
 A pair is predicted "same identity" when its score is strictly above the threshold.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
@@ -113,3 +116,31 @@ def verification_metrics(
     result["roc_auc"] = roc_auc(scores, issame)
     result["num_pairs"] = int(scores.size)
     return result
+
+
+def save_roc_png(scores: np.ndarray, issame: np.ndarray, path: str | Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # never needs a display
+    import matplotlib.pyplot as plt
+
+    fpr, tpr = roc_curve(scores, issame)
+    # A log axis cannot show FAR = 0: draw it at half the smallest non-zero FAR, 1/(2 N_neg).
+    floor = 0.5 / int((~np.asarray(issame, dtype=bool)).sum())
+    marker = "."
+    if fpr.size > 4000:  # millions of pairs (IJB-C): ~2000 points evenly spaced on the log axis
+        picks = np.searchsorted(fpr, np.geomspace(floor, 1.0, 2000))
+        keep = np.unique(np.concatenate([[0, fpr.size - 1], np.minimum(picks, fpr.size - 1)]))
+        fpr, tpr, marker = fpr[keep], tpr[keep], None
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(np.maximum(fpr, floor), tpr, marker=marker, label=f"AUC {roc_auc(scores, issame):.4f}")
+    ax.set_xscale("log")
+    ax.set(xlabel="false accept rate", ylabel="true accept rate", title=title)
+    ax.set(xlim=(floor, 1.0), ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+    ax.grid(True, which="both", alpha=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path

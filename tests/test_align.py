@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from dist_cosface.eval.align import (
+from dist_cosface.align import (
     AlignmentError,
     align_face,
     check_landmarks,

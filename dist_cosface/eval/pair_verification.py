@@ -9,15 +9,30 @@ tests); the figures are the same whatever the number of ranks.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from dist_cosface.agreement import run_agreed
 from dist_cosface.eval.config import EvalConfig
-from dist_cosface.eval.evaluate import add_roc_png, failure_entry, load_each_target, pair_scores
+from dist_cosface.eval.embedding import embed_images
+from dist_cosface.eval.ranks import gather_rows, rank_slice
+from dist_cosface.eval.results import write_results
+from dist_cosface.eval.roc import save_roc_png, verification_metrics
+from dist_cosface.eval.targets import add_target, check_set, load_target, load_targets
 from dist_cosface.eval.verification_set import VerificationSet
+from dist_cosface.imageio import decode_image
+
+log = logging.getLogger(__name__)
+
+
+def pair_scores(embeddings: torch.Tensor) -> np.ndarray:
+    """Cosine similarity of rows 2i and 2i+1 of L2-normalised embeddings."""
+    e = embeddings.double()
+    return (e[0::2] * e[1::2]).sum(dim=1).numpy()
 
 
 def embed_set(
@@ -34,10 +49,6 @@ def embed_set(
     Pass the bare backbone (not a DDP/DeepSpeed wrapper): each rank runs it on its own slice.
     With ``flip``, each embedding is the sum of the image's and its mirror image's embedding.
     """
-    from dist_cosface.eval.images import embed_images, rank_slice
-    from dist_cosface.eval.ranks import gather_rows, run_agreed
-    from dist_cosface.imageio import decode_image
-
     start, stop = rank_slice(len(vset.images), group, batch_size)
 
     def load(i: int):
@@ -67,10 +78,6 @@ def evaluate(
     roc_auc, num_pairs; with ``roc_path``, rank 0 draws the ROC PNG there (``roc_png``, or
     ``roc_png_error`` if the plot failed) and the other ranks record where it is drawn.
     """
-    from dist_cosface.eval.metrics import verification_metrics
-    from dist_cosface.eval.ranks import run_agreed
-    from dist_cosface.eval.targets import check_set, load_target
-
     if isinstance(target, VerificationSet):
         vset = target
     else:
@@ -109,10 +116,6 @@ def run_evaluation_all_ranks(
     failure inside a collective step is raised on all ranks alike (``run_agreed``), so all
     ranks record the same entry and stay in step.
     """
-    from dist_cosface.eval.benchmarks import write_results
-    from dist_cosface.eval.ranks import run_agreed
-    from dist_cosface.eval.targets import load_targets
-
     results: dict[str, dict] = {}
     if sets is None:
         load = (lambda: load_each_target(cfg, results)) if keep_going else lambda: load_targets(cfg)
@@ -133,3 +136,35 @@ def run_evaluation_all_ranks(
 
 def _is_main(group: dist.ProcessGroup | None) -> bool:
     return group is None or dist.get_rank(group) == 0
+
+
+def add_roc_png(result: dict, scores, issame, roc_path: str | Path, vset: VerificationSet) -> None:
+    """Write the ROC PNG and record it in ``result``; a failed plot is recorded, never raised."""
+    try:
+        result["roc_png"] = str(save_roc_png(scores, issame, roc_path, vset.name))
+    except Exception as exc:  # a picture never costs the numbers (matplotlib, disk, ...)
+        result["roc_png_error"] = _describe(exc)
+        log.warning(
+            "%s: ROC plot not written (%s); metrics kept", vset.source, result["roc_png_error"]
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def failure_entry(target: object, exc: Exception) -> dict:
+    """The eval.json entry of a target that could not be evaluated (the error is logged)."""
+    log.error("evaluation on %s failed: %s", target, _describe(exc), exc_info=exc)
+    return {"error": _describe(exc), "target": str(target)}
+
+
+def load_each_target(cfg: EvalConfig, failures: dict[str, dict]) -> dict[str, VerificationSet]:
+    """Like ``load_targets``, but a target that fails to load goes to ``failures``."""
+    sets: dict[str, VerificationSet] = {}
+    for target in cfg.targets:
+        try:
+            add_target(sets, load_target(target), target)
+        except Exception as exc:
+            failures[str(target)] = failure_entry(target, exc)
+    return sets

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dist_cosface.eval.metrics import (
+from dist_cosface.eval.roc import (
     best_threshold,
     kfold_accuracy,
     roc_auc,
