@@ -61,8 +61,6 @@ LAZY_PROJECT_MODULES = {"classifier.triton_kernels": "triton"}
 
 # TODO(issue 19, engine part): import these at module top and empty the engine entries.
 FUNCTION_IMPORTS_ALLOWED: dict[str, set[str]] = {
-    "engine": {"engine.checkpoint.reader", "engine.trainer"},
-    "engine.trainer": {"eval.targets", "metrics", "models"},
     # its compile workers are spawned and re-import this script: they load only triton
     "tools.compile_gate": {"classifier", "classifier.triton_loss", "config"},
     # the import is the probe: is the package installed, and from where

@@ -22,8 +22,7 @@ import torch
 from dist_cosface.agreement import Ballot
 from dist_cosface.classifier import class_range
 from dist_cosface.classifier.state import ClassifierState
-from dist_cosface.config import RunConfig, dump_config
-from dist_cosface.configtools import to_mapping
+from dist_cosface.configtools import to_mapping, to_yaml
 from dist_cosface.data.integrity import raise_data_failure
 from dist_cosface.data.protocol import TrainLoader
 from dist_cosface.distributed import DistContext
@@ -44,8 +43,12 @@ from dist_cosface.engine.runlock import RunLock
 from dist_cosface.engine.signals import StopRequest
 from dist_cosface.engine.strategy import build_strategy, check_compiler
 from dist_cosface.engine.training_eval import evaluate_backbone
+from dist_cosface.eval.targets import check_targets
+from dist_cosface.metrics import build_metrics
+from dist_cosface.models import build_backbone
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the run config imports the engine's sections, so the engine, at its top
+    from dist_cosface.config import RunConfig
     from dist_cosface.metrics.exporter import RunMetrics
 
 log = logging.getLogger(__name__)
@@ -86,8 +89,6 @@ def check_inputs(cfg: RunConfig, ctx: DistContext) -> None:
     check_config(cfg)
     check_compiler(cfg.train, ctx.device)  # train.compile: a missing compiler fails here
     if ctx.is_main and cfg.eval.targets:
-        from dist_cosface.eval.targets import check_targets
-
         check_targets(cfg.eval)  # a bad or unsafe eval file fails now, not after training
 
 
@@ -112,8 +113,6 @@ class Trainer:
         backbone: torch.nn.Module | None = None,
         loader: TrainLoader | None = None,
     ) -> None:
-        from dist_cosface.models import build_backbone
-
         self.cfg, self.ctx = cfg, ctx
         self.out = Path(cfg.train.output_dir)
         self.loader: TrainLoader = build_checked_loader(cfg, ctx, loader)
@@ -333,12 +332,10 @@ class Trainer:
 
     def _start(self) -> None:
         """Output folder, resume, the batch stream, metrics; training mode."""
-        from dist_cosface.metrics import build_metrics
-
         cfg, ctx = self.cfg, self.ctx
         if ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.out / "config.yaml")
+            (self.out / "config.yaml").write_text(to_yaml(cfg))
             log.info("data: %s", describe_loader(cfg.data, self.loader))
         resumed = self.checkpointer.resume(self.state)
         self.step = resumed.step
