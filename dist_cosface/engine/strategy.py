@@ -165,7 +165,6 @@ class DeepSpeedStrategy:
 
     def native_checkpoint(self) -> DeepSpeedCheckpoint:
         """DeepSpeed's own checkpoint: ZeRO partitions, master weights, optimizer."""
-
         return DeepSpeedCheckpoint(self.engine, self.zero_stage, self.world_size)
 
     def cast_inputs(self, images: torch.Tensor) -> torch.Tensor:
