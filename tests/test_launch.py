@@ -178,6 +178,39 @@ def test_torchrun_launcher_script(tmp_path):
     assert meta["world_size"] == 2 and logged_steps(out) == [1, 2]
 
 
+def _fake_slurm_commands(folder: Path) -> dict[str, str]:
+    """``scontrol`` naming this machine as the only node and ``srun`` running its command once
+    (one node), on a PATH in front of the real one."""
+    folder.mkdir()
+    (folder / "scontrol").write_text("#!/bin/sh\necho 127.0.0.1\n")
+    # srun: drop its own --options, note the task and its rendezvous id, run it as the one task
+    (folder / "srun").write_text(
+        '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
+        f'echo "$RDZV_ID $NNODES $NPROC_PER_NODE $*" > {folder}/task\nexec "$@"\n'
+    )
+    for name in ("scontrol", "srun"):
+        (folder / name).chmod(0o755)
+    return {"PATH": f"{folder}:{os.environ['PATH']}"}
+
+
+@pytest.mark.multiproc
+def test_slurm_script_runs_torchrun_script_on_each_node(tmp_path):
+    env = {
+        **_fake_slurm_commands(tmp_path / "bin"),
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "SLURM_JOB_NODELIST": "node1",
+        "SLURM_NNODES": "1",
+        "SLURM_GPUS_ON_NODE": "2",
+        "SLURM_JOB_ID": "4242",
+        "MASTER_PORT": str(free_port()),
+    }
+    out = _run_launch_script("slurm.sbatch", tmp_path, env)
+    task = (tmp_path / "bin" / "task").read_text().split()
+    assert task[:5] == ["4242", "1", "2", "bash", str(REPO / "launch" / "torchrun.sh")]
+    meta = json.loads((out / "checkpoints" / "step_2" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and logged_steps(out) == [1, 2]
+
+
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_deepspeed_launcher_script(tmp_path):

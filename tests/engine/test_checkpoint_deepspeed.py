@@ -20,7 +20,7 @@ from dist_cosface.distributed import DistContext, context_from_group
 from dist_cosface.engine import train
 from dist_cosface.engine.checkpoint import resolve_checkpoint
 from tests.engine.test_checkpoint_disk import checkpoint_bytes, fails_with, fill_disk, small_disk
-from tests.engine.test_checkpoint_safety import _crafted_index, _rerecord, _RunsCommand
+from tests.engine.test_checkpoint_safety import RunsCommand, _crafted_index, rerecord_files
 from tests.multiproc import run_ranks
 from tests.tiny import DS_COMPARE_OVERRIDES, tiny_config
 
@@ -50,9 +50,9 @@ def _deepspeed_cases(rank, world, disk, marker):
         _crafted_index(step1, disk / "index", Path(marker), rerecord=True)
         shutil.copytree(step1, disk / "ds_file")
         torch.save(
-            _RunsCommand(Path(marker)), disk / "ds_file/deepspeed/state/mp_rank_00_model_states.pt"
+            RunsCommand(Path(marker)), disk / "ds_file/deepspeed/state/mp_rank_00_model_states.pt"
         )
-        _rerecord(disk / "ds_file")
+        rerecord_files(disk / "ds_file")
     dist.barrier()
     for name in ("index", "ds_file"):
         cfg = tiny_config(disk / f"resumed_{name}", *steps, f"checkpoint.resume={disk / name}")
