@@ -33,7 +33,7 @@ from dist_cosface.classifier.margins import (
     MarginType,
 )
 from dist_cosface.engine.config import OptimConfig
-from dist_cosface.engine.optim import lr_at, set_lr
+from dist_cosface.engine.lr_schedule import lr_at, set_lr
 from dist_cosface.eval.roc import verification_metrics
 from dist_cosface.experiments.faces import FaceSet, identity_split, load_faces, make_pairs
 from dist_cosface.experiments.smallnet import SmallFaceNet
