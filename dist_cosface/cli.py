@@ -40,7 +40,8 @@ from dist_cosface.configtools import ConfigError
 from dist_cosface.data import cli as data_cli
 from dist_cosface.data.synth_shards import write_synthetic_image_folder
 from dist_cosface.distributed import init_distributed, shutdown
-from dist_cosface.engine import ckpt_read, train
+from dist_cosface.engine import train
+from dist_cosface.engine.checkpoint import reader as checkpoint_reader
 from dist_cosface.engine.runlock import RunFolderLocked
 from dist_cosface.engine.signals import watch_launcher
 from dist_cosface.engine.strategy import CompilerUnavailable
@@ -131,11 +132,11 @@ def _cmd_shards(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    return eval_cli.run_eval_command(args, ckpt_read.load_backbone)
+    return eval_cli.run_eval_command(args, checkpoint_reader.load_backbone)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    return export.run_export_command(args, ckpt_read.load_backbone)
+    return export.run_export_command(args, checkpoint_reader.load_backbone)
 
 
 def _cmd_clean(args: argparse.Namespace) -> int:
@@ -143,7 +144,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge_classifier(args: argparse.Namespace) -> int:
-    return ckpt_read.run_merge_command(args)
+    return checkpoint_reader.run_merge_command(args)
 
 
 _DEBUG_HELP = f"on failure, show the traceback instead of one error line (or set {DEBUG_ENV}=1)"
@@ -206,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "merge-classifier",
         "write a checkpoint's full classifier matrix and row state to one .pt file",
-        ckpt_read.add_merge_arguments,
+        checkpoint_reader.add_merge_arguments,
         _cmd_merge_classifier,
     )
     _add_declared(

@@ -10,16 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from dist_cosface.classifier.config import ClassifierConfig
-from dist_cosface.configtools import (
-    ConfigYamlDumper,
-    apply_overrides,
-    from_mapping,
-    load_yaml,
-    to_mapping,
-)
+from dist_cosface.configtools import apply_overrides, from_mapping, load_yaml, to_yaml
 from dist_cosface.data.config import DataConfig
 from dist_cosface.distributed import DistConfig
 from dist_cosface.engine.config import CheckpointConfig, OptimConfig, TrainConfig
@@ -54,4 +46,4 @@ def dump_config(cfg: RunConfig, path: str | Path) -> None:
 
 def config_to_yaml(cfg: RunConfig) -> str:
     """The resolved config as YAML that :func:`load_config` reads back to an equal config."""
-    return yaml.dump(to_mapping(cfg), Dumper=ConfigYamlDumper, sort_keys=False)
+    return to_yaml(cfg)

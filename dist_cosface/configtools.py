@@ -171,6 +171,12 @@ class ConfigYamlDumper(yaml.SafeDumper):
     """Quotes strings that :class:`StrictYamlLoader` would read as floats ('1e5')."""
 
 
+def to_yaml(config: Any) -> str:
+    """A config dataclass as YAML that :func:`from_mapping` (through :func:`load_yaml`) reads
+    back to an equal config."""
+    return yaml.dump(to_mapping(config), Dumper=ConfigYamlDumper, sort_keys=False)
+
+
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
 StrictYamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, "-+0123456789.")
 ConfigYamlDumper.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, "-+0123456789.")

@@ -2,8 +2,10 @@
 
 ``init_distributed`` reads the torchrun/deepspeed environment (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, ...) and returns a :class:`DistContext` that the rest of the code receives
-explicitly. Every collective in the project takes its group from this context; nothing reads
-the default group implicitly.
+explicitly. Every collective in the project takes its group from this context (or from a
+group the caller was given explicitly); nothing reads the default group implicitly. A rank's
+place in a group is a :class:`GroupMember`; how the ranks agree on a decision is
+``dist_cosface.agreement``.
 """
 
 from __future__ import annotations
@@ -36,16 +38,24 @@ class DistConfig:
 
 
 @dataclass(frozen=True)
-class DistContext:
-    """Who this process is and which group it talks to."""
+class GroupMember:
+    """A process's place in a process group: its rank there and the group's size.
+
+    THE description of "who am I in which group" (the trainer's ``DistContext`` is one, the
+    classifier's and the evaluation's groups get one from :meth:`of`); ``group`` None means a
+    single process without torch.distributed.
+    """
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
-    node_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    group: dist.ProcessGroup | None = None  # None: single process, no torch.distributed
+    group: dist.ProcessGroup | None = None
+
+    @classmethod
+    def of(cls, group: dist.ProcessGroup | None) -> GroupMember:
+        """This process's place in ``group`` (rank 0 of 1 without one)."""
+        if group is None:
+            return cls()
+        return cls(rank=dist.get_rank(group), world_size=dist.get_world_size(group), group=group)
 
     @property
     def is_distributed(self) -> bool:
@@ -54,6 +64,16 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+@dataclass(frozen=True)
+class DistContext(GroupMember):
+    """Who this process is, which group it talks to, where it runs."""
+
+    local_rank: int = 0
+    local_world_size: int = 1
+    node_rank: int = 0
+    device: torch.device = torch.device("cpu")
 
 
 def _env_int(name: str, default: int) -> int:

@@ -121,6 +121,7 @@ def write_checkpoint(run: Path, model: torch.nn.Module, rows: np.ndarray, k: int
     """A run folder whose one checkpoint holds ``model`` and ``rows`` ([C * K, D])."""
     from dist_cosface.distributed import DistContext
     from dist_cosface.engine.checkpoint import Checkpointer
+    from dist_cosface.engine.config import CheckpointConfig
 
     meta = {
         "epoch": 0,
@@ -136,7 +137,8 @@ def write_checkpoint(run: Path, model: torch.nn.Module, rows: np.ndarray, k: int
     }
     if k > 1:
         meta["num_subcenters"] = k
-    checkpointer = Checkpointer(run / "checkpoints", DistContext(), keep_last=1, async_save=False)
+    settings = CheckpointConfig(keep_last=1, async_save=False)
+    checkpointer = Checkpointer(settings, run / "checkpoints", DistContext())
     checkpointer.save(1, _Tree(model, rows), meta)
     return run / "checkpoints" / "step_1"
 

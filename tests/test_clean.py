@@ -62,7 +62,7 @@ def _clean_on_subgroups(rank: int, world_size: int, root: Path, thresholds: dict
 
 def _case(root: Path) -> tuple[dict, dict]:
     """Shards, eval folders, both checkpoints; the reference and thresholds per K."""
-    from dist_cosface.engine.ckpt_read import read_value
+    from dist_cosface.engine.checkpoint.reader import read_value
 
     paths = cd.write_case(root)
     keys, labels, images = cd.read_samples(paths["shards"])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests import clean_data as cd
-from tests.test_checkpoint_safety import RunsCommand, rerecord_files
+from tests.engine.test_checkpoint_safety import RunsCommand, rerecord_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LOOSE = ["--max-angle", "40", "--duplicate-cos", "0.97", "--overlap-cos", "0.99"]

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_cosface.eval.ranks import gather_rows, run_agreed
+from dist_cosface.agreement import run_agreed
+from dist_cosface.eval.ranks import gather_rows
 from dist_cosface.eval.topk import local_topk, merge_topk, shard_range, sharded_topk
 from tests.multiproc import on_subgroups, run_ranks
 

@@ -110,7 +110,8 @@ PER_RANK_BATCH = 32  # data.batch_size of configs/quickstart.yaml, no gradient a
 
 def train_command(rank_base: int, out_dir: Path) -> list[str]:
     """The quickstart model on 2 CPU ranks (in-memory synthetic data instead of the shards
-    launch/quickstart.sh writes); far more steps than needed: the test stops it."""
+    launch/quickstart.sh writes, the head an AdaFace with sub-centers); far more steps than
+    needed: the test stops it."""
     return [
         sys.executable,
         "-m",
@@ -130,6 +131,10 @@ def train_command(rank_base: int, out_dir: Path) -> list[str]:
         "checkpoint.every_steps=0",
         f"data.batch_size={PER_RANK_BATCH}",
         "data.backend=synthetic",
+        # AdaFace with 2 sub-centers: every margin-health panel has data (running statistics,
+        # dominant sub-center share)
+        "classifier.margin_type=adaface",
+        "classifier.subcenters=2",
     ]
 
 

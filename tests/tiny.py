@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from dist_cosface.config import RunConfig, load_config
-from dist_cosface.engine.parts import seed_everything
+from dist_cosface.engine.builders import seed_everything
 
 # mobilefacenet at 32 px, 16-d embeddings, 8 synthetic identities, no exporter
 TINY_OVERRIDES = [
@@ -86,7 +86,7 @@ def fixed_batches(n, batch, seed=0):
     ]
 
 
-# DeepSpeed vs DDP comparisons (tests/test_engine_deepspeed.py, tools/ds_rounding_check.py):
+# DeepSpeed vs DDP comparisons (tests/engine/test_trainer_deepspeed.py, tools/ds_rounding_check.py):
 # accumulation 2 (DeepSpeed scales the loss itself), SGD momentum + weight decay, no clipping
 # (with DeepSpeed the backbone is clipped by DeepSpeed on its own norm, docs/training.md)
 DS_COMPARE_OVERRIDES = (

@@ -4,7 +4,7 @@
 Writes one realistic classifier shard (default: Glint360K's 360,232 identities over 8 ranks,
 512-d fp32 weight + SGD momentum, ~184 MB) with ``torch.save`` and reports, against that save
 in the same run:
-  save + record   torch.save, then ``ckpt_files.file_record`` (read back, CRC32, fsync)
+  save + record   torch.save, then ``checkpoint.files.file_record`` (read back, CRC32, fsync)
   verify          ``file_record`` alone on the written file (what resume reads per file)
 and the hashing speed of CRC32 and SHA-256 on the same bytes in memory.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from dist_cosface.engine.ckpt_files import file_record
+from dist_cosface.engine.checkpoint.files import file_record
 
 
 def _best(fn, repeats: int) -> float:

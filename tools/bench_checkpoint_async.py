@@ -37,7 +37,8 @@ from dist_cosface.classifier.state import ClassifierState  # noqa: E402
 from dist_cosface.distributed import context_from_group  # noqa: E402
 from dist_cosface.engine.amp import ShardedLossScaler  # noqa: E402
 from dist_cosface.engine.checkpoint import Checkpointer  # noqa: E402
-from dist_cosface.engine.train_state import BackboneState, TrainState  # noqa: E402
+from dist_cosface.engine.checkpoint.train_state import BackboneState, TrainState  # noqa: E402
+from dist_cosface.engine.config import CheckpointConfig  # noqa: E402
 
 
 class _Position:
@@ -70,7 +71,8 @@ def _train_until_done(head, checkpointer) -> None:
 
 
 def _one_save(args, ctx, root: Path, async_save: bool, step: int) -> tuple[float, float]:
-    checkpointer = Checkpointer(root, ctx, keep_last=1, async_save=async_save)
+    settings = CheckpointConfig(keep_last=1, async_save=async_save)
+    checkpointer = Checkpointer(settings, root, ctx)
     head, state = _state(args, ctx, checkpointer)
     dist.barrier(group=ctx.group)
     t0 = time.perf_counter()

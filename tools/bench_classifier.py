@@ -24,8 +24,18 @@ FLOP counts, both printed: 6*N*K*D for the three GEMMs of the maths (logits, dX,
 8*N*K*D counting the backward's recompute of the logits; on CUDA also the percentage of a
 bf16 GEMM peak measured in the same run. ``--json PATH`` writes every figure as JSON.
 
+``--margins cosface,arcface,...`` measures the torch head once per margin type (``--impls``
+ignored) and prints time and memory-growth ratios against the first one (plain CosFace by
+default); a name ending in ``-kN`` adds N sub-centers per class (``cosface-k3``). Memory: each
+variant in its own fresh ranks, as above. Time: all variants in one set of ranks, one step of
+each per round for ``--iters`` rounds (each round starting one variant later), the median per
+variant (on a shared machine a load change then hits every variant alike). The weight's size
+is reported too: K sub-centers hold K times the rows.
+
 Examples:
   python tools/bench_classifier.py --world-size 2 --num-classes 400000 --dim 128 --batch 256
+  python tools/bench_classifier.py --world-size 2 --num-classes 400000 --dim 128 --batch 256 \\
+      --margins cosface,arcface,combined,curricularface,adaface,magface,cosface-k3
   python tools/bench_classifier.py --device cuda --world-size 1 --num-classes 2000000 \\
       --dim 512 --batch 1024 --dtype bfloat16 --impls torch,triton --json out.json
 """
@@ -49,9 +59,19 @@ if str(REPO) not in sys.path:  # runnable as a plain script from a checkout (too
 
 from dist_cosface.classifier import ClassifierConfig, ShardedClassifier  # noqa: E402
 from dist_cosface.classifier.comm import GatherBatch, gather_labels  # noqa: E402
+from dist_cosface.configtools import from_mapping  # noqa: E402
 
 H100_H200_BF16_DENSE_TFLOPS = 989.0  # NVIDIA datasheet, SXM, dense (no sparsity)
 IMPLS = ("torch", "triton", "naive")
+# --margins: name -> ClassifierConfig fields (paper defaults; combined = ArcFace + CosFace)
+MARGIN_VARIANTS = {
+    "cosface": {"margin_type": "cosface", "margin": 0.35},
+    "arcface": {"margin_type": "arcface", "margin": 0.5},
+    "combined": {"margin_type": "combined", "combined": {"m1": 1.0, "m2": 0.3, "m3": 0.2}},
+    "curricularface": {"margin_type": "curricularface", "margin": 0.5},
+    "adaface": {"margin_type": "adaface", "margin": 0.4},
+    "magface": {"margin_type": "magface"},
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -87,6 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="torch,naive",
         help="comma-separated: torch, triton, naive (default torch,naive)",
     )
+    p.add_argument(
+        "--margins",
+        default=None,
+        help="comma-separated margin types (optionally -kN for N sub-centers) for the torch "
+        f"head, ratios against the first; known: {', '.join(MARGIN_VARIANTS)}",
+    )
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument(
         "--threads",
@@ -106,7 +132,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.impls) - set(IMPLS))
     if unknown or not args.impls:
         p.error(f"--impls must name some of {list(IMPLS)}, got {unknown or 'nothing'}")
+    if args.margins is not None:
+        args.margins = [name.strip() for name in args.margins.split(",") if name.strip()]
+        try:
+            for name in args.margins:
+                margin_fields(name)
+        except ValueError as exc:
+            p.error(str(exc))
     return args
+
+
+def margin_fields(variant: str | None) -> dict:
+    """ClassifierConfig fields of a ``--margins`` entry (``cosface-k3``: 3 sub-centers)."""
+    if variant is None:
+        return {}
+    name, _, sub = variant.partition("-k")
+    if name not in MARGIN_VARIANTS or (sub and not sub.isdigit()):
+        raise ValueError(f"--margins: unknown entry {variant!r} (known: {list(MARGIN_VARIANTS)})")
+    return {**MARGIN_VARIANTS[name], "subcenters": int(sub) if sub else 1}
 
 
 class _SumIdentityBackward(torch.autograd.Function):
@@ -204,12 +247,17 @@ def _head_on_gpu(cfg, dim: int, group, device: torch.device, rank: int):
     return head
 
 
-def _measure(args, impl: str, rank: int, device: torch.device, group) -> dict:
-    cfg = ClassifierConfig(
-        num_classes=args.num_classes,
-        chunk_size=args.chunk_size,
-        kernel="triton" if impl == "triton" else "torch",
-    )
+def _stepper(args, impl: str, rank: int, device: torch.device, group, variant=None):
+    """(head, step): one forward+backward of ``impl`` (a ``--margins`` ``variant`` for the
+    torch head) on this rank's fixed batch; ``step()`` returns the loss, ``step.clear()``
+    drops the gradients."""
+    fields = {
+        "num_classes": args.num_classes,
+        "chunk_size": args.chunk_size,
+        "kernel": "triton" if impl == "triton" else "torch",
+        **margin_fields(variant),
+    }
+    cfg = from_mapping(ClassifierConfig, fields)
     if device.type == "cuda":
         head = _head_on_gpu(cfg, args.dim, group, device, rank)
     else:
@@ -221,33 +269,53 @@ def _measure(args, impl: str, rank: int, device: torch.device, group) -> dict:
     labels = torch.randint(0, args.num_classes, (args.batch,), generator=gen).to(device)
     run = (lambda e, y: naive_loss(head, e, y)) if impl == "naive" else head
 
-    def step() -> float:
+    def clear() -> None:  # drop the gradients (so that they count as growth)
         head.weight.grad, emb.grad = None, None
+
+    def step() -> float:
+        clear()
         loss = run(emb, labels)
         loss.backward()
         return loss.item()
 
+    step.clear = clear
+    return head, step
+
+
+def _measure(
+    args, impl: str, rank: int, device: torch.device, group, variant=None, timed=True
+) -> dict:
+    """Time (unless ``timed`` is off: ``--margins`` times in one interleaved spawn) and
+    memory growth of one implementation in these fresh ranks."""
+    head, step = _stepper(args, impl, rank, device, group, variant)
     step()  # warm-up: one-time allocations (communicator buffers, cuBLAS workspace)
     _sync(device)
     dist.barrier(group=group)
     start = time.perf_counter()
-    for _ in range(args.iters):
+    iters = args.iters if timed else 0
+    for _ in range(iters):
         step()
     _sync(device)
-    seconds = (time.perf_counter() - start) / args.iters
+    seconds = (time.perf_counter() - start) / max(iters, 1)
     # memory last: pinning glibc's mmap threshold must not slow down the timed steps
     _malloc_mmap_threshold(device, 64 * 1024)
     step()  # re-establish the steady state under the pinned threshold
-    head.weight.grad, emb.grad = None, None
+    step.clear()
     _sync(device)
     before = _memory_now(device)
     _reset_peak(device)
     loss = step()
     _sync(device)
     growth = _peak(device) - before
-    stats = torch.tensor([growth, seconds], dtype=torch.float64, device=device)
+    stats = torch.tensor([growth, seconds, before], dtype=torch.float64, device=device)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=group)
-    return {"loss": loss, "growth": int(stats[0]), "seconds": float(stats[1])}
+    return {
+        "loss": loss,
+        "growth": int(stats[0]),
+        "seconds": float(stats[1]),
+        "held": int(stats[2]),
+        "weight_bytes": head.weight.numel() * head.weight.element_size(),
+    }
 
 
 def measure_bf16_peak(device: torch.device, n: int = 8192, iters: int = 20) -> float:
@@ -264,40 +332,78 @@ def measure_bf16_peak(device: torch.device, n: int = 8192, iters: int = 20) -> f
     return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
 
 
-def _rank_main(rank: int, world_size: int, args, impl: str) -> dict | None:
+def _rank_interleaved(rank: int, world_size: int, args) -> dict | None:
+    """``--margins`` timing: every variant's head in the same ranks, timed round-robin
+    (``--iters`` rounds, one step of each per round, the order rotated), so that a change of
+    the machine's load hits every variant alike; rank 0 returns the median seconds per
+    variant (max over ranks)."""
+    device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
+    steps = {}
+    for variant in args.margins:
+        steps[variant] = _stepper(args, "torch", rank, device, dist.group.WORLD, variant)[1]
+        steps[variant]()  # warm-up
+    times = {variant: [] for variant in args.margins}
+    names = list(steps)
+    for round_index in range(args.iters):
+        # each round starts one variant later: no variant always follows the same other one
+        # (the step after the sub-center head's, which frees 3x the memory, ran slower)
+        shift = round_index % len(names)
+        for variant in names[shift:] + names[:shift]:
+            step = steps[variant]
+            _sync(device)
+            dist.barrier(group=dist.group.WORLD)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[variant].append(time.perf_counter() - start)
+    medians = torch.tensor([sorted(t)[len(t) // 2] for t in times.values()], dtype=torch.float64)
+    dist.all_reduce(medians, op=dist.ReduceOp.MAX, group=dist.group.WORLD)
+    return dict(zip(args.margins, medians.tolist())) if rank == 0 else None
+
+
+def _rank_main(
+    rank: int, world_size: int, args, impl: str, variant=None, timed=True
+) -> dict | None:
     """One rank's measurement; rank 0 returns the figures."""
     cuda = args.device == "cuda"
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    out = _measure(args, impl, rank, device, dist.group.WORLD)
+    out = _measure(args, impl, rank, device, dist.group.WORLD, variant, timed)
     if cuda and rank == 0:
         out["bf16_peak"] = measure_bf16_peak(device)
     return out if rank == 0 else None
 
 
-def run_impl(args, impl: str) -> dict:
-    """Fresh ranks for one implementation (so no allocator state carries over).
+def run_impl(args, impl: str, variant: str | None = None, timed: bool = True) -> dict:
+    """Fresh ranks for one implementation (so no allocator state carries over); ``variant``
+    a ``--margins`` entry for the torch head, ``timed=False`` for memory only.
 
     A failing implementation (e.g. out of memory) is reported as ``{"error": ...}``.
     """
-    from tools.spawn import RanksFailed, run_ranks
+    from tools.spawn import RanksFailed
 
-    cuda = args.device == "cuda"
-    threads = None if cuda else args.threads or max(1, (os.cpu_count() or 1) // args.world_size)
     try:
-        per_rank = run_ranks(
-            args.world_size,
-            _rank_main,
-            args,
-            impl,
-            timeout_s=1800.0,
-            backend="nccl" if cuda else "gloo",
-            threads=threads,
-            collective_timeout_s=600.0,
-        )
+        return _spawn(args, _rank_main, impl, variant, timed)[0]
     except RanksFailed as exc:  # which rank, and the last line of its traceback
         lines = str(exc).strip().splitlines()
         return {"error": " ".join(dict.fromkeys([lines[0], lines[-1]]))}
-    return per_rank[0]
+
+
+def _spawn(args, fn, *fn_args) -> list:
+    """``fn(rank, world, args, *fn_args)`` on ``--world-size`` fresh ranks (gloo or NCCL)."""
+    from tools.spawn import run_ranks
+
+    cuda = args.device == "cuda"
+    threads = None if cuda else args.threads or max(1, (os.cpu_count() or 1) // args.world_size)
+    return run_ranks(
+        args.world_size,
+        fn,
+        args,
+        *fn_args,
+        timeout_s=1800.0,
+        backend="nccl" if cuda else "gloo",
+        threads=threads,
+        collective_timeout_s=600.0,
+    )
 
 
 def figures(args, results: dict[str, dict]) -> dict:
@@ -357,8 +463,60 @@ def report(args, fig: dict) -> None:
         )
 
 
+def margin_figures(args, results: dict[str, dict]) -> dict:
+    """Per margin entry: ms, memory growth and held memory, ratios against the first entry."""
+    base_name = args.margins[0]
+    base = results[base_name]
+    out = {"config": {k: v for k, v in vars(args).items() if k != "json"}, "margins": {}}
+    for name, res in results.items():
+        if "error" in res or "error" in base:
+            out["margins"][name] = res
+            continue
+        out["margins"][name] = {
+            "loss": res["loss"],
+            "ms": res["seconds"] * 1e3,
+            "growth_mib": res["growth"] / 2**20,
+            "held_mib": res["held"] / 2**20,
+            "weight_mib": res["weight_bytes"] / 2**20,
+            f"time_vs_{base_name}": res["seconds"] / base["seconds"],
+            f"growth_vs_{base_name}": res["growth"] / max(base["growth"], 1),
+        }
+    return out
+
+
+def margin_report(args, fig: dict) -> None:
+    base = args.margins[0]
+    print(
+        f"C={args.num_classes} D={args.dim} B/rank={args.batch} world={args.world_size} "
+        f"device={args.device} dtype={args.dtype} chunk={args.chunk_size or 'auto'}: torch "
+        f"head per margin type, ratios against {base}"
+    )
+    print(
+        f"{'margin':<20}{'loss':>10}{'fwd+bwd ms':>12}{'growth MiB':>12}{'weight MiB':>12}"
+        f"{'time x':>9}{'growth x':>10}"
+    )
+    for name, row in fig["margins"].items():
+        if "error" in row:
+            print(f"{name:<20} FAILED: {row['error']}")
+            continue
+        print(
+            f"{name:<20}{row['loss']:>10.4f}{row['ms']:>12.1f}{row['growth_mib']:>12.1f}"
+            f"{row['weight_mib']:>12.1f}{row[f'time_vs_{base}']:>9.3f}"
+            f"{row[f'growth_vs_{base}']:>10.3f}"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.margins:
+        results = {m: run_impl(args, "torch", m, timed=False) for m in args.margins}
+        for variant, seconds in _spawn(args, _rank_interleaved)[0].items():
+            results[variant]["seconds"] = seconds
+        fig = margin_figures(args, results)
+        margin_report(args, fig)
+        if args.json:
+            Path(args.json).write_text(json.dumps(fig, indent=2) + "\n")
+        return
     fig = figures(args, {impl: run_impl(args, impl) for impl in args.impls})
     report(args, fig)
     if args.json:

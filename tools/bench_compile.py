@@ -26,7 +26,7 @@ import torch
 
 from dist_cosface.config import RunConfig, load_config
 from dist_cosface.distributed import DistContext
-from dist_cosface.engine.parts import build_head, seed_everything
+from dist_cosface.engine.builders import build_head_and_optimizer, seed_everything
 from dist_cosface.engine.strategy import build_strategy, check_compiler
 from dist_cosface.models import build_backbone
 
@@ -63,7 +63,7 @@ class Run:
         ctx = DistContext()
         seed_everything(0)
         backbone = build_backbone(self.cfg.model)
-        self.head, self.head_optim = build_head(self.cfg, ctx)
+        self.head, self.head_optim = build_head_and_optimizer(self.cfg, ctx)
         self.strategy = build_strategy(self.cfg, ctx, backbone)
         self.strategy.backbone.train()
         self.step_count = 0

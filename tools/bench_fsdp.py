@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:  # runnable as a plain script from a checkout (too
 
 from dist_cosface.config import load_config  # noqa: E402
 from dist_cosface.distributed import context_from_group  # noqa: E402
-from dist_cosface.engine.parts import build_head, seed_everything  # noqa: E402
+from dist_cosface.engine.builders import build_head_and_optimizer, seed_everything  # noqa: E402
 from dist_cosface.engine.strategy import build_strategy  # noqa: E402
 from dist_cosface.models import build_backbone  # noqa: E402
 from tools.spawn import run_ranks  # noqa: E402
@@ -98,7 +98,7 @@ def measure(rank: int, world: int, args: argparse.Namespace, engine: str) -> dic
     start_rss = rss_bytes()
     seed_everything(0)
     backbone = build_backbone(cfg.model)
-    head, head_optim = build_head(cfg, ctx)
+    head, head_optim = build_head_and_optimizer(cfg, ctx)
     strategy = build_strategy(cfg, ctx, backbone)
     strategy.backbone.train()
     gen = torch.Generator().manual_seed(rank)

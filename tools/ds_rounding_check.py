@@ -1,4 +1,4 @@
-"""How far one ulp moves the 2-step run of tests/test_engine_deepspeed.py (docs/training.md).
+"""How far one ulp moves the 2-step run of tests/engine/test_trainer_deepspeed.py.
 
 For each seed, on the test's tiny model and settings: DDP (the reference), DDP whose initial
 backbone weights were each moved by one ulp (x (1 +- 2^-23)), and DeepSpeed ZeRO 2, which
@@ -19,7 +19,7 @@ import torch
 
 from dist_cosface.distributed import DistConfig, init_distributed, shutdown
 from dist_cosface.engine import train
-from dist_cosface.engine.parts import seed_everything
+from dist_cosface.engine.builders import seed_everything
 from dist_cosface.models import build_backbone
 from tests.tiny import DS_COMPARE_OVERRIDES, tiny_config
 

@@ -49,6 +49,30 @@ SUITES = {
         (f"LMCL s={s}", {"margin_type": "cosface", "scale": s})
         for s in (1.0, 2.0, "auto", 16.0, 64.0)
     ],
+    # the margins the field moved to, same budget (config file) and s = 30 for each; MagFace's
+    # norm range is the paper's [10, 110] scaled by 1/10 to this net's BN'd ~8-norm features,
+    # with lambda_g scaled by the same 1/10 so that lambda_g g(a) keeps the paper's values
+    "margins": [
+        ("CosFace (m=0.35)", {"margin_type": "cosface", "margin": 0.35}),
+        ("ArcFace (m=0.5)", {"margin_type": "arcface", "margin": 0.5}),
+        ("CurricularFace (m=0.5)", {"margin_type": "curricularface", "margin": 0.5}),
+        ("AdaFace (m=0.4, h=0.333)", {"margin_type": "adaface", "margin": 0.4}),
+        (
+            "MagFace (m 0.45-0.8 on |x| 1-11)",
+            {
+                "margin_type": "magface",
+                "magface": {"l_a": 1.0, "u_a": 11.0, "l_m": 0.45, "u_m": 0.8, "lambda_g": 3.5},
+            },
+        ),
+    ],
+    # 20% of the training labels flipped to another identity (same flips for both rows)
+    "noise": [
+        ("CosFace, 20% labels flipped", {"margin_type": "cosface", "label_noise": 0.2}),
+        (
+            "sub-center CosFace K=3, 20% labels flipped",
+            {"margin_type": "cosface", "subcenters": 3, "label_noise": 0.2},
+        ),
+    ],
     "norm": [
         ("LMCL, features normalized", {"margin_type": "cosface", "feature_norm": True}),
         # the feature norm ||x|| plays the role of s: scale 1 whether or not the head multiplies
@@ -68,7 +92,8 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
-            parser.add_argument(flag, default=None, help=f"default {f.default!r}")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            parser.add_argument(flag, default=None, help=f"default {default!r}")
 
 
 def _build_config(args: argparse.Namespace, overrides: dict, seed: int):
@@ -122,16 +147,38 @@ def _fmt(values: list[float], scale: float = 100.0) -> str:
 
 
 def _row_flags(line: dict) -> str:
-    """The ``run`` flags that reproduce one row of a suite (its config file + overrides)."""
+    """The ``run`` flags that reproduce one row of a suite: the flags of the command that ran
+    it (config file, budget overrides such as ``--epochs``), then the row's own overrides."""
     overrides = dict(SUITES.get(line["suite"], [])).get(line["row"], {})
-    flags = [f"--config configs/experiments/{line['config']['dataset']}.yaml"]
+    flags = _command_flags(line["command"])
+    if not any(f.startswith("--config") for f in flags):
+        flags.insert(0, f"--config configs/experiments/{line['config']['dataset']}.yaml")
     for key, value in overrides.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, dict):  # a margin section, as YAML flow mapping
+            inner = ", ".join(f"{k}: {v:g}" for k, v in value.items())
+            flags.append(f"{flag} '{{{inner}}}'")
         else:
             flags.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
     return " ".join(flags)
+
+
+def _command_flags(command: str) -> list[str]:
+    """``--flag value`` pairs of a recorded command, without the sub-command, its suite name,
+    and the seeds / output / thread / row options (the table gives the seeds)."""
+    argv = shlex.split(command)[2:]  # python tools/experiments.py
+    argv = argv[2:] if argv[:1] == ["suite"] else argv[1:]
+    flags, skip = [], False
+    for token in argv:
+        if token.startswith("--"):
+            skip = token in ("--seeds", "--out", "--threads", "--rows")
+            if not skip:
+                flags.append(token)
+        elif not skip and flags:
+            flags[-1] += f" {token}"
+    return flags
 
 
 def table(paths: list[str], suite: str | None, dataset: str | None = None) -> str:
@@ -165,7 +212,7 @@ def table(paths: list[str], suite: str | None, dataset: str | None = None) -> st
         elif not c["feature_norm"]:
             scale = "‖x‖"  # the feature norm takes the place of s
         out.append(
-            f"| {row} | {data} | {len(lines)} "
+            f"| {row.replace('|', chr(92) + '|')} | {data} | {len(lines)} "
             f"| {scale} "
             f"| {_fmt([x['accuracy'] for x in lines])} | {_fmt(tars) if tars else 'n/a'} "
             f"| {_fmt([x['roc_auc'] for x in lines])} "
@@ -185,6 +232,13 @@ def main(argv: list[str] | None = None) -> None:
         p = sub.add_parser(name)
         if name == "suite":
             p.add_argument("suite", choices=sorted(SUITES))
+            p.add_argument(
+                "--rows",
+                type=int,
+                nargs="+",
+                default=None,
+                help="only these rows of the suite (0-based), e.g. to split it over processes",
+            )
         p.add_argument("--config", help="YAML file of ExperimentConfig keys")
         p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
         p.add_argument("--threads", type=int, default=1)
@@ -201,7 +255,13 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cmd == "run":
         _run_rows(args, [("run", {})], "run", argv)
     else:
-        _run_rows(args, SUITES[args.suite], args.suite, argv)
+        rows = SUITES[args.suite]
+        if args.rows is not None:
+            bad = [i for i in args.rows if not 0 <= i < len(rows)]
+            if bad:
+                parser.error(f"--rows {bad}: suite {args.suite} has rows 0..{len(rows) - 1}")
+            rows = [rows[i] for i in args.rows]
+        _run_rows(args, rows, args.suite, argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The class-sharded margin softmax head (CosFace / ArcFace / NSL / softmax, Partial FC)."""
+"""The class-sharded margin softmax head (CosFace, ArcFace, combined, CurricularFace, AdaFace,
+MagFace, NSL, softmax; sub-centers; Partial FC)."""
 
 from dist_cosface.classifier.config import ClassifierConfig
 from dist_cosface.classifier.head import HeadStepReport, ShardedClassifier, class_range

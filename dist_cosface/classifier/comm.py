@@ -14,16 +14,28 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dist_cosface.distributed import GroupMember
+
 
 class Comm:
     """A process group (or None) plus a seconds counter for the head's collectives."""
 
     def __init__(self, group: dist.ProcessGroup | None) -> None:
-        self.group = group
-        self.world_size = dist.get_world_size(group) if group is not None else 1
-        self.rank = dist.get_rank(group) if group is not None else 0
+        self.member = GroupMember.of(group)  # this rank's place in the head's group
         self.timed = False
         self.seconds = 0.0
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        return self.member.group
+
+    @property
+    def rank(self) -> int:
+        return self.member.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.member.world_size
 
     def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Call the collective ``fn`` on this group, timed when ``timed``."""

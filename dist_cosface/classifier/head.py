@@ -1,10 +1,20 @@
-"""``ShardedClassifier``: the class-sharded margin softmax head (CosFace / ArcFace / NSL).
+"""``ShardedClassifier``: the class-sharded margin softmax head (CosFace, ArcFace, combined,
+CurricularFace, AdaFace, MagFace, NSL, softmax; K sub-centers per class).
 
 Classes are split in contiguous ranges over the process group, in chunks of
-``ceil(num_classes / world)`` rows (DTensor ``Shard(0)``, see ``class_range``). Each step
+``ceil(num_classes / world)`` classes (DTensor ``Shard(0)``, see ``class_range``); with K
+sub-centers a class's K weight rows are consecutive and on the same rank. Each step
 all-gathers the local embeddings and labels, computes logits against the local weight rows
 only, and forms the exact global softmax cross-entropy with two all-reduces (see
 ``loss.ShardedMarginLoss``).
+
+Feature norms
+-------------
+The head takes the backbone's raw (unnormalized) embeddings and normalizes them itself. The
+norm ``a = |x|`` of each embedding is what AdaFace (detached: it only sets the margin) and
+MagFace (differentiable: through its margin m(a) and its regulariser lambda_g g(a), which the
+returned loss includes) read; the other margin types ignore it. A backbone that normalizes
+its output would leave AdaFace and MagFace with a constant norm.
 
 Gradient convention
 -------------------
@@ -36,7 +46,12 @@ from dist_cosface.classifier.health import MarginHealth, margin_health
 from dist_cosface.classifier.inputs import agree_on_batch, check_batch
 from dist_cosface.classifier.loss import ShardedMarginLoss
 from dist_cosface.classifier.loss_common import LossPlan, LossTask, RowStats, RowStatsSlot
-from dist_cosface.classifier.margins import scale_lower_bound
+from dist_cosface.classifier.margins import (
+    MarginState,
+    RowParams,
+    margin_of,
+    scale_lower_bound,
+)
 from dist_cosface.classifier.sampling import columns_of_targets, sample_rows, sampling_seed
 from dist_cosface.classifier.triton_loss import TritonMarginLoss, use_triton
 from dist_cosface.classifier.unnormalized import unnormalized_feature_loss
@@ -138,12 +153,19 @@ class ShardedClassifier(nn.Module):
             )
         self.num_classes, self.embedding_size = classes, embedding_size
         self.spec = cfg.margin_spec()
+        self.margin = margin_of(self.spec)
+        self.subcenters = cfg.subcenters
         self.class_start, self.num_local_classes = class_range(classes, world, self.comm.rank)
-        shard = torch.empty(self.num_local_classes, embedding_size)
+        # a class's K sub-center rows are consecutive: rows [k * K, (k + 1) * K) of class k
+        shard = torch.empty(self.num_local_classes * self.subcenters, embedding_size)
         self.weight = mark_sharded(nn.Parameter(shard))
         # rows that received gradient since the optimizer's last step (row-sparse updates)
         self.register_buffer(
-            "touched", torch.zeros(self.num_local_classes, dtype=torch.bool), persistent=False
+            "touched", torch.zeros(shard.shape[0], dtype=torch.bool), persistent=False
+        )
+        # running statistics (replicated) and sub-center hits: checkpointed by ClassifierState
+        self.margin_state = MarginState(
+            self.margin.initial_stats(), self.num_local_classes, self.subcenters
         )
         # timing adds device syncs around every collective: opt-in, fixed for the head's life
         self.time_collectives = bool(time_collectives)
@@ -153,6 +175,7 @@ class ShardedClassifier(nn.Module):
         # training forward
         self._collect_health = False
         self.last_row_stats: RowStats | None = None
+        self._last_rows: tuple[RowParams | None, torch.Tensor | None] = (None, None)
         self.register_buffer(
             "seen", torch.zeros(self.num_local_classes, dtype=torch.bool), persistent=False
         )
@@ -163,6 +186,11 @@ class ShardedClassifier(nn.Module):
     @property
     def scale(self) -> float:
         return self.spec.scale
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda(): the margin state follows the weight
+        super()._apply(fn, recurse)
+        self.margin_state.to(self.weight.device)
+        return self
 
     def begin_step(self, step: int, *, collect_health: bool = False) -> None:
         """Start optimizer step ``step``: call once before the step's first forward.
@@ -195,12 +223,13 @@ class ShardedClassifier(nn.Module):
         """
         if seed is None:
             seed = int(torch.randint(2**62, (), dtype=torch.int64))
-        end = self.class_start + self.num_local_classes
+        first = self.class_start * self.subcenters  # global index of this rank's first row
+        end = first + self.weight.shape[0]
         parts = []
-        for block in range(self.class_start // _INIT_BLOCK, (end - 1) // _INIT_BLOCK + 1):
+        for block in range(first // _INIT_BLOCK, (end - 1) // _INIT_BLOCK + 1):
             gen = torch.Generator().manual_seed(stable_seed(seed, block))
             rows = torch.randn(_INIT_BLOCK, self.embedding_size, generator=gen) * 0.01
-            lo = max(self.class_start - block * _INIT_BLOCK, 0)
+            lo = max(first - block * _INIT_BLOCK, 0)
             hi = min(end - block * _INIT_BLOCK, _INIT_BLOCK)
             parts.append(rows[lo:hi])
         with torch.no_grad():
@@ -238,10 +267,12 @@ class ShardedClassifier(nn.Module):
         embeddings = GatherBatch.apply(local_embeddings, sizes, comm)
         labels = gather_labels(local_labels, sizes, comm)
         cfg, dtype = self.cfg, _compute_dtype(local_embeddings)
-        plan = LossPlan(self.spec, cfg.chunk_size, cfg.materialize, dtype)
-        x = embeddings.to(plan.stat_dtype)
-        if self.spec.normalized:
-            x = F.normalize(x, dim=1)
+        plan = LossPlan(self.spec, cfg.chunk_size, cfg.materialize, dtype, self.subcenters)
+        raw = embeddings.to(plan.stat_dtype)
+        margin, update = self.margin, self.training
+        norms = _feature_norms(raw, margin) if self.spec.normalized else None  # [N]
+        x = F.normalize(raw, dim=1) if self.spec.normalized else raw
+        params = margin.row_params(norms, self.margin_state, update) if margin.uses_norms else None
         local_labels_all = labels - self.class_start
         rows = self._pick_rows(local_labels_all)
         target_col = columns_of_targets(local_labels_all, rows, self.num_local_classes)
@@ -249,14 +280,23 @@ class ShardedClassifier(nn.Module):
         if self.training:
             self._mark_seen(rows)
         slot = RowStatsSlot() if self._collect_health else None
-        loss_fn = (
-            TritonMarginLoss
-            if use_triton(cfg.kernel, x.device, plan.compute_dtype)
-            else ShardedMarginLoss
+        task = LossTask(
+            rows, target_col, plan, comm, slot, params, self.margin_state, update_state=update
         )
-        task = LossTask(rows, target_col, plan, comm, slot)
-        loss = loss_fn.apply(x.to(plan.compute_dtype), self.weight, task)
+        if cfg.triton_supported and use_triton(cfg.kernel, x.device, plan.compute_dtype):
+            loss = TritonMarginLoss.apply(x.to(plan.compute_dtype), self.weight, task)
+        else:  # the margins and sub-centers the Triton kernels lack run here (kernel: auto)
+            margin_param = params.angle if margin.param_requires_grad else None
+            loss = ShardedMarginLoss.apply(
+                x.to(plan.compute_dtype), self.weight, task, margin_param
+            )
+        regulariser = margin.regulariser(norms) if norms is not None else None
+        if regulariser is not None:
+            loss = loss + _global_mean_own_grad(regulariser, sizes, comm.rank)
         self.last_row_stats = slot.value if slot is not None else None
+        if slot is not None:
+            detached = params.detached() if params is not None else None
+            self._last_rows = (detached, norms.detach() if norms is not None else None)
         return loss
 
     def set_epoch(self, epoch: int) -> None:
@@ -267,6 +307,7 @@ class ShardedClassifier(nn.Module):
         """
         if epoch != self.epoch:
             self.seen.zero_()
+            self.margin_state.new_epoch()
             self.epoch = epoch
 
     def _margin_health(self) -> MarginHealth | None:
@@ -279,7 +320,18 @@ class ShardedClassifier(nn.Module):
             sampled = self.last_sampled_rows.shape[0]
         bound = scale_lower_bound(self.num_classes, self.cfg.scale_p_w)
         stats, self.last_row_stats = self.last_row_stats, None
-        return margin_health(self.spec, stats, self.weight, self.seen, sampled, bound)
+        (params, norms), self._last_rows = self._last_rows, (None, None)
+        return margin_health(
+            self.spec,
+            stats,
+            self.weight,
+            self.seen,
+            sampled,
+            bound,
+            params=params,
+            norms=norms,
+            state=self.margin_state,
+        )
 
     def _mark_seen(self, rows: torch.Tensor | None) -> None:
         if rows is None:
@@ -298,13 +350,38 @@ class ShardedClassifier(nn.Module):
         self.last_sampled_rows = rows
         return rows
 
-    def _mark_touched(self, rows: torch.Tensor | None) -> None:
+    def _mark_touched(self, classes: torch.Tensor | None) -> None:
+        """Mark the weight rows of ``classes`` (local indices; None: all) as touched."""
         if not (torch.is_grad_enabled() and self.weight.requires_grad):
             return
-        if rows is None:
+        if classes is None:
             self.touched.fill_(True)
         else:
-            self.touched[rows] = True
+            self.touched.view(-1, self.subcenters)[classes] = True
+
+
+def _feature_norms(raw: torch.Tensor, margin) -> torch.Tensor:
+    """``|x|`` of every gathered row: in the graph only for a margin that trains it (MagFace)."""
+    if margin.param_requires_grad:
+        return raw.norm(dim=1)
+    with torch.no_grad():
+        return raw.norm(dim=1)
+
+
+def _global_mean_own_grad(values: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
+    """Mean of ``values [N]`` over the global batch, differentiated through this rank's own
+    rows only.
+
+    Every rank computes the same per-row values from the gathered batch; the all-gather's
+    backward sums the ranks' gradients, so each row's gradient must come from one rank (its
+    own) for the gradient convention (``world_size x`` the true gradient) to hold.
+    """
+    start = sum(sizes[:rank])
+    own = torch.zeros_like(values, dtype=torch.bool)
+    own[start : start + sizes[rank]] = True
+    fixed = values.detach()
+    moving = torch.where(own, values - fixed, torch.zeros_like(values))
+    return (fixed.sum() + moving.sum()) / values.shape[0]
 
 
 def _compute_dtype(embeddings: torch.Tensor) -> torch.dtype:

@@ -3,18 +3,23 @@
 A rank whose embeddings or labels are bad must not simply raise: its peers would wait forever
 in the head's next collective. :func:`agree_on_batch` is therefore the first collective of
 every forward: each rank checks its own batch, one all-gather of a ``[1, 3]`` row per rank
-(batch size, bad-input flag, count of labels outside ``[0, C)``) tells every rank about the
-others, and then all ranks raise together: the faulty rank the error naming its values, the
-others a :class:`PeerInputError` naming the faulty ranks. When every batch is good the
-gathered batch sizes are what the embedding all-gather needs anyway, so the check costs no
-extra collective. The label count stays on the device until that all-gather: one host sync.
+(an ``agreement.Ballot``: batch size, bad-input flag, count of labels outside ``[0, C)``)
+tells every rank about the others, and then all ranks raise together: the faulty rank the
+error naming its values, the others a :class:`PeerInputError` naming the faulty ranks. When
+every batch is good the gathered batch sizes are what the embedding all-gather needs anyway,
+so the check costs no extra collective. The label count stays on the device until that
+all-gather: one host sync.
 """
 
 from __future__ import annotations
 
 import torch
 
+from dist_cosface.agreement import Ballot
 from dist_cosface.classifier.comm import Comm
+
+# every rank's row of the head's input all-gather (``agreement.Ballot``, gathered per rank)
+_BATCH_VOTES = Ballot("batch_size", "bad_input", "bad_labels")
 
 
 class PeerInputError(ValueError):
@@ -76,17 +81,13 @@ def agree_on_batch(
     if error is None:
         batch = embeddings.shape[0]
         bad_labels = out_of_range(labels, num_classes).sum().to(device)
-    meta = torch.stack(
-        [
-            torch.tensor(batch, device=device),
-            torch.tensor(int(error is not None), device=device),
-            bad_labels,
-        ]
+    votes = _BATCH_VOTES.cast(
+        device, batch_size=batch, bad_input=error is not None, bad_labels=bad_labels
     )
-    rows = comm.all_gather(meta[None]).tolist()
-    bad_ranks = [r for r, (_, flag, count) in enumerate(rows) if flag or count]
+    rows = _BATCH_VOTES.read_rows(comm.all_gather(votes[None]))  # [world, 3]: one host sync
+    bad_ranks = [r for r, row in enumerate(rows) if row["bad_input"] or row["bad_labels"]]
     if not bad_ranks:
-        return [row[0] for row in rows]
+        return [int(row["batch_size"]) for row in rows]
     rank = comm.rank
     if error is not None:
         raise type(error)(f"rank {rank}: {error}")

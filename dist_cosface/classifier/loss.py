@@ -22,19 +22,36 @@ from dist_cosface.classifier.loss_common import (
     LossPlan,
     LossTask,
     backward_scales,
+    class_rows,
     column_chunks,
     global_log_sum_exp,
+    margin_param_grad,
+    reduce_target_cos,
     stat_matmul,
-    target_stats,
+    target_cosines,
+    target_logits,
+)
+from dist_cosface.classifier.margins import (
+    CurricularFace,
+    MarginState,
+    RowParams,
+    margin_of,
+    with_threshold,
 )
 
 
 def _chunk_weight(
     weight: torch.Tensor, rows: torch.Tensor | None, c0: int, c1: int, plan: LossPlan
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Rows of columns [c0, c1): raw (stat dtype), matmul operand (normalized, compute
-    dtype) and 1/norm (None without normalization)."""
-    w = weight[c0:c1] if rows is None else weight[rows[c0:c1]]
+    """Weight rows of the classes in columns [c0, c1) (K per class, class-major): raw (stat
+    dtype), matmul operand (normalized, compute dtype) and 1/norm (None without
+    normalization)."""
+    if plan.subcenters == 1:
+        w = weight[c0:c1] if rows is None else weight[rows[c0:c1]]
+    else:
+        per_class = class_rows(weight, plan.subcenters)
+        w = per_class[c0:c1] if rows is None else per_class[rows[c0:c1]]
+        w = w.reshape(-1, weight.shape[1])
     w = w.to(plan.stat_dtype)
     if not plan.spec.normalized:
         return w, w.to(plan.compute_dtype), None
@@ -43,9 +60,35 @@ def _chunk_weight(
     return w, w_hat, inv_norm
 
 
-def _chunk_logits(x_scaled: torch.Tensor, w_hat: torch.Tensor, plan: LossPlan) -> torch.Tensor:
-    """``s * cos`` (or ``W x`` for softmax) of one chunk, [N, c] in the stat dtype."""
-    return stat_matmul(x_scaled, w_hat.t(), plan)
+def _class_logits(
+    x_scaled: torch.Tensor,
+    w_hat: torch.Tensor,
+    plan: LossPlan,
+    target_col: torch.Tensor,
+    target_nearest: torch.Tensor | None,
+    c0: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``s * cos`` (or ``W x`` for softmax) of one chunk's classes, [N, c] in the stat dtype,
+    and with sub-centers the index of the nearest one per entry ([N, c], None for K = 1).
+
+    A target's nearest sub-center is the one :func:`loss_common.target_cosines` chose (the
+    two computations may break a near-tie differently in half precision)."""
+    logits = stat_matmul(x_scaled, w_hat.t(), plan)
+    k = plan.subcenters
+    if k == 1:
+        return logits, None
+    values, nearest = logits.view(logits.shape[0], -1, k).max(dim=2)
+    _put_targets(nearest, target_col, target_nearest, c0)
+    return values, nearest
+
+
+def _spread_to_subcenters(g: torch.Tensor, nearest: torch.Tensor | None, k: int) -> torch.Tensor:
+    """[N, c] class gradient -> [N, c * K] row gradient, on each entry's nearest sub-center."""
+    if nearest is None:
+        return g
+    rows = g.new_zeros(g.shape[0], g.shape[1], k)
+    rows.scatter_(2, nearest[:, :, None], g[:, :, None])
+    return rows.view(g.shape[0], -1)
 
 
 def _put_targets(
@@ -59,17 +102,43 @@ def _put_targets(
     block.scatter_(1, index, torch.where(inside, values, current)[:, None])
 
 
+def _reweight_negatives_(logits: torch.Tensor, params: RowParams, scale: float) -> None:
+    """CurricularFace on a chunk of ``s c`` logits, in place: ``s c (t + c)`` where
+    ``c > cos(theta_y + m)`` (targets are overwritten afterwards, -inf stays -inf)."""
+    CurricularFace.reweight_(logits, params.hard_threshold[:, None], params.t, scale)
+
+
+def _count_subcenters(
+    state: MarginState | None,
+    rows: torch.Tensor | None,
+    target_col: torch.Tensor,
+    nearest: torch.Tensor,
+) -> None:
+    """Add this forward's owned targets to ``state.subcenter_hits[class, nearest]``."""
+    if state is None or state.subcenter_hits is None:
+        return
+    owned = target_col >= 0
+    cls = target_col[owned] if rows is None else rows[target_col[owned]]
+    hits = state.subcenter_hits
+    flat = cls * hits.shape[1] + nearest[owned]
+    hits.view(-1).index_add_(0, flat, torch.ones_like(flat))
+
+
 class ShardedMarginLoss(torch.autograd.Function):
     """Mean over the global batch of ``logsumexp_j(logit_j) - logit_target``, torch kernels.
 
     This docstring is the contract of every kernel path (also
     ``triton_loss.TritonMarginLoss``, which refers here).
 
-    Shapes (N: global batch, D: embedding width, K: local classes, Ks: used local classes):
+    Shapes (N: global batch, D: embedding width, K: local classes, Ks: used local classes,
+    k: sub-centers per class, ``task.plan.subcenters``):
       x ``[N, D]``: gathered embeddings in the compute dtype (L2-normalized unless softmax),
-      weight ``[K, D]``: this rank's class rows (raw; normalized inside, per chunk or tile),
-      task: a :class:`loss_common.LossTask` (used rows, target columns, plan, group,
-      margin-health slot).
+      weight ``[K * k, D]``: this rank's class rows, a class's k rows consecutive (raw;
+      normalized inside, per chunk or tile),
+      task: a :class:`loss_common.LossTask` (used classes, target columns, plan, group,
+      margin-health slot, per-row margin parameters, margin state),
+      margin_param ``[N]`` or None (torch kernels only): the differentiable per-row margin
+      (MagFace's m(a), the same values as ``task.params.angle``); its gradient is returned.
     Returns the scalar loss (identical on every rank).
 
     Collectives per call, on ``task.comm``'s group and only through
@@ -77,20 +146,34 @@ class ShardedMarginLoss(torch.autograd.Function):
     ``[2, N]`` with ``task.row_stats``; sum-exp and target logit: SUM over ``[2, N]``,
     ``[3, N]`` with ``task.row_stats``); backward none (every rank already holds the global
     log-sum-exp; the embedding gradient is summed over ranks by the all-gather's backward,
-    see "Gradient convention" in ``head.py``).
+    see "Gradient convention" in ``head.py``). CurricularFace adds one all-reduce SUM of the
+    ``[N]`` target cosines before the pass (its hard-negative threshold and t need them).
     Gradients: exact d(loss)/dx (this rank's classes' share) and d(loss)/dweight (zero on
-    unused rows), both formed from :func:`loss_common.backward_scales` (the target column of
-    G and the ``grad_loss / N`` factor).
+    unused rows, and on the sub-centers that are not an entry's nearest), both formed from
+    :func:`loss_common.backward_scales` (the target column of G and the ``grad_loss / N``
+    factor); d(loss)/d(margin_param) on the rows whose target this rank owns.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, task: LossTask) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        task: LossTask,
+        margin_param: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         rows, target_col, plan = task.rows, task.target_col, task.plan
-        num_cols = weight.shape[0] if rows is None else rows.shape[0]
+        num_cols = weight.shape[0] // plan.subcenters if rows is None else rows.shape[0]
         n = x.shape[0]
+        scale = plan.spec.logit_scale
         # the scale is folded into the small [N, D] operand instead of every logit
-        x_scaled = (x.to(plan.stat_dtype) * plan.spec.logit_scale).to(plan.compute_dtype)
-        tgt_cos, tgt_logit = target_stats(x, weight, rows, target_col, plan)
+        x_scaled = (x.to(plan.stat_dtype) * scale).to(plan.compute_dtype)
+        tgt_cos, tgt_nearest = target_cosines(x, weight, rows, target_col, plan)
+        if task.update_state and tgt_nearest is not None:
+            _count_subcenters(task.state, rows, target_col, tgt_nearest)
+        params = _negative_params(task, tgt_cos)
+        tgt_logit = target_logits(tgt_cos, target_col, plan, params)
+        reweight = params is not None and params.hard_threshold is not None
         neg_inf = torch.full((n,), float("-inf"), dtype=plan.stat_dtype, device=x.device)
         # the row max starts at the (owned) target logit, so each chunk's max can be taken
         # over its non-target columns only: the same single pass also yields the hardest
@@ -101,48 +184,87 @@ class ShardedMarginLoss(torch.autograd.Function):
         kept = None
         for c0, c1 in column_chunks(num_cols, plan, x):
             _, w_hat, _ = _chunk_weight(weight, rows, c0, c1, plan)
-            logits = _chunk_logits(x_scaled, w_hat, plan)
+            logits, nearest = _class_logits(x_scaled, w_hat, plan, target_col, tgt_nearest, c0)
+            if plan.materialize:
+                kept = (logits, nearest)  # reused by backward; edits go to a copy
+                logits = logits.clone()
             _put_targets(logits, target_col, neg_inf, c0)
-            chunk_neg = logits.amax(dim=1)
+            chunk_neg = logits.amax(dim=1)  # hardest negative by cosine (margin health)
             run_neg = torch.maximum(run_neg, chunk_neg)
+            if reweight:
+                _reweight_negatives_(logits, params, scale)
+                chunk_neg = logits.amax(dim=1)
             _put_targets(logits, target_col, tgt_logit, c0)
             new_max = torch.maximum(run_max, chunk_neg)
             run_sum.mul_(torch.exp(run_max - new_max))
-            if plan.materialize:
-                kept = logits  # reused by backward; the exponentials go to a temporary
-                logits = logits - new_max[:, None]
-            else:
-                logits.sub_(new_max[:, None])
+            logits.sub_(new_max[:, None])
             run_sum.add_(logits.exp_().sum(dim=1))
             run_max = new_max
         lse, global_tgt_logit = global_log_sum_exp(
             task.comm, run_max, run_sum, tgt_logit, tgt_cos, run_neg, plan, task.row_stats
         )
-        ctx.save_for_backward(x_scaled, weight, rows, target_col, tgt_cos, tgt_logit, lse)
-        ctx.plan, ctx.kept = plan, kept
+        ctx.save_for_backward(
+            x_scaled, weight, rows, target_col, tgt_cos, tgt_logit, lse, tgt_nearest
+        )
+        ctx.plan, ctx.kept, ctx.params = plan, kept, params
         return (lse - global_tgt_logit).mean()
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
-        x_scaled, weight, rows, target_col, tgt_cos, tgt_logit, lse = ctx.saved_tensors
+        x_scaled, weight, rows, target_col, tgt_cos, tgt_logit, lse, tgt_nearest = ctx.saved_tensors
         plan: LossPlan = ctx.plan
-        num_cols = weight.shape[0] if rows is None else rows.shape[0]
-        tgt_grad, factor = backward_scales(plan, grad_loss, tgt_logit, tgt_cos, lse)
+        params: RowParams | None = ctx.params
+        k = plan.subcenters
+        num_cols = weight.shape[0] // k if rows is None else rows.shape[0]
+        tgt_grad, factor = backward_scales(plan, grad_loss, tgt_logit, tgt_cos, lse, params)
         grad_x = torch.zeros(x_scaled.shape, dtype=plan.stat_dtype, device=x_scaled.device)
         grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for c0, c1 in column_chunks(num_cols, plan, x_scaled):
             w, w_hat, inv_norm = _chunk_weight(weight, rows, c0, c1, plan)
-            logits = ctx.kept if plan.materialize else _chunk_logits(x_scaled, w_hat, plan)
-            probs = logits.sub_(lse[:, None]).exp_()
+            if plan.materialize:
+                logits, nearest = ctx.kept
+            else:
+                logits, nearest = _class_logits(x_scaled, w_hat, plan, target_col, tgt_nearest, c0)
+            probs = _probabilities(logits, lse, params, plan.spec.logit_scale)
             _put_targets(probs, target_col, tgt_grad, c0)
-            g = probs.to(plan.compute_dtype)
+            g = _spread_to_subcenters(probs.to(plan.compute_dtype), nearest, k)
             grad_x += stat_matmul(g, w_hat, plan)
             if grad_w is not None:
                 grad_w_hat = stat_matmul(g.t(), x_scaled, plan)  # d(N loss / factor)/d(w_hat)
-                _store_weight_grad(grad_w, rows, c0, c1, grad_w_hat, w, inv_norm, factor)
+                _store_weight_grad(grad_w, rows, c0, c1, grad_w_hat, w, inv_norm, factor, k)
         ctx.kept = None
         grad_x *= factor * plan.spec.logit_scale
-        return grad_x.to(x_scaled.dtype), grad_w, None
+        grad_param = None
+        if ctx.needs_input_grad[3]:
+            grad_param = margin_param_grad(
+                plan, factor, tgt_logit, tgt_cos, lse, target_col, params
+            )
+        return grad_x.to(x_scaled.dtype), grad_w, None, grad_param
+
+
+def _negative_params(task: LossTask, tgt_cos: torch.Tensor) -> RowParams | None:
+    """The per-row parameters, with CurricularFace's hard threshold and t added (after one
+    all-reduce of the target cosines; t updated on training forwards)."""
+    margin = margin_of(task.plan.spec)
+    params = task.params.detached() if task.params is not None else None
+    if not margin.reweights_negatives:
+        return params
+    global_cos = reduce_target_cos(task.comm, tgt_cos)
+    threshold, t = margin.negative_params(global_cos, task.state, task.update_state)
+    return with_threshold(params, threshold, t)
+
+
+def _probabilities(
+    logits: torch.Tensor, lse: torch.Tensor, params: RowParams | None, scale: float
+) -> torch.Tensor:
+    """``softmax`` of one chunk (its logits may be overwritten), times the negatives'
+    derivative where CurricularFace reweighted them: ``G`` but for the target column."""
+    if params is None or params.hard_threshold is None:
+        return logits.sub_(lse[:, None]).exp_()
+    threshold = params.hard_threshold[:, None]
+    hard, t_plus_c = CurricularFace.reweight_(logits, threshold, params.t, scale)
+    probs = logits.sub_(lse[:, None]).exp_()
+    return probs.mul_(CurricularFace.reweight_grad_(hard, t_plus_c, params.t))
 
 
 def _store_weight_grad(
@@ -154,8 +276,9 @@ def _store_weight_grad(
     w: torch.Tensor,
     inv_norm: torch.Tensor | None,
     factor: torch.Tensor,
+    subcenters: int,
 ) -> None:
-    """Write ``factor * d/dw`` of one chunk, given ``A = d/dw_hat`` (overwritten)."""
+    """Write ``factor * d/dw`` of one chunk's rows, given ``A = d/dw_hat`` (overwritten)."""
     if inv_norm is None:
         grad = grad_w_hat.mul_(factor)
     else:
@@ -164,7 +287,9 @@ def _store_weight_grad(
         dots = (w * grad_w_hat).sum(dim=1)
         grad = grad_w_hat.addcmul_(w, (dots * inv_norm * inv_norm)[:, None], value=-1.0)
         grad.mul_((inv_norm * factor)[:, None])
+    grad = grad.to(grad_w.dtype)
     if rows is None:
-        grad_w[c0:c1] = grad
+        grad_w[c0 * subcenters : c1 * subcenters] = grad
     else:
-        grad_w.index_copy_(0, rows[c0:c1], grad.to(grad_w.dtype))
+        per_class = class_rows(grad_w, subcenters)
+        per_class.index_copy_(0, rows[c0:c1], grad.view(-1, subcenters, grad.shape[1]))

@@ -5,6 +5,9 @@ a stat-dtype result, the per-sample target statistics, the loss's own two collec
 (:func:`reduce_row_max`, :func:`reduce_row_sums`, combined in :func:`global_log_sum_exp`) and
 the backward's scales. The contract every kernel path keeps (shapes, collectives, gradients)
 is stated once, on :class:`dist_cosface.classifier.loss.ShardedMarginLoss`.
+
+Columns are classes. With K sub-centers (``plan.subcenters``) a class owns K consecutive
+weight rows (``weight.view(-1, K, D)``) and its cosine is the max over them.
 """
 
 from __future__ import annotations
@@ -15,7 +18,14 @@ import torch
 import torch.distributed as dist
 
 from dist_cosface.classifier.comm import Comm
-from dist_cosface.classifier.margins import MarginSpec, target_fn, target_fn_grad
+from dist_cosface.classifier.margins import (
+    MarginSpec,
+    MarginState,
+    RowParams,
+    margin_of,
+    target_fn,
+    target_fn_grad,
+)
 
 # fp32 logits per automatic chunk: near cache size on CPU; on GPU large enough that the
 # matmuls stay efficient and the per-chunk kernel launches are amortized
@@ -30,6 +40,7 @@ class LossPlan:
     chunk_size: int | None  # None: automatic
     materialize: bool
     compute_dtype: torch.dtype  # matmul dtype; softmax statistics are fp32 (fp64 for fp64)
+    subcenters: int = 1  # K weight rows per class (column); the class cosine is their max
 
     @property
     def stat_dtype(self) -> torch.dtype:
@@ -44,7 +55,10 @@ class LossTask:
     target_col ``[N]`` int64: column of the sample's class among the used rows, -1 when
     another rank owns it; plan: the maths and dtypes; comm: the group the two all-reduces run
     on; row_stats: a :class:`RowStatsSlot` to receive the global per-row target and
-    hardest-negative cosines (margin health), or None.
+    hardest-negative cosines (margin health), or None; params: the per-row margin parameters
+    of the global batch (AdaFace, MagFace), or None; state: the head's
+    :class:`margins.MarginState` (running statistics, sub-center hits), updated by the
+    forward when ``update_state`` (training forwards).
     """
 
     rows: torch.Tensor | None
@@ -52,6 +66,9 @@ class LossTask:
     plan: LossPlan
     comm: Comm
     row_stats: RowStatsSlot | None = None
+    params: RowParams | None = None
+    state: MarginState | None = None
+    update_state: bool = False
 
 
 @dataclass
@@ -77,12 +94,19 @@ def auto_chunk_size(num_rows: int, device: torch.device) -> int:
 
 
 def column_chunks(num_cols: int, plan: LossPlan, x: torch.Tensor) -> list[tuple[int, int]]:
-    """``[(c0, c1), ...]``: the column ranges one pass visits (one range with materialize)."""
+    """``[(c0, c1), ...]``: the column (class) ranges one pass visits (one with materialize).
+
+    The automatic size keeps a chunk's row logits (``K`` per class) near the same budget."""
     if plan.materialize:
         size = max(num_cols, 1)
     else:
-        size = plan.chunk_size or auto_chunk_size(x.shape[0], x.device)
+        size = plan.chunk_size or max(1, auto_chunk_size(x.shape[0], x.device) // plan.subcenters)
     return [(c0, min(c0 + size, num_cols)) for c0 in range(0, num_cols, size)]
+
+
+def class_rows(weight: torch.Tensor, subcenters: int) -> torch.Tensor:
+    """``[K_classes, subcenters, D]`` view of the ``[K_classes * subcenters, D]`` weight."""
+    return weight.view(-1, subcenters, weight.shape[1])
 
 
 def stat_matmul(a: torch.Tensor, b: torch.Tensor, plan: LossPlan) -> torch.Tensor:
@@ -124,24 +148,59 @@ def reduce_row_sums(
     return sums[0], sums[1], (sums[2] if target_cos is not None else None)
 
 
+def reduce_target_cos(comm: Comm, target_cos: torch.Tensor) -> torch.Tensor:
+    """The global target cosines from this rank's share (0 where another rank owns the
+    target): one all-reduce SUM of ``[N]``. Only CurricularFace needs them before its pass."""
+    out = target_cos.clone()
+    comm.all_reduce_(out)
+    return out
+
+
+def target_cosines(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rows: torch.Tensor | None,
+    target_col: torch.Tensor,
+    plan: LossPlan,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-sample target cosine (the max over the class's sub-centers) and, with sub-centers,
+    the index of the nearest one; 0 / -1 where another rank owns the target."""
+    owned = target_col >= 0
+    col = target_col.clamp_min(0)
+    cls = col if rows is None else rows[col]
+    k = plan.subcenters
+    w = class_rows(weight, k)[cls].to(plan.stat_dtype)  # [N, K, D]
+    if plan.spec.normalized:
+        w = w / w.norm(dim=2, keepdim=True).clamp_min(1e-12)
+    cos = (w * x.to(plan.stat_dtype)[:, None, :]).sum(dim=2)
+    if k == 1:
+        return torch.where(owned, cos[:, 0], torch.zeros_like(cos[:, 0])), None
+    cos, nearest = cos.max(dim=1)
+    return (
+        torch.where(owned, cos, torch.zeros_like(cos)),
+        torch.where(owned, nearest, torch.full_like(nearest, -1)),
+    )
+
+
 def target_stats(
     x: torch.Tensor,
     weight: torch.Tensor,
     rows: torch.Tensor | None,
     target_col: torch.Tensor,
     plan: LossPlan,
+    params: RowParams | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample target cosine and margin logit; zero where another rank owns the target."""
-    owned = target_col >= 0
-    col = target_col.clamp_min(0)
-    row = col if rows is None else rows[col]
-    w = weight[row].to(plan.stat_dtype)
-    if plan.spec.normalized:
-        w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    cos = (x.to(plan.stat_dtype) * w).sum(dim=1)
-    logit = target_fn(plan.spec, cos) * plan.spec.logit_scale
-    zero = torch.zeros_like(cos)
-    return torch.where(owned, cos, zero), torch.where(owned, logit, zero)
+    cos, _ = target_cosines(x, weight, rows, target_col, plan)
+    return cos, target_logits(cos, target_col, plan, params)
+
+
+def target_logits(
+    cos: torch.Tensor, target_col: torch.Tensor, plan: LossPlan, params: RowParams | None
+) -> torch.Tensor:
+    """``s f(c)`` of the owned targets, 0 elsewhere."""
+    logit = target_fn(plan.spec, cos, params) * plan.spec.logit_scale
+    return torch.where(target_col >= 0, logit, torch.zeros_like(logit))
 
 
 def global_log_sum_exp(
@@ -177,6 +236,7 @@ def backward_scales(
     tgt_logit: torch.Tensor,
     tgt_cos: torch.Tensor,
     lse: torch.Tensor,
+    params: RowParams | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(target column of G [N], factor)`` for the backward of both kernels (torch, Triton).
 
@@ -185,8 +245,25 @@ def backward_scales(
     [-f'(c), 1] (fp16 safe) and ``factor`` = grad_loss / N is applied after the matmuls in
     fp32.
     """
-    tgt_grad = (torch.exp(tgt_logit - lse) - 1.0) * target_fn_grad(plan.spec, tgt_cos)
+    tgt_grad = (torch.exp(tgt_logit - lse) - 1.0) * target_fn_grad(plan.spec, tgt_cos, params)
     if plan.compute_dtype == torch.float16:
         # ArcFace's f'(c) is unbounded as c -> 1; keep G finite in fp16
         tgt_grad = tgt_grad.clamp(-6e4, 6e4)
     return tgt_grad, grad_loss.to(plan.stat_dtype) / tgt_logit.shape[0]
+
+
+def margin_param_grad(
+    plan: LossPlan,
+    factor: torch.Tensor,
+    tgt_logit: torch.Tensor,
+    tgt_cos: torch.Tensor,
+    lse: torch.Tensor,
+    target_col: torch.Tensor,
+    params: RowParams,
+) -> torch.Tensor:
+    """d(loss)/d(per-row margin) ``[N]`` (MagFace): ``factor s (p_t - 1) df/dm`` on the rows
+    whose target this rank owns, 0 elsewhere (the all-gather's backward sums the ranks)."""
+    margin = margin_of(plan.spec)
+    dfdm = margin.target_grad_param(tgt_cos, params)
+    grad = factor * plan.spec.logit_scale * (torch.exp(tgt_logit - lse) - 1.0) * dfdm
+    return torch.where(target_col >= 0, grad, torch.zeros_like(grad))

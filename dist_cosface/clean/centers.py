@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from dist_cosface.clean.comm import exchange_rows
 from dist_cosface.distributed import DistContext, build_checkpoint_group
-from dist_cosface.engine.checkpoint import run_dcp, safe_reader
-from dist_cosface.engine.ckpt_safe import CheckpointRefused, SafeLoadPlanner
+from dist_cosface.engine.checkpoint.manager import run_dcp, safe_reader
+from dist_cosface.engine.checkpoint.safe import CheckpointRefused, SafeLoadPlanner
 
 WEIGHT_KEY = "classifier.weight"
 

@@ -1,7 +1,7 @@
 """``dist-cosface clean RUN SHARDS OUT [--eval-set PATH ...] [--eval-ijb ROOT NAME ...]``.
 
 Alone (one process) or under torchrun (every rank runs it). A failure is raised on every rank
-(``eval.ranks.run_agreed``) and leaves nothing behind; the command line renders it as one
+(``agreement.run_agreed``) and leaves nothing behind; the command line renders it as one
 ``dist-cosface clean: error: ...`` line per rank: status 2 for an unusable argument (a path
 that is missing or exists where it must not, a threshold out of range), 1 for a failure while
 running (a damaged checkpoint or shard, a class count that disagrees, an empty result).

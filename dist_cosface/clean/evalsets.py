@@ -22,12 +22,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from dist_cosface.agreement import run_agreed
 from dist_cosface.clean.unionfind import UnionFind
 from dist_cosface.data.shards import MANIFEST_NAME
 from dist_cosface.eval.embedding import embed_images, load_image
 from dist_cosface.eval.ijb import read_ijb
 from dist_cosface.eval.images import ImageRef, list_identity_folders
-from dist_cosface.eval.ranks import gather_rows, rank_slice, run_agreed
+from dist_cosface.eval.ranks import gather_rows, rank_slice
 from dist_cosface.eval.targets import load_target
 from dist_cosface.eval.verification_set import VerificationSet
 from dist_cosface.imageio import decode_image

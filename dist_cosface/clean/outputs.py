@@ -12,7 +12,7 @@ import numpy as np
 from dist_cosface.clean.report import REPORT_DIR, Finding, Histogram, write_report
 from dist_cosface.configtools import to_mapping
 from dist_cosface.data.shards import LABELS_NAME, Manifest, ShardInfo, atomic_write_text
-from dist_cosface.engine.ckpt_files import fsync_dir
+from dist_cosface.engine.checkpoint.files import fsync_dir
 
 if TYPE_CHECKING:
     from dist_cosface.clean.run import Outcome

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from dist_cosface.agreement import gather_objects, run_agreed
 from dist_cosface.clean.centers import Centers, load_centers
 from dist_cosface.clean.comm import all_reduce_
 from dist_cosface.clean.config import CleanConfig
@@ -42,8 +42,8 @@ from dist_cosface.clean.writer import Plan, kept_per_shard, write_new_shards
 from dist_cosface.data.shards import MANIFEST_NAME
 from dist_cosface.distributed import DistContext
 from dist_cosface.engine.checkpoint import find_latest_checkpoint, read_meta, resolve_checkpoint
-from dist_cosface.engine.ckpt_read import load_backbone
-from dist_cosface.eval.ranks import gather_rows, run_agreed
+from dist_cosface.engine.checkpoint.reader import load_backbone
+from dist_cosface.eval.ranks import gather_rows
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,6 @@ class Findings:
     overlap: list[tuple[int, int, int, float]]  # (eval set, identity, class, cos)
     class_samples: np.ndarray  # [C] readable samples per class
     histograms: dict[str, np.ndarray]
-
-
-def _all_ranks(value, group):
-    if group is None:
-        return [value]
-    out = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, value, group=group)
-    return out
 
 
 def _check_out(out: Path) -> None:
@@ -193,7 +185,7 @@ def _find(cfg, centers: Centers, scores: OwnerScores, unreadable, sets, model, g
     local = _local_histograms(scores.angles, nearest, scores.share)
     hists = {name: _sum_over_ranks(counts, group) for name, counts in local.items()}
     noisy, unread, low, found = zip(
-        *_all_ranks((local_noisy, unreadable, local_low, local_pairs), group)
+        *gather_objects((local_noisy, unreadable, local_low, local_pairs), group)
     )
     pairs = _symmetric_pairs([p for part in found for p in part])
     overlap, hists["overlap"] = _overlap(cfg, centers, dominant, sets, model, group)
@@ -328,14 +320,14 @@ def _write(o: Outcome, ctx: DistContext, embedded) -> dict:
     group = ctx.group
     first, stop = rank_shards(o.source.counts, ctx.world_size, ctx.rank)
     mine = kept_per_shard(o.source, o.plan, embedded.indices, embedded.labels, range(first, stop))
-    kept_counts = [c for part in _all_ranks(mine, group) for c in part]
+    kept_counts = [c for part in gather_objects(mine, group) for c in part]
     if sum(kept_counts) == 0:
         raise ValueError(
             f"{o.job.shards}: every sample would be removed (see the thresholds); nothing written"
         )
     shard_size = o.cfg.shard_size or max(o.source.counts)
     out = Path(o.job.out)
-    token = _all_ranks(_new_token() if ctx.is_main else None, group)[0]
+    token = gather_objects(_new_token() if ctx.is_main else None, group)[0]
     tmp = out.parent / f".{out.name}.partial-{token}"
     try:
         run_agreed(lambda: tmp.mkdir(parents=True) if ctx.is_main else None, group)
@@ -345,7 +337,9 @@ def _write(o: Outcome, ctx: DistContext, embedded) -> dict:
             ),
             group,
         )
-        infos = [info for _, info in sorted(w for part in _all_ranks(written, group) for w in part)]
+        infos = [
+            info for _, info in sorted(w for part in gather_objects(written, group) for w in part)
+        ]
         summary = run_agreed(lambda: publish(o, infos, tmp, out) if ctx.is_main else None, group)
     except BaseException:
         if ctx.is_main:

@@ -7,7 +7,8 @@ would leave the others waiting in their next collective. Instead a rank records 
 the epoch lost) and keeps handing out batches; the training loop votes on
 ``loader.failure`` in its one per-step all-reduce and every rank raises at the same step
 (:func:`raise_data_failure`). The loader also reduces its counts at each epoch end, which gives
-callers that do not vote (tools, tests) the same shared decision, at the latest then.
+callers that do not vote (tools, tests) the same shared decision, at the latest then. Both
+votes are ``dist_cosface.agreement`` ballots.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.distributed as dist
+
+from dist_cosface.agreement import Ballot
 
 log = logging.getLogger(__name__)
 
 LOG_PER_EPOCH = 10  # bad samples/shards logged in full per rank and epoch; the rest are counted
+_EPOCH_VOTES = Ballot("lost", "failed")  # summed: samples lost, ranks that must stop
 
 
 class BadDataLog:
@@ -102,14 +105,11 @@ class BadDataLog:
 
     def end_epoch(self, epoch: int, group, device: torch.device) -> None:
         """Reduce this epoch's counts over ``group`` (every rank calls it), log, and decide."""
-        counts = torch.tensor(
-            [float(self.epoch_lost), float(self.failure is not None)],
-            dtype=torch.float64,
-            device=device,
+        # one all-reduce, one host sync per epoch
+        votes = _EPOCH_VOTES.tally(
+            device, group, lost=self.epoch_lost, failed=self.failure is not None
         )
-        if group is not None:
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
-        runtime_lost, failed = (int(v) for v in counts.tolist())  # one host sync per epoch
+        runtime_lost, failed = int(votes["lost"]), int(votes["failed"])
         lost = self.static_lost + runtime_lost
         fraction = lost / self.epoch_samples
         if lost and self.rank == 0:

@@ -3,7 +3,7 @@
 torch's GradScaler decides "found inf" per rank; with a sharded classifier one rank can
 overflow while the others do not, and ranks that disagree about skipping a step diverge.
 Here the overflow decision is taken from the global gradient norm, which is all-reduced over
-the group (see ``optim.global_grad_norm_and_flags``), so every rank skips together.
+the group (see ``grad_norm.global_grad_norm_and_votes``), so every rank skips together.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from dist_cosface.engine.optim import local_grads
+from dist_cosface.engine.grad_norm import local_grads
 
 
 def autocast(precision: str, device: torch.device):

@@ -19,7 +19,7 @@ uses the project's ``ShardedLossScaler``: the overflow decision comes from the g
 norm, so every rank skips the same steps.
 
 Gradient norm and clipping: the parameters are marked ``sharding.mark_sharded``, so
-``optim.global_grad_norm_and_flags`` adds each rank's local shard (every element counted
+``grad_norm.global_grad_norm_and_votes`` adds each rank's local shard (every element counted
 once) instead of taking replicated gradients from rank 0. BatchNorm running statistics are
 buffers, never sharded and never reduced: each rank's follow its own batches (DDP copies rank
 0's at every forward); before a checkpoint or an evaluation every rank takes rank 0's.
@@ -27,7 +27,7 @@ buffers, never sharded and never reduced: each rank's follow its own batches (DD
 Checkpoints hold the backbone under the same keys as a DDP run's (``backbone.model.<name>``,
 ``backbone.optim.state.<name>.*``), as DTensors written by every rank in parallel and read by
 DCP into the layout of any other rank count; a DDP checkpoint resumes under FSDP and back,
-and ``dist-cosface eval/export`` read full tensors (``ckpt_read.load_backbone``).
+and ``dist-cosface eval/export`` read full tensors (``checkpoint.reader.load_backbone``).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from torch.utils._pytree import tree_map
 
 from dist_cosface.distributed import DistContext
 from dist_cosface.engine.amp import ShardedLossScaler
+from dist_cosface.engine.checkpoint.contract import MODEL, OPTIM
 from dist_cosface.engine.config import FSDPConfig
 from dist_cosface.engine.torch_strategy import TorchOptimizerStrategy
 from dist_cosface.models.iresnet import IBasicBlock
@@ -178,7 +179,7 @@ def host_copy_sharded(tree):
 class FSDPBackboneState:
     """The sharded backbone's weights and optimizer state for the DCP tree (``Stateful``).
 
-    Same layout and keys as ``train_state.BackboneState`` (``model`` and ``optim``), with
+    Same layout and keys as ``checkpoint.train_state.BackboneState`` (``model`` and ``optim``), with
     DTensor ``Shard(0)`` pieces for the parameters and their optimizer state; buffers are
     plain tensors, rank 0's on every rank (a collective: every rank calls ``state_dict``).
     """
@@ -195,8 +196,8 @@ class FSDPBackboneState:
         broadcast_buffers(self.backbone, self.group)
         return host_copy_sharded(
             {
-                "model": get_model_state_dict(self.backbone),
-                "optim": get_optimizer_state_dict(self.backbone, self.optimizer),
+                MODEL: get_model_state_dict(self.backbone),
+                OPTIM: get_optimizer_state_dict(self.backbone, self.optimizer),
             }
         )
 
@@ -206,8 +207,8 @@ class FSDPBackboneState:
             set_optimizer_state_dict,
         )
 
-        set_model_state_dict(self.backbone, state["model"])
-        set_optimizer_state_dict(self.backbone, self.optimizer, state["optim"])
+        set_model_state_dict(self.backbone, state[MODEL])
+        set_optimizer_state_dict(self.backbone, self.optimizer, state[OPTIM])
 
 
 class FSDPStrategy(TorchOptimizerStrategy):

@@ -23,9 +23,7 @@ import os
 import socket
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
+from dist_cosface.agreement import Ballot
 from dist_cosface.distributed import DistContext
 
 log = logging.getLogger(__name__)
@@ -34,6 +32,9 @@ LOCK_NAME = ".lock"
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 _FORKED_AWAY: set[int] = set()  # lock fds that forked children close (see _close_in_child)
 _registered = False
+
+
+_LOCK_VOTES = Ballot("held", "failed")  # rank 0's: the folder is another job's / unlockable
 
 
 class RunFolderLocked(RuntimeError):
@@ -103,21 +104,21 @@ class RunLock:
         return True
 
     def __enter__(self) -> RunLock:
-        state, error = 0, None  # 0 locked, 1 held by another job, 2 rank 0 failed
+        held, error = False, None  # held: by another job
         if self.ctx.is_main:
             try:
-                state = 0 if self._try_lock() else 1
+                held = not self._try_lock()
             except OSError as exc:  # e.g. an unwritable folder: the other ranks must not wait
-                state, error = 2, exc
-        if self.ctx.is_distributed:  # every rank learns rank 0's decision
-            flag = torch.tensor([float(state)], device=self.ctx.device)
-            dist.all_reduce(flag, group=self.ctx.group)
-            state = int(flag.item())
+                error = exc
+        # every rank learns rank 0's decision (only rank 0 votes)
+        votes = _LOCK_VOTES.tally(
+            self.ctx.device, self.ctx.group, held=held, failed=error is not None
+        )
         if error is not None:
             raise error
-        if state == 2:
+        if votes["failed"]:
             raise RuntimeError(f"rank 0 could not lock {self.path} (see rank 0's error)")
-        if state == 1:
+        if votes["held"]:
             raise RunFolderLocked(
                 f"run folder {self.path.parent} is in use by another job "
                 f"({describe_holder(self.path)}; lock file {self.path}); wait for it to end "

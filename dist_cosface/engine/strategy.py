@@ -29,15 +29,20 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dist_cosface.distributed import DistContext
 from dist_cosface.engine.amp import ShardedLossScaler
+from dist_cosface.engine.builders import build_backbone_optimizer
+from dist_cosface.engine.checkpoint.deepspeed_native import DeepSpeedCheckpoint
+from dist_cosface.engine.checkpoint.train_state import BackboneState
+from dist_cosface.engine.deepspeed_engine import (
+    build_deepspeed_engine,
+    engine_grad_norm,
+    owns_backbone_grads,
+)
 from dist_cosface.engine.fsdp import FSDPStrategy
-from dist_cosface.engine.optim import build_backbone_optimizer
 from dist_cosface.engine.torch_strategy import TorchOptimizerStrategy
-from dist_cosface.engine.train_state import BackboneState
 
 if TYPE_CHECKING:
     from dist_cosface.config import RunConfig
     from dist_cosface.engine.config import TrainConfig
-    from dist_cosface.engine.ds import DeepSpeedCheckpoint
 
 
 class DDPStrategy(TorchOptimizerStrategy):
@@ -123,7 +128,7 @@ class DeepSpeedStrategy:
         self.zero_stage, self.world_size = zero_stage, world_size
         self.model = engine
         self.backbone: torch.nn.Module = engine.module
-        # ZeRO >= 1 or bf16: backbone gradients live outside param.grad (see ds.py)
+        # ZeRO >= 1 or bf16: backbone gradients live outside param.grad (see deepspeed_engine.py)
         self.owns_backbone_grads = owns_backbone_grads
         self.scaler = ShardedLossScaler(False)  # fp16 is refused with DeepSpeed (config)
 
@@ -133,8 +138,6 @@ class DeepSpeedStrategy:
 
     def native_checkpoint(self) -> DeepSpeedCheckpoint:
         """DeepSpeed's own checkpoint: ZeRO partitions, master weights, optimizer."""
-        from dist_cosface.engine.ds import DeepSpeedCheckpoint
-
         return DeepSpeedCheckpoint(self.engine, self.zero_stage, self.world_size)
 
     def cast_inputs(self, images: torch.Tensor) -> torch.Tensor:
@@ -173,8 +176,6 @@ class DeepSpeedStrategy:
         """The backbone norm DeepSpeed computed in its step when it clipped it itself."""
         if not self.owns_backbone_grads:
             return None
-        from dist_cosface.engine.ds import engine_grad_norm
-
         return engine_grad_norm(self.engine)
 
     @contextlib.contextmanager
@@ -280,8 +281,6 @@ def build_strategy(cfg: RunConfig, ctx: DistContext, backbone: torch.nn.Module) 
         )
     optimizer = build_backbone_optimizer(backbone.parameters(), cfg.optim)
     if cfg.train.engine == "deepspeed":
-        from dist_cosface.engine.ds import build_deepspeed_engine, owns_backbone_grads
-
         if options is not None:
             _check_compiles_in_place(backbone)
         engine = build_deepspeed_engine(backbone, optimizer, cfg, ctx)

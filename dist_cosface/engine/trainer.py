@@ -2,11 +2,11 @@
 
 One optimizer step = ``optim.grad_accum_steps`` micro-batches. Per step the trainer issues, in
 addition to the model's own collectives, ONE all-reduce of a 5-element tensor that carries
-the global gradient norm (each classifier shard counted once), the "SIGTERM received" and
-"launcher died" flags, the loader's "bad input data" flag and the "checkpoint writer failed"
-flag, and reads it on the host: that single synchronisation gives every rank the same decision
-about clipping, fp16 overflow skips, non-finite stops, preemption and stops on bad data or a
-failed asynchronous save.
+the global gradient norm (each classifier shard counted once) and the ranks' votes
+(``_STEP_VOTES``, an ``agreement.Ballot``: "SIGTERM received", "launcher died", the loader's
+"bad input data", "checkpoint writer failed"), and reads it on the host: that single
+synchronisation gives every rank the same decision about clipping, fp16 overflow skips,
+non-finite stops, preemption and stops on bad data or a failed asynchronous save.
 """
 
 from __future__ import annotations
@@ -19,38 +19,42 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dist_cosface.agreement import Ballot
 from dist_cosface.classifier import class_range
 from dist_cosface.classifier.state import ClassifierState
-from dist_cosface.config import RunConfig, dump_config
-from dist_cosface.configtools import to_mapping
+from dist_cosface.configtools import to_mapping, to_yaml
 from dist_cosface.data.integrity import raise_data_failure
 from dist_cosface.data.protocol import TrainLoader
 from dist_cosface.distributed import DistContext
-from dist_cosface.engine.checkpoint import (
-    Checkpointer,
-    CheckpointWriteError,
-    read_meta,
-    resolve_checkpoint,
-)
-from dist_cosface.engine.optim import clip_grads_, global_grad_norm_and_flags, lr_at, set_lr
-from dist_cosface.engine.parts import (
+from dist_cosface.engine.builders import (
     build_checked_loader,
-    build_head,
+    build_head_and_optimizer,
     check_config,
     describe_loader,
     seed_everything,
 )
+from dist_cosface.engine.checkpoint import Checkpointer, CheckpointWriteError
+from dist_cosface.engine.checkpoint.train_state import TrainState
+from dist_cosface.engine.epochs import EpochStream
+from dist_cosface.engine.grad_norm import clip_grads_, global_grad_norm_and_votes
+from dist_cosface.engine.lr_schedule import lr_at, set_lr
 from dist_cosface.engine.progress import ProgressLog
 from dist_cosface.engine.runlock import RunLock
 from dist_cosface.engine.signals import StopRequest
 from dist_cosface.engine.strategy import build_strategy, check_compiler
-from dist_cosface.engine.stream import EpochStream
-from dist_cosface.engine.train_state import TrainState
+from dist_cosface.engine.training_eval import evaluate_backbone
+from dist_cosface.eval.targets import check_targets
+from dist_cosface.metrics import build_metrics
+from dist_cosface.models import build_backbone
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the run config imports the engine's sections, so the engine, at its top
+    from dist_cosface.config import RunConfig
     from dist_cosface.metrics.exporter import RunMetrics
 
 log = logging.getLogger(__name__)
+
+# what each rank votes on in the step's one all-reduce (summed over the ranks)
+_STEP_VOTES = Ballot("sigterm", "launcher_lost", "bad_data", "save_failed")
 
 
 def train(
@@ -85,8 +89,6 @@ def check_inputs(cfg: RunConfig, ctx: DistContext) -> None:
     check_config(cfg)
     check_compiler(cfg.train, ctx.device)  # train.compile: a missing compiler fails here
     if ctx.is_main and cfg.eval.targets:
-        from dist_cosface.eval.targets import check_targets
-
         check_targets(cfg.eval)  # a bad or unsafe eval file fails now, not after training
 
 
@@ -111,22 +113,16 @@ class Trainer:
         backbone: torch.nn.Module | None = None,
         loader: TrainLoader | None = None,
     ) -> None:
-        from dist_cosface.models import build_backbone
-
         self.cfg, self.ctx = cfg, ctx
         self.out = Path(cfg.train.output_dir)
         self.loader: TrainLoader = build_checked_loader(cfg, ctx, loader)
         seed_everything(cfg.train.seed)  # identical backbone init on every rank
         backbone = backbone if backbone is not None else build_backbone(cfg.model)
         backbone = backbone.to(ctx.device)
-        self.head, self.head_optim = build_head(cfg, ctx)
+        self.head, self.head_optim = build_head_and_optimizer(cfg, ctx)
         self.strategy = build_strategy(cfg, ctx, backbone)
-        self.checkpointer = Checkpointer(
-            self.out / "checkpoints",
-            ctx,
-            keep_last=cfg.checkpoint.keep_last,
-            async_save=cfg.checkpoint.async_save,
-            join_timeout_s=cfg.dist.timeout_s,  # a writer past this waits on a dead peer
+        self.checkpointer = Checkpointer.from_config(
+            cfg.checkpoint, self.out, ctx, timeout_s=cfg.dist.timeout_s
         )
         self.state = self._train_state()
         seed_everything(cfg.train.seed + 7919 * (ctx.rank + 1))  # per-rank dropout/augment
@@ -236,20 +232,24 @@ class Trainer:
     ) -> tuple[float, str | None]:
         """Global gradient norm and the ranks' stop votes, in the step's one all-reduce."""
         self.strategy.scaler.unscale_(params)
-        # a rank's loader that met bad data it must stop for votes here: every rank raises alike
-        data_failed = float(self.loader.failure is not None)
-        save_failed = float(self.checkpointer.failed())  # an asynchronous save, written or not
-        flags = [float(stop.requested), float(stop.launcher_lost), data_failed, save_failed]
-        norm, (stop_votes, lost_votes, data_votes, save_votes) = global_grad_norm_and_flags(
-            params, self.ctx, flags
+        votes = _STEP_VOTES.cast(
+            self.ctx.device,
+            sigterm=stop.requested,
+            launcher_lost=stop.launcher_lost,
+            # a rank's loader that met bad data it must stop for: every rank raises alike
+            bad_data=self.loader.failure is not None,
+            save_failed=self.checkpointer.failed(),  # an asynchronous save, written or not
         )
-        if data_votes > 0:
-            raise_data_failure(self.loader, int(data_votes))
-        if save_votes > 0:  # every rank's writer agreed on the failure: each re-raises it
+        norm, summed = global_grad_norm_and_votes(params, self.ctx, votes)
+        tally = _STEP_VOTES.read(summed)
+        if tally["bad_data"] > 0:
+            raise_data_failure(self.loader, int(tally["bad_data"]))
+        if tally["save_failed"] > 0:  # every rank's writer agreed on the failure: each re-raises
             self.checkpointer.wait()
             raise CheckpointWriteError("an asynchronous checkpoint failed on another rank")
-        reason = ("launcher_lost" if lost_votes > 0 else "sigterm") if stop_votes > 0 else None
-        return norm, reason
+        if tally["sigterm"] == 0:
+            return norm, None
+        return norm, "launcher_lost" if tally["launcher_lost"] > 0 else "sigterm"
 
     def _clip(self, params: list[torch.nn.Parameter], norm: float) -> None:
         if self.cfg.optim.grad_clip is not None:
@@ -332,16 +332,14 @@ class Trainer:
 
     def _start(self) -> None:
         """Output folder, resume, the batch stream, metrics; training mode."""
-        from dist_cosface.metrics import build_metrics
-
         cfg, ctx = self.cfg, self.ctx
         if ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.out / "config.yaml")
+            (self.out / "config.yaml").write_text(to_yaml(cfg))
             log.info("data: %s", describe_loader(cfg.data, self.loader))
-        resumed = self._restore()
-        self.step = resumed["step"]
-        self.last_saved = self.step if resumed["from"] else -1
+        resumed = self.checkpointer.resume(self.state)
+        self.step = resumed.step
+        self.last_saved = self.step if resumed.source else -1
         self.summary = {
             "step": self.step,
             "loss": None,
@@ -351,9 +349,9 @@ class Trainer:
             "launcher_lost": False,
             "checkpoint": None,
             "eval": {},
-            "resumed_from": str(resumed["from"]) if resumed["from"] else None,
+            "resumed_from": str(resumed.source) if resumed.source else None,
         }
-        self.stream = EpochStream(self.loader, resumed["epoch"], resumed["position"])
+        self.stream = EpochStream(self.loader, resumed.epoch, resumed.position)
         self.metrics = build_metrics(cfg.metrics, ctx, self._run_info())
         self.progress = ProgressLog(self.out / "metrics.jsonl", ctx.is_main, cfg.train.total_steps)
         self.strategy.backbone.train()
@@ -369,40 +367,6 @@ class Trainer:
         if self.ctx.is_main:
             what = "a launcher died" if reason == "launcher_lost" else "SIGTERM"
             log.info("%s: stopped at step %d, checkpoint written", what, self.step)
-
-    def _resolve_resume(self) -> Path | None:
-        """The verified checkpoint to resume (all ranks agree), or None to start fresh."""
-        resume = self.cfg.checkpoint.resume
-        if resume == "none":
-            return None
-        if resume == "auto":
-            return resolve_checkpoint(self.out / "checkpoints", self.ctx)
-        found = resolve_checkpoint(resume, self.ctx)
-        if found is None:
-            raise ValueError(f"checkpoint.resume={resume!r}: no complete checkpoint there")
-        return found
-
-    def _restore(self) -> dict:
-        """Load the checkpoint to resume; returns its ``step``, ``epoch``, loader ``position``
-        and ``from`` (its path; None and step 0 when starting fresh).
-
-        Checkpoints of this run after that step are refused or archived first
-        (``checkpoint.later_steps``): the run's checkpoints stay one line of training.
-        """
-        ckpt = self._resolve_resume()
-        start = read_meta(ckpt)["step"] if ckpt is not None else 0
-        self.checkpointer.keep_one_line(
-            start,
-            ckpt,
-            self.cfg.checkpoint.later_steps,
-            damaged=self.cfg.checkpoint.resume == "auto",  # auto took the newest intact one
-        )
-        if ckpt is None:
-            return {"step": 0, "epoch": 0, "position": None, "from": None}
-        meta, position = self.checkpointer.restore(ckpt, self.state)
-        if self.ctx.is_main:
-            log.info("resumed from %s at step %d", ckpt, meta["step"])
-        return {"step": meta["step"], "epoch": meta["epoch"], "position": position, "from": ckpt}
 
     def _save_checkpoint(self, step: int) -> None:
         """Checkpoint this step (returns after the host snapshot when saves are async)."""
@@ -422,7 +386,7 @@ class Trainer:
         self.last_saved = step
 
     def _train_state(self) -> TrainState:
-        """The owners of everything a checkpoint holds (engine/train_state.py)."""
+        """The owners of everything a checkpoint holds (engine/checkpoint/train_state.py)."""
         return TrainState(
             backbone=self.strategy.checkpoint_state(),
             classifier=ClassifierState(self.head, self.head_optim, self.checkpointer.mesh),
@@ -436,8 +400,6 @@ class Trainer:
 
     def _evaluate(self) -> dict:
         """Every rank embeds its share of the verification images; rank 0 logs and writes."""
-        from dist_cosface.engine.evaluation import evaluate_backbone
-
         # eager and plain (train.compile's graph is for training; FSDP: an unsharded copy)
         with self.strategy.evaluation() as backbone:
             results = evaluate_backbone(self.cfg, self.ctx, backbone, self.out)

@@ -19,9 +19,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dist_cosface.agreement import run_agreed
+from dist_cosface.distributed import GroupMember
 from dist_cosface.eval.embedding import embed_images
 from dist_cosface.eval.ijb_meta import IJBSet, read_ijb
-from dist_cosface.eval.ranks import gather_rows, rank_slice, run_agreed, world
+from dist_cosface.eval.ranks import gather_rows, rank_slice
 from dist_cosface.eval.roc import roc_auc, save_roc_png, tar_at_far
 
 VERIFICATION_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -191,8 +193,10 @@ def run_ijb(
     embeddings = gather_rows(local, group)
     usable = gather_rows(usable_local, group).numpy()
     features = template_features(embeddings, ijb, usable, detector_score)
-    rank, world_size = world(group)  # pairs are scored over the ranks too
-    positions, local_scores = template_pair_scores(features, ijb.pairs, rank, world_size)
+    member = GroupMember.of(group)  # pairs are scored over the ranks too
+    positions, local_scores = template_pair_scores(
+        features, ijb.pairs, member.rank, member.world_size
+    )
     scores = np.empty(len(ijb.pairs))
     scores[gather_rows(torch.from_numpy(positions), group).numpy()] = gather_rows(
         torch.from_numpy(local_scores), group

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dist_cosface.agreement import run_agreed
 from dist_cosface.eval.embedding import embed_images
 from dist_cosface.eval.images import list_distractors, list_identity_folders
-from dist_cosface.eval.ranks import all_gather_tensor, gather_rows, rank_slice, run_agreed
+from dist_cosface.eval.ranks import all_gather_tensor, gather_rows, rank_slice
 from dist_cosface.eval.topk import local_topk
 
 CMC_RANKS = 10

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dist_cosface.agreement import run_agreed
 from dist_cosface.eval.config import EvalConfig
 from dist_cosface.eval.embedding import embed_images
-from dist_cosface.eval.ranks import gather_rows, rank_slice, run_agreed
+from dist_cosface.eval.ranks import gather_rows, rank_slice
 from dist_cosface.eval.results import write_results
 from dist_cosface.eval.roc import save_roc_png, verification_metrics
 from dist_cosface.eval.targets import add_target, check_set, load_target, load_targets

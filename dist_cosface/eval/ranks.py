@@ -1,27 +1,18 @@
 """A rank's share of the distributed evaluation and its collectives: which slice of a list it
-embeds, agreeing on failures, gathering per-rank rows.
+embeds, and gathering per-rank rows.
 
-Every evaluation phase that can fail on one rank only (a missing image in its slice) ends with
-:func:`raise_on_any_rank`, so the failure stops every rank with the same message instead of
-leaving the others waiting in the next collective until the process-group timeout.
+Every evaluation phase that can fail on one rank only (a missing image in its slice) runs
+through :func:`dist_cosface.agreement.run_agreed`, so the failure stops every rank with the
+same message instead of leaving the others waiting in the next collective until the
+process-group timeout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
-
 import torch
 import torch.distributed as dist
 
-T = TypeVar("T")
-
-
-def world(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    """(rank, world_size) in ``group``; (0, 1) without a group."""
-    if group is None:
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
+from dist_cosface.distributed import GroupMember
 
 
 def shard_range(num_items: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -40,42 +31,10 @@ def rank_slice(
     whatever the number of ranks: convolution kernels may round differently for other batch
     shapes, and near-equal scores would then order differently.
     """
-    if group is None:
-        return 0, num_items
+    member = GroupMember.of(group)
     num_batches = -(-num_items // batch_size)
-    first, last = shard_range(num_batches, dist.get_rank(group), dist.get_world_size(group))
+    first, last = shard_range(num_batches, member.rank, member.world_size)
     return min(first * batch_size, num_items), min(last * batch_size, num_items)
-
-
-def raise_on_any_rank(error: BaseException | None, group: dist.ProcessGroup | None) -> None:
-    """Collective: raise on every rank if any rank passes an error (lowest rank's message)."""
-    if group is None:
-        if error is not None:
-            raise error
-        return
-    messages: list = [None] * dist.get_world_size(group)
-    text = None if error is None else f"{type(error).__name__}: {error}"
-    dist.all_gather_object(messages, text, group=group)
-    for rank, message in enumerate(messages):
-        if message is None:
-            continue
-        if error is not None:
-            raise error
-        raise ValueError(f"rank {rank} failed: {message}")
-
-
-def run_agreed(fn: Callable[[], T], group: dist.ProcessGroup | None) -> T:
-    """Run a rank-local step; an exception on any rank is raised on every rank.
-
-    The failing rank re-raises its own exception, the others a ValueError quoting it.
-    """
-    result, error = None, None
-    try:
-        result = fn()
-    except Exception as exc:  # noqa: BLE001 - whatever it is, the other ranks must hear of it
-        error = exc
-    raise_on_any_rank(error, group)
-    return result  # type: ignore[return-value]
 
 
 def comm_device(group: dist.ProcessGroup, fallback: torch.device) -> torch.device:

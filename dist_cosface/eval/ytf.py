@@ -15,8 +15,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dist_cosface.agreement import run_agreed
 from dist_cosface.eval.embedding import embed_images
-from dist_cosface.eval.ranks import gather_rows, rank_slice, run_agreed
+from dist_cosface.eval.ranks import gather_rows, rank_slice
 from dist_cosface.eval.roc import accuracy_at, best_threshold
 from dist_cosface.eval.ytf_pairs import frame_refs, read_video_pairs
 

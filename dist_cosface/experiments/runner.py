@@ -1,15 +1,17 @@
 """One experiment: train a backbone + the project's ``ShardedClassifier`` on the training
 identities, then verify on held-out identities (open set) with 10-fold accuracy and TAR@FAR.
 
-World size 1, in-process: the head under test is the project's own (margin types softmax / nsl
-/ cosface / arcface, ``scale="auto"`` from the CosFace bound, row optimizer).
+World size 1, in-process: the head under test is the project's own (every margin type, sub-
+centers, ``scale="auto"`` from the CosFace bound, row optimizer). ``label_noise`` flips a
+fraction of the training labels to another identity (the same flips for every configuration of
+a seed), for the noise-robustness comparison of sub-center heads.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Union
 
@@ -23,15 +25,24 @@ from dist_cosface.classifier import (
     ShardedClassifier,
     build_classifier_optimizer,
 )
+from dist_cosface.classifier.margins import (
+    AdaFaceParams,
+    CombinedParams,
+    CurricularFaceParams,
+    MagFaceParams,
+    MarginType,
+)
 from dist_cosface.engine.config import OptimConfig
-from dist_cosface.engine.optim import lr_at, set_lr
+from dist_cosface.engine.lr_schedule import lr_at, set_lr
 from dist_cosface.eval.roc import verification_metrics
 from dist_cosface.experiments.faces import FaceSet, identity_split, load_faces, make_pairs
 from dist_cosface.experiments.smallnet import SmallFaceNet
 from dist_cosface.imageio import to_unit_range
 from dist_cosface.models import ModelConfig, build_backbone
+from dist_cosface.seeding import stable_seed
 
 FARS = (1e-2, 1e-3)
+_NOISE_STREAM = 7  # label-noise draws: their own stream of the run's seed
 
 
 @dataclass
@@ -45,8 +56,15 @@ class ExperimentConfig:
     dropout: float = 0.2  # before the embedding layer of the small net
     augment: bool = True  # random flip / shift / zoom of training images
     embedding_size: int = 64
-    margin_type: Literal["softmax", "nsl", "cosface", "arcface"] = "cosface"
+    margin_type: MarginType = "cosface"
     margin: float = 0.35
+    # the head's margin sections and sub-centers (ClassifierConfig's keys, same meaning)
+    combined: CombinedParams = field(default_factory=CombinedParams)
+    curricularface: CurricularFaceParams = field(default_factory=CurricularFaceParams)
+    adaface: AdaFaceParams = field(default_factory=AdaFaceParams)
+    magface: MagFaceParams = field(default_factory=MagFaceParams)
+    subcenters: int = 1
+    label_noise: float = 0.0  # share of training labels flipped to another identity
     scale: Union[float, Literal["auto"]] = 30.0
     scale_p_w: float = 0.9
     feature_norm: bool = True  # False: logit ||x|| (cos - m), needs the head's option
@@ -69,6 +87,8 @@ class ExperimentConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.scale != "auto" and self.scale <= 0:
             raise ValueError(f"scale must be positive or 'auto', got {self.scale}")
+        if not 0.0 <= self.label_noise < 1.0:
+            raise ValueError(f"label_noise must be in [0, 1), got {self.label_noise}")
 
 
 _CACHE: dict[tuple[str, int], FaceSet] = {}
@@ -125,10 +145,28 @@ def build_head(cfg: ExperimentConfig, num_classes: int) -> ShardedClassifier:
         margin_type=cfg.margin_type,
         scale=cfg.scale,
         margin=cfg.margin,
+        combined=cfg.combined,
+        curricularface=cfg.curricularface,
+        adaface=cfg.adaface,
+        magface=cfg.magface,
+        subcenters=cfg.subcenters,
         scale_p_w=cfg.scale_p_w,
         feature_norm=cfg.feature_norm,
     )
     return ShardedClassifier(head_cfg, cfg.embedding_size, None)  # one process, no group
+
+
+def flip_labels(labels: torch.Tensor, num_classes: int, share: float, seed: int) -> torch.Tensor:
+    """``labels`` with ``round(share * N)`` of them (drawn from ``seed``) replaced by another
+    identity, uniformly: the symmetric label noise of the Sub-center ArcFace experiments."""
+    if share == 0.0:
+        return labels
+    gen = torch.Generator().manual_seed(stable_seed(seed, _NOISE_STREAM))
+    flipped = torch.randperm(len(labels), generator=gen)[: round(share * len(labels))]
+    shift = torch.randint(1, num_classes, (len(flipped),), generator=gen)  # never the same id
+    noisy = labels.clone()
+    noisy[flipped] = (labels[flipped] + shift) % num_classes
+    return noisy
 
 
 def train_model(cfg: ExperimentConfig, train: FaceSet) -> tuple[nn.Module, ShardedClassifier, dict]:
@@ -141,7 +179,8 @@ def train_model(cfg: ExperimentConfig, train: FaceSet) -> tuple[nn.Module, Shard
     head.reset_parameters(seed=cfg.seed)
     opt_model = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     opt_head = build_classifier_optimizer(head, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n = len(train.labels)
+    labels = flip_labels(train.labels, len(train.identities), cfg.label_noise, cfg.seed)
+    n = len(labels)
     steps_per_epoch = max(n // cfg.batch_size, 1)  # drop the ragged tail (BatchNorm)
     total = steps_per_epoch * cfg.epochs
     # the engine's schedule, so experiments and training runs decay the same way
@@ -157,7 +196,7 @@ def train_model(cfg: ExperimentConfig, train: FaceSet) -> tuple[nn.Module, Shard
             x = to_input(train.images[idx])
             if cfg.augment:
                 x = augment(x, gen)
-            loss = head(model(x), train.labels[idx])
+            loss = head(model(x), labels[idx])
             opt_model.zero_grad(set_to_none=True)
             opt_head.zero_grad(set_to_none=True)
             loss.backward()

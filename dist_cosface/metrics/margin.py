@@ -36,12 +36,35 @@ _GAUGES = {
         "partial_fc_classes_seen_ratio",
         "Share of this rank's classes used at least once this epoch",
     ),
+    "effective_margin_mean": (
+        "effective_margin_mean",
+        "Mean over the global batch of cos(theta_y) - f(cos theta_y): the cosine gap the "
+        "margin type asks of the target (per-row margins included)",
+    ),
+    "feature_norm_mean": (
+        "feature_norm_mean",
+        "Mean norm of the backbone's raw embeddings over the global batch",
+    ),
+    "subcenter_dominant_share": (
+        "subcenter_dominant_share",
+        "Sub-centers: mean over this rank's classes of the share of their samples (this "
+        "epoch) nearest to the class's dominant sub-center; 1/K none dominates, 1 one takes all",
+    ),
 }
 _WEIGHT_NORM = ("class_weight_norm", "Raw row norms of this rank's class weights", "stat")
 _WEIGHT_STATS = {"weight_norm_min": "min", "weight_norm_mean": "mean", "weight_norm_max": "max"}
+# MarginHealth.running_stats, flattened by to_floats as running_stat_<name>
+_RUNNING = (
+    "margin_running_stat",
+    "Running statistics of the margin type, identical on every rank (CurricularFace t, "
+    "AdaFace norm_mean / norm_std)",
+    "stat",
+)
+_RUNNING_PREFIX = "running_stat_"
 
 MARGIN_HEALTH_NAMES = tuple(f"{PREFIX}_{name}" for name, _ in _GAUGES.values()) + (
     f"{PREFIX}_{_WEIGHT_NORM[0]}",
+    f"{PREFIX}_{_RUNNING[0]}",
 )
 
 
@@ -56,14 +79,20 @@ class MarginHealthGauges:
         self._gauges = {key: make(Gauge, name, doc) for key, (name, doc) in _GAUGES.items()}
         name, doc, label = _WEIGHT_NORM
         self._norm = make(Gauge, name, doc, extra=(label,))
+        name, doc, label = _RUNNING
+        self._running = make(Gauge, name, doc, extra=(label,))
 
     def set(self, health: dict[str, float]) -> None:
         """Set every gauge whose field is present (absent: does not apply to this head)."""
-        unknown = set(health) - set(_GAUGES) - set(_WEIGHT_STATS)
+        running = {k for k in health if k.startswith(_RUNNING_PREFIX)}
+        unknown = set(health) - set(_GAUGES) - set(_WEIGHT_STATS) - running
         if unknown:
             raise ValueError(f"unknown margin-health fields {sorted(unknown)}")
         for key, value in health.items():
             if key in _WEIGHT_STATS:
                 self._norm.labels(**self._values, stat=_WEIGHT_STATS[key]).set(value)
+            elif key in running:
+                stat = key.removeprefix(_RUNNING_PREFIX)
+                self._running.labels(**self._values, stat=stat).set(value)
             elif value is not None:
                 self._gauges[key].labels(**self._values).set(value)

@@ -63,7 +63,7 @@ def _run(tmp_path, monkeypatch, *overrides):
 
     monkeypatch.setattr(head_module.ShardedClassifier, "set_epoch", recording_set_epoch)
     recorder = _Recorder()
-    monkeypatch.setattr("dist_cosface.metrics.build_metrics", lambda *a: recorder)
+    monkeypatch.setattr("dist_cosface.engine.trainer.build_metrics", lambda *a: recorder)
     cfg = tiny_config(tmp_path, "train.total_steps=7", "train.log_every=3", *overrides)
     loader = FixedLoader(fixed_batches(3, 4), 8)  # 3 steps per epoch
     train(cfg, DistContext(), backbone=linear_backbone(cfg), loader=loader)

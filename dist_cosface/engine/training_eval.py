@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dist_cosface.distributed import DistContext
+from dist_cosface.eval.pair_verification import run_evaluation_all_ranks
 
 if TYPE_CHECKING:
     from dist_cosface.config import RunConfig
@@ -24,8 +25,6 @@ def evaluate_backbone(
     Never raises: an evaluation failure must not turn a trained run into a failed one. Targets
     that fail are logged and recorded with an ``error`` entry (in eval.json too).
     """
-    from dist_cosface.eval.pair_verification import run_evaluation_all_ranks
-
     backbone.eval()
     try:
         with torch.no_grad():

@@ -5,7 +5,7 @@ such runs ended in SIGABRT at interpreter exit ("terminate called without an act
 exception"): the daemon writer thread was still freeing its snapshot when the interpreter shut
 down. The runs here are real 2-rank jobs, each rank a process that runs the CLI's ``train`` and
 then the interpreter's normal exit; they are forked from one driver that imported torch once
-(``python -m tests.test_checkpoint_exit RUNS OUT``), which keeps 30 of them affordable.
+(``python -m tests.engine.test_checkpoint_exit RUNS OUT``), which keeps 30 of them affordable.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ _TRAIN = [
 @pytest.mark.multiproc
 def test_consecutive_async_runs_all_exit_zero(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "tests.test_checkpoint_exit", str(RUNS), str(tmp_path)]
+    cmd = [sys.executable, "-m", "tests.engine.test_checkpoint_exit", str(RUNS), str(tmp_path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     codes = json.loads(done.stdout.strip().splitlines()[-1])

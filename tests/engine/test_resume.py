@@ -12,7 +12,7 @@ import torch.distributed as dist
 from dist_cosface.distributed import context_from_group
 from dist_cosface.engine import train
 from dist_cosface.engine.checkpoint import find_latest_checkpoint
-from dist_cosface.engine.ckpt_read import read_tree
+from dist_cosface.engine.checkpoint.reader import read_tree
 from dist_cosface.engine.trainer import Trainer
 from tests.multiproc import run_ranks
 from tests.tiny import tiny_config

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from dist_cosface.classifier import ShardedClassifier
 from dist_cosface.distributed import DistContext, context_from_group
 from dist_cosface.engine import train
-from dist_cosface.engine.ckpt_read import read_value
+from dist_cosface.engine.builders import seed_everything
+from dist_cosface.engine.checkpoint.reader import read_value
 from dist_cosface.engine.config import OptimConfig
-from dist_cosface.engine.optim import clip_grads_, global_grad_norm_and_flags, lr_at
-from dist_cosface.engine.parts import seed_everything
+from dist_cosface.engine.grad_norm import clip_grads_, global_grad_norm_and_votes
+from dist_cosface.engine.lr_schedule import lr_at
 from dist_cosface.models import build_backbone
 from dist_cosface.sharding import mark_sharded
 from tests.multiproc import run_ranks
@@ -50,10 +51,14 @@ def test_lr_schedule_warmup_then_decay():
     assert lr_at(OptimConfig(lr=0.3, schedule="constant"), 7, 10) == 0.3
 
 
+def _votes(*values: float) -> torch.Tensor:
+    return torch.tensor([float(v) for v in values], dtype=torch.float64)
+
+
 def test_grad_norm_single_process_and_clip():
     a, b = torch.nn.Parameter(torch.zeros(3)), mark_sharded(torch.nn.Parameter(torch.zeros(2)))
     a.grad, b.grad = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 4.0])
-    norm, flags = global_grad_norm_and_flags([a, b], DistContext(), [1.0])
+    norm, flags = global_grad_norm_and_votes([a, b], DistContext(), _votes(1.0))
     assert norm == pytest.approx(5.0) and flags == [1.0]
     clip_grads_([a, b], norm, 1.0)
     assert math.hypot(*a.grad.tolist(), *b.grad.tolist()) == pytest.approx(1.0, rel=1e-5)
@@ -65,7 +70,7 @@ def _norm_ranks(rank, world, full_sharded, replicated_grad, flag_rank):
     shard.grad = rows.clone()
     rep = torch.nn.Parameter(torch.zeros_like(replicated_grad))
     rep.grad = replicated_grad.clone()  # identical on every rank, as after DDP averaging
-    return global_grad_norm_and_flags([rep, shard], _world_ctx(), [float(rank == flag_rank)])
+    return global_grad_norm_and_votes([rep, shard], _world_ctx(), _votes(rank == flag_rank))
 
 
 @pytest.mark.multiproc

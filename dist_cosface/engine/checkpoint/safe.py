@@ -5,7 +5,7 @@ A checkpoint folder is data, wherever it came from. Resume, ``eval``, ``export``
 trusts"):
 
 1. ``meta.json`` is JSON. It records the size and CRC32 of every other file, and a file is
-   checked against its record before it is read for anything else (``ckpt_files``).
+   checked against its record before it is read for anything else (``files``).
 2. ``.metadata``, DCP's index, is a pickle: :class:`IndexUnpickler` builds nothing but DCP's
    metadata classes, ``torch.Size``, dtypes and layouts, and refuses the checkpoint at the first
    other name (a function to call, a foreign class). The index may point only at files that
@@ -16,8 +16,8 @@ trusts"):
    JSON in uint8 tensors (:func:`encode_plain`); an index that declares a pickled entry is
    refused. Format 3 stored them pickled; they load through ``weights_only=True`` as well
    (:class:`SafeLoadPlanner`), so a pickle that would build anything else is refused.
-5. DeepSpeed's own files under ``deepspeed/`` (``engine.ds``) load through ``weights_only=True``
-   plus the three DeepSpeed classes its ZeRO optimizer state holds.
+5. DeepSpeed's own files under ``deepspeed/`` (``deepspeed_native``) load through
+   ``weights_only=True`` plus the three DeepSpeed classes its ZeRO optimizer state holds.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
+
+from dist_cosface.engine.checkpoint.contract import INDEX_FILE
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
 _INDEX_GLOBALS = {
@@ -128,7 +130,7 @@ class SafeReader(FileSystemReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if self._metadata is None:
-            metadata = read_index(self.ckpt / ".metadata", self.files, self.allow_pickled)
+            metadata = read_index(self.ckpt / INDEX_FILE, self.files, self.allow_pickled)
             if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader does
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id

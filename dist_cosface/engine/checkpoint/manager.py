@@ -24,7 +24,7 @@ folder (:class:`CheckpointWriteError`); an asynchronous failure is voted on at t
 Loading: DCP reads into the current layout: on another world size each rank reads just the rows
 its ``class_range`` now owns (the rows are DTensor ``Shard(0)``). RNG and data positions are per
 rank and are restored only on the same world size. Every file is verified before it is read,
-and nothing in a checkpoint is unpickled beyond two allow-lists (``ckpt_safe``).
+and nothing in a checkpoint is unpickled beyond two allow-lists (``safe``).
 
 One line of checkpoints per run folder: before training goes on from step S, checkpoints of
 this run after S are refused or archived (``checkpoint.later_steps``, :meth:`Checkpointer.
@@ -45,25 +45,28 @@ import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
-from dist_cosface.distributed import DistContext, build_checkpoint_group
-from dist_cosface.engine.ckpt_files import (
+from dist_cosface.agreement import first_problem, gather_objects
+from dist_cosface.distributed import DistContext, GroupMember, build_checkpoint_group
+from dist_cosface.engine.checkpoint.contract import META_FILE
+from dist_cosface.engine.checkpoint.files import (
     fsync_dir,
     merge_records,
+    read_meta,
     select_verified,
     write_rank_records,
 )
-from dist_cosface.engine.ckpt_safe import SafeLoadPlanner, SafeReader, fit_blobs
-from dist_cosface.engine.train_state import TrainState
+from dist_cosface.engine.checkpoint.safe import SafeLoadPlanner, SafeReader, fit_blobs
+from dist_cosface.engine.checkpoint.train_state import TrainState
+from dist_cosface.engine.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 4  # 4: non-tensor values as JSON (3: pickled by DCP; still read, safely)
-_READABLE_VERSIONS = (3, 4)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # DCP saves every tensor as its own small torch.save record: ~1.2 KB beyond the data (measured
 # on torch 2.13), which dominates the size of small models' checkpoints
@@ -77,7 +80,7 @@ class CheckpointWriteError(OSError):
 
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under ``root`` (a checkpoints folder), oldest first."""
-    return [path for path in _step_dirs(root) if (path / "meta.json").is_file()]
+    return [path for path in _step_dirs(root) if (path / META_FILE).is_file()]
 
 
 def _step_dirs(root: Path) -> list[Path]:
@@ -99,7 +102,7 @@ def _step_of(path: Path) -> int:
 def find_latest_checkpoint(path: str | Path) -> Path | None:
     """Latest complete checkpoint in a run folder, a checkpoints folder, or the folder itself."""
     path = Path(path)
-    if (path / "meta.json").is_file():
+    if (path / META_FILE).is_file():
         return path
     for root in (path / "checkpoints", path):
         found = complete_checkpoints(root)
@@ -108,77 +111,76 @@ def find_latest_checkpoint(path: str | Path) -> Path | None:
     return None
 
 
-def read_meta(ckpt: Path) -> dict:
-    meta_path = Path(ckpt) / "meta.json"
-    if not meta_path.is_file():
-        raise ValueError(f"{ckpt} is not a complete checkpoint (no meta.json)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except ValueError as exc:
-        raise ValueError(f"{meta_path}: not valid JSON ({exc})") from exc
-    if not isinstance(meta, dict) or meta.get("format_version") not in _READABLE_VERSIONS:
-        version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise ValueError(
-            f"{meta_path}: unsupported format_version {version} (this version reads "
-            f"{', '.join(map(str, _READABLE_VERSIONS))})"
-        )
-    if not isinstance(meta.get("files"), dict):
-        raise ValueError(f"{meta_path}: no 'files' records to verify the checkpoint against")
-    return meta
-
-
 def safe_reader(ckpt: Path, meta: dict) -> SafeReader:
-    """DCP's reader for ``ckpt`` with its index read through the allow-list (``ckpt_safe``)."""
+    """DCP's reader for ``ckpt`` with its index read through the allow-list (``safe``)."""
     return SafeReader(ckpt, meta["files"], allow_pickled=meta["format_version"] == 3)
 
 
-def resolve_checkpoint(path: str | Path, ctx: DistContext, only=None) -> Path | None:
-    """The checkpoint to resume from ``path`` after verifying its files on all ranks.
+def resolve_checkpoint(path: str | Path, member: GroupMember, only=None) -> Path | None:
+    """The checkpoint to resume from ``path`` after verifying its files on all ranks of
+    ``member``'s group (a ``DistContext``, or ``GroupMember()`` for one process).
 
     ``path`` is a checkpoint folder (it must be intact), or a run / checkpoints folder: the
     newest intact checkpoint there, skipping damaged ones with a warning. None: nothing there.
     ``only``: the files that must be intact (default: all).
     """
     path = Path(path)
-    if (path / "meta.json").is_file():
-        return select_verified([path], ctx, read_meta, strict=True, only=only)
+    if (path / META_FILE).is_file():
+        return select_verified([path], member, strict=True, only=only)
     root = path / "checkpoints" if complete_checkpoints(path / "checkpoints") else path
-    return select_verified(complete_checkpoints(root), ctx, read_meta, strict=False, only=only)
+    return select_verified(complete_checkpoints(root), member, strict=False, only=only)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run starts: the resumed checkpoint's step and epoch and this rank's data
+    position (None on another world size), or step 0 of a fresh run (``source`` None)."""
+
+    step: int = 0
+    epoch: int = 0
+    position: dict | None = None
+    source: Path | None = None
 
 
 class Checkpointer:
     """Saves and restores a run's checkpoints; every rank builds one at the same point.
 
-    ``save`` returns once this rank's snapshot is taken (``async_save``) or written; ``wait``
-    finishes the save in flight (re-raising its error) and returns the published folder;
-    ``failed`` says, without blocking, whether the save in flight has failed; ``close`` (every
-    rank, on every path out of training) joins the writer thread and destroys the group.
+    Built from the ``checkpoint`` config section (:meth:`from_config`). ``resume`` finds,
+    verifies and loads the checkpoint to go on from; ``save`` returns once this rank's
+    snapshot is taken (``async_save``) or written; ``wait`` finishes the save in flight
+    (re-raising its error) and returns the published folder; ``failed`` says, without
+    blocking, whether the save in flight has failed; ``close`` (every rank, on every path out
+    of training) joins the writer thread and destroys the group.
     Every agreement between ranks runs on that gloo group: from the writer thread while a save
     is in flight, from the caller's thread otherwise (never both at once).
     """
 
     def __init__(
         self,
+        cfg: CheckpointConfig,
         root: Path,
         ctx: DistContext,
         *,
-        keep_last: int,
-        async_save: bool,
         join_timeout_s: float = 600.0,
     ):
-        if keep_last < 1:
-            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-        self.root, self.ctx = Path(root), ctx
-        self.keep_last, self.async_save = keep_last, async_save
+        self.cfg, self.root, self.ctx = cfg, Path(root), ctx
         self.join_timeout_s = join_timeout_s
         self.group = build_checkpoint_group(ctx)
+        self.member = GroupMember.of(self.group)  # where the ranks agree (gloo)
         self.mesh = None
         if self.group is not None:
-            from torch.distributed.device_mesh import DeviceMesh
-
             self.mesh = DeviceMesh.from_group(self.group, "cpu")
         self._pending: Future | None = None
         self._writer: threading.Thread | None = None
+
+    @classmethod
+    def from_config(
+        cls, cfg: CheckpointConfig, output_dir: str | Path, ctx: DistContext, *, timeout_s: float
+    ) -> Checkpointer:
+        """The checkpointer of the run in ``output_dir`` (checkpoints under ``checkpoints/``);
+        ``timeout_s`` (``dist.timeout_s``): a writer still running after it waits on a dead
+        peer, and the process exits without it."""
+        return cls(cfg, Path(output_dir) / "checkpoints", ctx, join_timeout_s=timeout_s)
 
     # ---- saving ----------------------------------------------------------------------------
 
@@ -193,14 +195,14 @@ class Checkpointer:
         tree = state.snapshot()
         target = _Target(self.root, step, _estimate_bytes(tree, self.ctx.world_size))
         verdict = self._prepare(target) if self.ctx.is_main else None
-        verdict = _gather(self.group, verdict)[0]  # rank 0's, on every rank (no writer runs)
+        verdict = gather_objects(verdict, self.group)[0]  # rank 0's, on every rank (no writer runs)
         _raise_agreed(verdict["problem"])
         target.needed, target.free = verdict["needed"], verdict["free"]
         if state.native is not None:
             self._save_native(state, target)
         full_meta = dict(meta, format_version=FORMAT_VERSION, step=step, complete=True)
         full_meta["world_size"] = self.ctx.world_size
-        if self.async_save:
+        if self.cfg.async_save:
             self._pending, self._writer = _in_background(self._write, target, tree, full_meta)
         else:
             self._write(target, tree, full_meta)
@@ -236,7 +238,7 @@ class Checkpointer:
         self._pending = None
         if self.group is not None:
             dist.destroy_process_group(self.group)
-            self.group, self.mesh = None, None
+            self.group, self.member, self.mesh = None, GroupMember(), None
 
     def _prepare(self, target: _Target) -> dict:
         """Rank 0, before anything is written: the folders, and room on the disk."""
@@ -282,7 +284,7 @@ class Checkpointer:
             state.native.save(target.tmp)
         except Exception as exc:  # noqa: BLE001 - a full disk surfaces as several types
             problem = target.failure(exc)
-        problem = _first_problem(self.group, problem)
+        problem = first_problem(problem, self.group)
         if problem is not None:
             if self.ctx.is_main:
                 shutil.rmtree(target.tmp, ignore_errors=True)
@@ -301,7 +303,7 @@ class Checkpointer:
         except (Exception, CheckpointException) as exc:  # noqa: BLE001 - see _Target.failure
             problem = target.failure(exc)
         del tree  # this thread's reference to the snapshot
-        problem = _first_problem(self.group, problem)
+        problem = first_problem(problem, self.group)
         if problem is None and self.ctx.is_main:
             try:
                 meta["files"] = merge_records(tmp, self.ctx.world_size)  # + .metadata, deepspeed/
@@ -309,7 +311,7 @@ class Checkpointer:
                 self._prune(target.final)
             except OSError as exc:
                 problem = target.failure(exc)
-        problem = _first_problem(self.group, problem)
+        problem = first_problem(problem, self.group)
         if problem is not None:
             if self.ctx.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)  # the space it took, back
@@ -319,19 +321,18 @@ class Checkpointer:
     def _prune(self, written: Path) -> None:
         """Keep ``written`` and the newest ``keep_last - 1`` checkpoints before it."""
         before = [c for c in complete_checkpoints(self.root) if _step_of(c) < _step_of(written)]
-        for old in before[: max(len(before) - (self.keep_last - 1), 0)]:
+        for old in before[: max(len(before) - (self.cfg.keep_last - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)
 
     # ---- one line of checkpoints -----------------------------------------------------------
 
-    def keep_one_line(
-        self, start: int, resumed: Path | None, policy: str, damaged: bool = False
-    ) -> list[Path]:
+    def keep_one_line(self, start: int, resumed: Path | None, damaged: bool = False) -> list[Path]:
         """Before training goes on from ``start``: this run's checkpoints after it.
 
         They belong to another line of training, which the new checkpoints would mix with
-        (and pruning by step would delete the new ones). ``policy`` "refuse" raises (every
-        rank) naming them; "archive" moves them into ``superseded-<start>/`` (returned).
+        (and pruning by step would delete the new ones). ``checkpoint.later_steps`` "refuse"
+        raises (every rank) naming them; "archive" moves them into ``superseded-<start>/``
+        (returned).
         ``damaged``: they are known to be damaged (``resume: auto`` took the newest intact
         checkpoint before them): always archived. Every rank calls this at the same point.
         """
@@ -342,7 +343,7 @@ class Checkpointer:
                 for p in _step_dirs(self.root)
                 if _step_of(p) >= start and (resumed is None or p.resolve() != resumed.resolve())
             ]
-            if later and (damaged or policy == "archive"):
+            if later and (damaged or self.cfg.later_steps == "archive"):
                 moved = self._archive(later, start)
             elif later:
                 names = ", ".join(p.name for p in later)
@@ -354,7 +355,7 @@ class Checkpointer:
                     f"{self.root / f'superseded-{start}'} first, or use another "
                     "train.output_dir"
                 )
-        _raise_agreed(_first_problem(self.group, problem), ValueError)
+        _raise_agreed(first_problem(problem, self.group), ValueError)
         return moved
 
     def _archive(self, later: list[Path], start: int) -> list[Path]:
@@ -380,6 +381,37 @@ class Checkpointer:
 
     # ---- loading ---------------------------------------------------------------------------
 
+    def resume(self, state: TrainState) -> ResumePoint:
+        """Load the checkpoint ``checkpoint.resume`` names into ``state`` (all ranks agree).
+
+        "auto": the newest intact checkpoint of this run, if any; "none": a fresh start; else
+        that checkpoint (it must be intact). Checkpoints of this run after the step training
+        goes on from are refused or archived first (``checkpoint.later_steps``): the run's
+        checkpoints stay one line of training.
+        """
+        ckpt = self._checkpoint_to_resume()
+        start = read_meta(ckpt)["step"] if ckpt is not None else 0
+        # "auto" took the newest intact checkpoint: any later ones are damaged
+        self.keep_one_line(start, ckpt, damaged=self.cfg.resume == "auto")
+        if ckpt is None:
+            return ResumePoint()
+        meta, position = self.restore(ckpt, state)
+        if self.ctx.is_main:
+            log.info("resumed from %s at step %d", ckpt, meta["step"])
+        return ResumePoint(meta["step"], meta["epoch"], position, ckpt)
+
+    def _checkpoint_to_resume(self) -> Path | None:
+        """The verified checkpoint to resume (all ranks agree), or None to start fresh."""
+        resume = self.cfg.resume
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return resolve_checkpoint(self.root, self.member)
+        found = resolve_checkpoint(resume, self.member)
+        if found is None:
+            raise ValueError(f"checkpoint.resume={resume!r}: no complete checkpoint there")
+        return found
+
     def restore(self, ckpt: Path, state: TrainState) -> tuple[dict, dict | None]:
         """Load ``ckpt`` (verified by ``resolve_checkpoint``) into ``state``; returns (meta,
         this rank's loader position or None)."""
@@ -391,7 +423,7 @@ class Checkpointer:
         metadata = reader.read_metadata()  # refused here before any other file is opened
         same_world = meta["world_size"] == self.ctx.world_size
         if state.native is not None:
-            state.native.load(ckpt, meta["world_size"])
+            state.native.load(ckpt)
         legacy = meta["format_version"] == 3
         tree = state.template(same_world, encoded=not legacy)
         if not legacy:
@@ -424,7 +456,7 @@ def run_dcp(fn, tree: dict, group, **kwargs):
         return fn(tree, process_group=group, no_dist=group is None, **kwargs)
     except CheckpointException as exc:
         for error, _ in exc.failures.values():
-            if isinstance(error, ValueError):  # a refusal (ckpt_safe)
+            if isinstance(error, ValueError):  # a refusal (checkpoint.safe)
                 raise error from None
         raise
 
@@ -450,20 +482,6 @@ def _in_background(fn, *args) -> tuple[Future, threading.Thread]:
     thread = threading.Thread(target=run, name="checkpoint-writer", daemon=True)
     thread.start()
     return future, thread
-
-
-def _gather(group, value: Any) -> list[Any]:
-    """Every rank's ``value`` over ``group``, in rank order (just ``[value]`` without one)."""
-    if group is None:
-        return [value]
-    gathered: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, value, group=group)
-    return gathered
-
-
-def _first_problem(group, problem: str | None) -> str | None:
-    """The lowest rank's problem over ``group``, the same on every rank."""
-    return next((p for p in _gather(group, problem) if p is not None), None)
 
 
 def _raise_agreed(problem: str | None, kind: type[Exception] = CheckpointWriteError) -> None:
@@ -560,7 +578,7 @@ def _publish(tmp: Path, final: Path, meta: dict) -> None:
 
     An existing ``final`` is never replaced (``keep_one_line`` keeps other lines away).
     """
-    meta_path = tmp / "meta.json"
+    meta_path = tmp / META_FILE
     with open(meta_path, "w") as handle:
         handle.write(json.dumps(meta, indent=1))
         handle.flush()

@@ -14,7 +14,9 @@ import pytest
 
 from dist_cosface.distributed import DistContext
 from dist_cosface.engine import train
-from dist_cosface.engine.checkpoint import Checkpointer, _publish, resolve_checkpoint
+from dist_cosface.engine.checkpoint import Checkpointer, resolve_checkpoint
+from dist_cosface.engine.checkpoint.manager import _publish
+from dist_cosface.engine.config import CheckpointConfig
 from tests.tiny import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,7 +58,7 @@ def test_pruning_keeps_the_written_checkpoint_and_publish_replaces_nothing(tmp_p
     for step in (2, 3, 8):  # step_8: a later line the run must not touch
         (root / f"step_{step}").mkdir(parents=True)
         (root / f"step_{step}" / "meta.json").write_text("{}")
-    checkpointer = Checkpointer(root, DistContext(), keep_last=1, async_save=False)
+    checkpointer = Checkpointer(CheckpointConfig(keep_last=1), root, DistContext())
     checkpointer._prune(root / "step_3")
     assert _names(root) == ["step_3", "step_8"]  # by step alone, step_3 would go
     tmp = root / "step_8.tmp-write"

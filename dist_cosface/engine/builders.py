@@ -1,20 +1,23 @@
-"""Building the parts of a run that do not depend on the engine: data, classifier, seeds."""
+"""Building the parts of a run from its config: data, classifier, backbone optimizer, seeds."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from dist_cosface.classifier import ShardedClassifier, build_classifier_optimizer
+from dist_cosface.data import build_loader
 from dist_cosface.data.config import DataConfig
+from dist_cosface.data.protocol import TrainLoader, check_train_loader
 from dist_cosface.distributed import DistContext
+from dist_cosface.engine.config import OptimConfig
 
 if TYPE_CHECKING:
-    from dist_cosface.classifier import ShardedClassifier
     from dist_cosface.config import RunConfig
-    from dist_cosface.data import TrainLoader
 
 
 def seed_everything(seed: int) -> None:
@@ -46,9 +49,6 @@ def build_checked_loader(
     cfg: RunConfig, ctx: DistContext, loader: TrainLoader | None
 ) -> TrainLoader:
     """The given loader or the configured one: a TrainLoader with the classifier's classes."""
-    from dist_cosface.data import build_loader
-    from dist_cosface.data.protocol import check_train_loader
-
     loader = loader if loader is not None else build_loader(cfg.data, ctx)
     check_train_loader(loader)
     if loader.num_classes != cfg.classifier.num_classes:
@@ -59,10 +59,10 @@ def build_checked_loader(
     return loader
 
 
-def build_head(cfg: RunConfig, ctx: DistContext) -> tuple[ShardedClassifier, torch.optim.Optimizer]:
+def build_head_and_optimizer(
+    cfg: RunConfig, ctx: DistContext
+) -> tuple[ShardedClassifier, torch.optim.Optimizer]:
     """The sharded classifier (rows seeded by ``train.seed``) and its row optimizer."""
-    from dist_cosface.classifier import ShardedClassifier, build_classifier_optimizer
-
     head = ShardedClassifier(
         cfg.classifier,
         cfg.model.embedding_size,
@@ -81,3 +81,16 @@ def build_head(cfg: RunConfig, ctx: DistContext) -> tuple[ShardedClassifier, tor
         betas=tuple(o.betas),
     )
     return head, head_optim
+
+
+def build_backbone_optimizer(
+    params: Iterable[torch.nn.Parameter], cfg: OptimConfig
+) -> torch.optim.Optimizer:
+    params = list(params)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+    )

@@ -26,8 +26,8 @@ from dist_cosface.cli import describe_failure
 from dist_cosface.configtools import ConfigError
 from dist_cosface.distributed import DistContext, context_from_group
 from dist_cosface.engine import train
-from dist_cosface.engine.ckpt_read import read_tree
-from dist_cosface.engine.parts import seed_everything
+from dist_cosface.engine.builders import seed_everything
+from dist_cosface.engine.checkpoint.reader import read_tree
 from dist_cosface.engine.strategy import CompilerUnavailable, build_strategy
 from dist_cosface.eval.bin_file import write_bin
 from tests.eval_sets import png_bytes

@@ -87,7 +87,7 @@ def fails_with(cfg, ctx) -> dict:
 
 def _full_disk_on_ranks(rank, world, disk, engine):
     """Per mode: a first checkpoint, the disk filled to half the next one, the run resumed."""
-    import dist_cosface.engine.checkpoint as checkpoint
+    import dist_cosface.engine.checkpoint.manager as checkpoint
 
     ctx = context_from_group(dist.group.WORLD, torch.device("cpu"))
     results = {}

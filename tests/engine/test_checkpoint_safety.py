@@ -3,7 +3,7 @@
 A crafted checkpoint whose DCP index (``.metadata``) or one of whose entries is a pickle that
 would run a command is refused by ``eval``, ``export``, ``merge-classifier`` and resume, with
 meta.json's CRC32s stale (caught by verification, before any unpickling) or updated to match
-(caught by the allow-lists of ``engine/ckpt_safe.py``); the command never runs. Format-3
+(caught by the allow-lists of ``engine/checkpoint/safe.py``); the command never runs. Format-3
 checkpoints (non-tensor values pickled by DCP) still resume exactly, through weights-only
 loading.
 """
@@ -23,8 +23,8 @@ import torch
 
 from dist_cosface.distributed import DistContext
 from dist_cosface.engine import load_backbone, train
-from dist_cosface.engine.ckpt_files import file_record
-from dist_cosface.engine.ckpt_read import merge_classifier, read_tree
+from dist_cosface.engine.checkpoint.files import file_record
+from dist_cosface.engine.checkpoint.reader import merge_classifier, read_tree
 from tests.tiny import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -144,8 +144,8 @@ def test_crafted_checkpoints_are_refused_and_run_nothing(tmp_path, capsys):
 def test_format_3_checkpoints_resume_exactly(tmp_path, monkeypatch):
     """A run resumed from a format-3 checkpoint (non-tensor values pickled) ends where the
     uninterrupted run ends, the pickled values loaded weights-only."""
-    import dist_cosface.engine.checkpoint as checkpoint
-    import dist_cosface.engine.train_state as train_state
+    import dist_cosface.engine.checkpoint.manager as checkpoint
+    import dist_cosface.engine.checkpoint.train_state as train_state
 
     run, steps = tmp_path / "run", ("train.total_steps=4", "checkpoint.every_steps=2")
     with monkeypatch.context() as old:  # what the code before format 4 wrote
@@ -178,7 +178,7 @@ def test_non_tensor_values_round_trip_as_json():
 
     import numpy as np
 
-    from dist_cosface.engine.ckpt_safe import decode_plain, encode_plain
+    from dist_cosface.engine.checkpoint.safe import decode_plain, encode_plain
 
     plain = {
         "python": random.getstate(),  # a tuple holding a tuple of 625 ints

@@ -19,7 +19,7 @@ from dist_cosface.engine.runlock import RunFolderLocked, RunLock
 from tests.multiproc import run_ranks
 from tests.tiny import tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 _HOLDER = textwrap.dedent(
     """

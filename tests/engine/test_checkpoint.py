@@ -11,8 +11,7 @@ import torch
 
 from dist_cosface.distributed import DistContext
 from dist_cosface.engine import load_backbone, train
-from dist_cosface.engine.checkpoint import find_latest_checkpoint
-from dist_cosface.engine.ckpt_read import read_tree, read_value
+from dist_cosface.engine.checkpoint import find_latest_checkpoint, read_tree, read_value
 from tests.tiny import tiny_config
 
 RANK0_FILE = "__0_0.distcp"  # DCP: rank 0's part of the state tree
@@ -93,11 +92,13 @@ def test_merge_classifier_command(tmp_path, capsys):
 
 def _parts_and_state(out: Path, async_save: bool):
     from dist_cosface.engine.checkpoint import Checkpointer
+    from dist_cosface.engine.config import CheckpointConfig
     from dist_cosface.engine.trainer import Trainer
 
     cfg = tiny_config(out, "optim.name=adamw")
     trainer = Trainer(cfg, DistContext())
-    checkpointer = Checkpointer(out, DistContext(), keep_last=2, async_save=async_save)
+    settings = CheckpointConfig(keep_last=2, async_save=async_save)
+    checkpointer = Checkpointer(settings, out, DistContext())
     return trainer.strategy, checkpointer, trainer.state
 
 
@@ -120,7 +121,7 @@ def test_async_save_snapshot_is_isolated_from_later_updates(tmp_path):
 
 
 def test_async_save_error_surfaces_at_wait_and_publishes_nothing(tmp_path, monkeypatch):
-    import dist_cosface.engine.checkpoint as checkpoint
+    import dist_cosface.engine.checkpoint.manager as checkpoint
 
     parts, checkpointer, state = _parts_and_state(tmp_path, async_save=True)
 

@@ -14,7 +14,7 @@ from dist_cosface.engine import train
 from tests.multiproc import run_ranks
 from tests.tiny import tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ORL = REPO / "../shared/data/orl"
 
 

@@ -15,9 +15,18 @@ from typing import Any
 import torch
 
 from dist_cosface.configtools import from_mapping
-from dist_cosface.distributed import DistContext
-from dist_cosface.engine.checkpoint import read_meta, resolve_checkpoint, run_dcp, safe_reader
-from dist_cosface.engine.ckpt_safe import JSON_KEY, SafeLoadPlanner, from_blob
+from dist_cosface.distributed import GroupMember
+from dist_cosface.engine.checkpoint.contract import BACKBONE, CLASSIFIER, INDEX_FILE, MODEL
+from dist_cosface.engine.checkpoint.files import read_meta
+from dist_cosface.engine.checkpoint.manager import (
+    find_latest_checkpoint,
+    resolve_checkpoint,
+    run_dcp,
+    safe_reader,
+)
+from dist_cosface.engine.checkpoint.safe import JSON_KEY, SafeLoadPlanner, from_blob
+from dist_cosface.models import build_backbone
+from dist_cosface.models.config import ModelConfig
 
 
 def read_tree(ckpt: Path, prefix: str) -> dict[str, Any]:
@@ -35,22 +44,20 @@ def _read_verified(path: str | Path, prefix: str, strict=False) -> tuple[Path, d
 
     Order matters: meta.json (JSON) names the files and their CRC32s; ``.metadata`` is
     verified, then unpickled through the allow-list; then only the files that hold the wanted
-    entries are verified and read (``ckpt_safe``).
+    entries are verified and read (``safe``).
     """
-    from dist_cosface.engine.checkpoint import find_latest_checkpoint
-
     latest = Path(path) if strict else find_latest_checkpoint(path)
     if latest is None:
         raise ValueError(f"no complete checkpoint found at {path}")
     meta = read_meta(latest)
-    resolve_checkpoint(latest, DistContext(), only={".metadata"})
+    resolve_checkpoint(latest, GroupMember(), only={INDEX_FILE})
     reader = safe_reader(latest, meta)
     metadata = reader.read_metadata()
     wanted = [k for k in metadata.state_dict_metadata if _wanted(k, prefix)]
     holding = {
         info.relative_path for index, info in metadata.storage_data.items() if index.fqn in wanted
     }
-    ckpt = resolve_checkpoint(latest, DistContext(), only={".metadata"} | holding)
+    ckpt = resolve_checkpoint(latest, GroupMember(), only={INDEX_FILE} | holding)
     return ckpt, _load_entries(ckpt, reader, wanted, prefix)
 
 
@@ -100,10 +107,7 @@ def load_backbone(checkpoint_or_run_dir: str | Path) -> tuple[torch.nn.Module, i
     A run folder resolves to its latest complete checkpoint; only the files holding the
     backbone are verified and read. The model config comes from meta.json.
     """
-    from dist_cosface.models import build_backbone
-    from dist_cosface.models.config import ModelConfig
-
-    prefix = "backbone.model."
+    prefix = f"{BACKBONE}.{MODEL}."
     ckpt, tree = _read_verified(checkpoint_or_run_dir, prefix)
     meta = read_meta(ckpt)
     backbone = build_backbone(from_mapping(ModelConfig, meta["model"], "meta.model"))
@@ -113,9 +117,10 @@ def load_backbone(checkpoint_or_run_dir: str | Path) -> tuple[torch.nn.Module, i
 
 def merge_classifier(checkpoint: str | Path) -> dict:
     """``{"weight": [C, D], "optim": {name: [C, ...]}, "num_classes": C}`` of a checkpoint."""
-    _, tree = _read_verified(checkpoint, "classifier.")
-    weight = tree["classifier.weight"]
-    optim = {k.removeprefix("classifier.optim."): v for k, v in tree.items() if ".optim." in k}
+    _, tree = _read_verified(checkpoint, f"{CLASSIFIER}.")
+    weight = tree[f"{CLASSIFIER}.weight"]  # ClassifierState's layout
+    rows = f"{CLASSIFIER}.optim."
+    optim = {k.removeprefix(rows): v for k, v in tree.items() if k.startswith(rows)}
     return {"weight": weight, "optim": optim, "num_classes": weight.shape[0]}
 
 

@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor
 from dist_cosface.configtools import ConfigError
 from dist_cosface.distributed import context_from_group
 from dist_cosface.engine import train
-from dist_cosface.engine.ckpt_read import load_backbone, read_tree
+from dist_cosface.engine.checkpoint.reader import load_backbone, read_tree
 from dist_cosface.engine.trainer import Trainer
 from dist_cosface.models import config as model_config
 from tests.multiproc import run_ranks

@@ -16,14 +16,35 @@ import os
 import zlib
 from pathlib import Path
 
-import torch.distributed as dist
-
-from dist_cosface.distributed import DistContext
+from dist_cosface.agreement import gather_objects
+from dist_cosface.distributed import GroupMember
+from dist_cosface.engine.checkpoint.contract import META_FILE
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 8 << 20
 RANK_RECORDS = "files_rank{rank}.json"
+READABLE_VERSIONS = (3, 4)  # meta.json format_version: 4 writes non-tensors as JSON, 3 pickled
+
+
+def read_meta(ckpt: Path) -> dict:
+    """A checkpoint's meta.json, refused (naming the format) unless this version reads it."""
+    meta_path = Path(ckpt) / META_FILE
+    if not meta_path.is_file():
+        raise ValueError(f"{ckpt} is not a complete checkpoint (no {META_FILE})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{meta_path}: not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format_version") not in READABLE_VERSIONS:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise ValueError(
+            f"{meta_path}: unsupported format_version {version} (this version reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))})"
+        )
+    if not isinstance(meta.get("files"), dict):
+        raise ValueError(f"{meta_path}: no 'files' records to verify the checkpoint against")
+    return meta
 
 
 def file_record(path: Path) -> dict:
@@ -62,14 +83,14 @@ def merge_records(folder: Path, world_size: int) -> dict:
         path.unlink()
     for path in sorted(folder.rglob("*")):
         name = path.relative_to(folder).as_posix()
-        if path.is_file() and name not in records and name != "meta.json":
+        if path.is_file() and name not in records and name != META_FILE:
             records[name] = file_record(path)
         elif path.is_dir():
             fsync_dir(path)
     return records
 
 
-def damage(ckpt: Path, files: dict, names: list[str]) -> str | None:
+def first_mismatch(ckpt: Path, files: dict, names: list[str]) -> str | None:
     """The first of ``names`` that is missing or does not match its record, described."""
     for name in names:
         path = ckpt / name
@@ -85,29 +106,19 @@ def damage(ckpt: Path, files: dict, names: list[str]) -> str | None:
     return None
 
 
-def _my_damage(ckpt: Path, ctx: DistContext, read_meta, only) -> str | None:
+def _check_my_share(ckpt: Path, member: GroupMember, only) -> str | None:
+    """This rank's share of ``ckpt``'s recorded files (every world_size-th), verified: the
+    first problem, or None. An unreadable meta.json is a problem on every rank."""
     try:
-        meta = read_meta(ckpt)
+        files = read_meta(ckpt)["files"]
     except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
-        return f"{ckpt / 'meta.json'}: unreadable ({exc})"
-    files = meta.get("files")
-    if files is None:  # format 1: nothing recorded to verify against
-        return None
-    names = sorted(n for n in files if only is None or n in only)[ctx.rank :: ctx.world_size]
-    return damage(ckpt, files, names)
-
-
-def _all_ranks(ctx: DistContext, value):
-    """Every rank's ``value``, in rank order."""
-    if not ctx.is_distributed:
-        return [value]
-    gathered = [None] * ctx.world_size
-    dist.all_gather_object(gathered, value, group=ctx.group)
-    return gathered
+        return f"{ckpt / META_FILE}: unreadable ({exc})"
+    names = sorted(n for n in files if only is None or n in only)[member.rank :: member.world_size]
+    return first_mismatch(ckpt, files, names)
 
 
 def select_verified(
-    candidates: list[Path], ctx: DistContext, read_meta, strict: bool, only=None
+    candidates: list[Path], member: GroupMember, strict: bool, only=None
 ) -> Path | None:
     """Newest intact checkpoint of ``candidates`` (oldest first), agreed by all ranks.
 
@@ -116,14 +127,15 @@ def select_verified(
     ``only``: verify just these files (a reader that needs only the backbone).
     """
     order = [str(c) for c in reversed(candidates)]
-    order = [Path(c) for c in _all_ranks(ctx, order)[0]]
+    order = [Path(c) for c in gather_objects(order, member.group)[0]]
     for ckpt in order:
-        problems = [p for p in _all_ranks(ctx, _my_damage(ckpt, ctx, read_meta, only)) if p]
+        mine = _check_my_share(ckpt, member, only)
+        problems = [p for p in gather_objects(mine, member.group) if p]
         if not problems:
             return ckpt
         if strict:
             raise ValueError(f"checkpoint {ckpt} is damaged: {'; '.join(problems)}")
-        if ctx.is_main:
+        if member.is_main:
             log.warning(
                 "checkpoint %s is damaged (%s); falling back to the previous complete checkpoint",
                 ckpt,

@@ -22,8 +22,8 @@ import torch.distributed as dist
 from dist_cosface.classifier import class_range
 from dist_cosface.distributed import context_from_group
 from dist_cosface.engine import train
-from dist_cosface.engine.ckpt_read import read_value
-from dist_cosface.engine.parts import seed_everything
+from dist_cosface.engine.builders import seed_everything
+from dist_cosface.engine.checkpoint.reader import read_value
 from tests.multiproc import run_ranks
 from tests.tiny import DS_COMPARE_OVERRIDES, tiny_config
 

@@ -19,9 +19,9 @@ import torch.distributed as dist
 from dist_cosface.distributed import DistContext, context_from_group
 from dist_cosface.engine import train
 from dist_cosface.engine.checkpoint import resolve_checkpoint
+from tests.engine.test_checkpoint_disk import checkpoint_bytes, fails_with, fill_disk, small_disk
+from tests.engine.test_checkpoint_safety import RunsCommand, _crafted_index, rerecord_files
 from tests.multiproc import run_ranks
-from tests.test_checkpoint_disk import checkpoint_bytes, fails_with, fill_disk, small_disk
-from tests.test_checkpoint_safety import RunsCommand, _crafted_index, rerecord_files
 from tests.tiny import DS_COMPARE_OVERRIDES, tiny_config
 
 pytest.importorskip("deepspeed")
@@ -38,7 +38,7 @@ def _refused(cfg, ctx) -> str | None:
 
 
 def _deepspeed_cases(rank, world, disk, marker):
-    import dist_cosface.engine.checkpoint as checkpoint
+    import dist_cosface.engine.checkpoint.manager as checkpoint
 
     ctx = context_from_group(dist.group.WORLD, torch.device("cpu"))
     disk, results = Path(disk), {}
