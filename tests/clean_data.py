@@ -110,15 +110,18 @@ class _Tree:
 
     native = None
 
-    def __init__(self, model: torch.nn.Module, rows: np.ndarray):
-        self.model, self.rows = model, torch.from_numpy(rows).float()
+    def __init__(self, model: torch.nn.Module, rows: np.ndarray, k: int):
+        # the head's layout: [C, D], or [C, K, D] with sub-centers (classifier/state.py)
+        rows = torch.from_numpy(rows).float()
+        self.model, self.rows = model, rows.view(-1, k, rows.shape[1]) if k > 1 else rows
 
     def snapshot(self) -> dict:
         return {"backbone": {"model": self.model.state_dict()}, "classifier": {"weight": self.rows}}
 
 
 def write_checkpoint(run: Path, model: torch.nn.Module, rows: np.ndarray, k: int) -> Path:
-    """A run folder whose one checkpoint holds ``model`` and ``rows`` ([C * K, D])."""
+    """A run folder whose one checkpoint holds ``model`` and ``rows`` ([C * K, D], class c's
+    sub-centers in rows c * K .. c * K + K - 1), saved as the trainer saves them."""
     from dist_cosface.distributed import DistContext
     from dist_cosface.engine.checkpoint import Checkpointer
     from dist_cosface.engine.config import CheckpointConfig
@@ -139,7 +142,7 @@ def write_checkpoint(run: Path, model: torch.nn.Module, rows: np.ndarray, k: int
         meta["num_subcenters"] = k
     settings = CheckpointConfig(keep_last=1, async_save=False)
     checkpointer = Checkpointer(settings, run / "checkpoints", DistContext())
-    checkpointer.save(1, _Tree(model, rows), meta)
+    checkpointer.save(1, _Tree(model, rows, k), meta)
     return run / "checkpoints" / "step_1"
 
 

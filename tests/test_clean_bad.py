@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests import clean_data as cd
 from tests.engine.test_checkpoint_safety import RunsCommand, rerecord_files
@@ -254,3 +255,30 @@ def test_evaluation_identities_of_each_kind_of_set(tmp_path):
     templates = [int(line.split()[1]) for line in lines if line.strip()]
     want = [f"subject{truth['subject'][t]}" for t in templates]
     assert [got.identities[o] for o in got.owner] == want
+
+
+def test_centers_of_a_trained_sub_center_head_are_its_rows(tmp_path):
+    """What the trainer writes with ``classifier.subcenters: 2`` is what clean reads: every
+    class's two rows, normalised, in the head's order."""
+    from dist_cosface.clean.centers import load_centers
+    from dist_cosface.distributed import DistContext
+    from dist_cosface.engine import train
+    from dist_cosface.engine.checkpoint.manager import read_meta
+    from dist_cosface.engine.checkpoint.reader import merge_classifier
+    from tests.tiny import tiny_config
+
+    cfg = tiny_config(
+        tmp_path / "run",
+        "classifier.subcenters=2",
+        "train.total_steps=1",
+        "checkpoint.every_steps=1",
+    )
+    train(cfg, DistContext())
+    ckpt = tmp_path / "run" / "checkpoints" / "step_1"
+    meta = read_meta(ckpt)
+    assert meta["num_subcenters"] == 2
+    centers = load_centers(ckpt, meta, cfg.model.embedding_size, DistContext())
+    saved = merge_classifier(ckpt)["weight"]  # [C, 2, D]
+    assert centers.rows.shape == (cfg.classifier.num_classes, 2, cfg.model.embedding_size)
+    expected = saved / saved.norm(dim=-1, keepdim=True)
+    assert torch.allclose(centers.rows, expected, atol=1e-6)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from dist_cosface.classifier import build_classifier_optimizer
 from dist_cosface.classifier.comm import Comm
 from dist_cosface.classifier.state import ClassifierState
+from dist_cosface.engine.checkpoint.manager import run_dcp
 from tests.classifier_ref import ALL_MARGINS, make_head, reference_head
 from tests.multiproc import run_ranks
 
@@ -228,8 +229,6 @@ def _resume(rank, world, folder):
     """World 2 trains two steps, saves, takes a third; world 3 and one process load the
     checkpoint and take the third step: (loss, statistics) of each."""
     import torch.distributed.checkpoint as dcp
-
-    from dist_cosface.engine.checkpoint import run_dcp
 
     groups = {1: dist.new_group([0]), 2: dist.new_group([0, 1]), 3: dist.group.WORLD}
     out = {}

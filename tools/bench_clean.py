@@ -111,7 +111,7 @@ def _rank_main(rank: int, world_size: int, args) -> tuple:
     start, stop = slices(args)[rank]
     centers = draw_centers(start, stop, args)
     mine = torch.tensor([q - start for q in query_rows(args) if start <= q < stop])
-    starts = class_starts(args.classes, 1, world_size)
+    starts = class_starts(args.classes, world_size)
     held = reset_peak()
     dist.barrier(group=group)
     t0 = time.perf_counter()

@@ -6,11 +6,11 @@ torch.distributed.checkpoint, exactly the chunks the head uses (``ceil(rows / wo
 rank ever holds all centers. ``K`` (sub-centers per class) is ``meta.json``'s
 ``num_subcenters`` when present, else 1.
 
-Assumed sub-center layout (the margins issue adds sub-centers; this is what that code must
-keep, or change here): class ``c``'s sub-centers are rows ``c * K .. c * K + K - 1``. A class
-belongs to the rank holding its first row; when a chunk boundary falls inside a class (K > 1
-and ``ceil(C * K / world)`` not a multiple of K), the class's other rows travel to that rank in
-one all-to-all. With K = 1 this is exactly ``classifier.head.class_range``.
+Sub-centers: with ``K > 1`` the head saves its rows as ``[C, K, D]`` (a class's K rows together,
+``Shard(0)`` over classes; ``classifier/state.py``), so every rank reads whole classes, the
+classes its ``class_range`` owns, and no rows travel between ranks. ``K`` is ``meta.json``'s
+``num_subcenters`` (the trainer records it; 1 when absent, as in checkpoints written before
+sub-centers existed).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_cosface.clean.comm import exchange_rows
 from dist_cosface.distributed import DistContext, build_checkpoint_group
 from dist_cosface.engine.checkpoint.manager import run_dcp, safe_reader
 from dist_cosface.engine.checkpoint.safe import CheckpointRefused, SafeLoadPlanner
@@ -37,11 +36,9 @@ def row_chunk(num_rows: int, world_size: int, rank: int) -> tuple[int, int]:
     return start, min(start + per_rank, num_rows)
 
 
-def class_starts(num_classes: int, num_subcenters: int, world_size: int) -> list[int]:
-    """First class of every rank plus ``num_classes``: a class lives where its first row does."""
-    rows = num_classes * num_subcenters
-    starts = [-(-row_chunk(rows, world_size, r)[0] // num_subcenters) for r in range(world_size)]
-    return [min(s, num_classes) for s in starts] + [num_classes]
+def class_starts(num_classes: int, world_size: int) -> list[int]:
+    """First class of every rank plus ``num_classes`` (the head's ``class_range`` layout)."""
+    return [row_chunk(num_classes, world_size, r)[0] for r in range(world_size)] + [num_classes]
 
 
 @dataclass
@@ -83,11 +80,9 @@ def load_centers(ckpt: Path, meta: dict, dim: int, ctx: DistContext) -> Centers:
     """Collective: read this rank's sub-centers of a verified checkpoint (see module doc)."""
     where = str(Path(ckpt) / "meta.json")
     num_classes, k = int(meta["num_classes"]), num_subcenters(meta, where)
-    rows = _read_row_chunk(Path(ckpt), meta, num_classes * k, dim, ctx)
-    starts = class_starts(num_classes, k, ctx.world_size)
-    if k > 1 and ctx.group is not None:
-        rows = _rows_to_class_owners(rows, num_classes, k, starts, ctx)
-    local = rows.view(-1, k, dim)
+    shape = (num_classes, k, dim) if k > 1 else (num_classes, dim)
+    local = _read_class_chunk(Path(ckpt), meta, shape, ctx).view(-1, k, dim)
+    starts = class_starts(num_classes, ctx.world_size)
     return Centers(num_classes, k, starts, ctx.rank, F.normalize(local, dim=-1))
 
 
@@ -99,15 +94,15 @@ def _host_group(ctx: DistContext):
     return build_checkpoint_group(ctx)
 
 
-def _read_row_chunk(
-    ckpt: Path, meta: dict, num_rows: int, dim: int, ctx: DistContext
+def _read_class_chunk(
+    ckpt: Path, meta: dict, shape: tuple[int, ...], ctx: DistContext
 ) -> torch.Tensor:
     """This rank's chunk of rows, read as the trainer reads (the index through the restricted
     unpickler, tensors weights-only): a crafted checkpoint is refused, not run."""
     import torch.distributed.checkpoint as dcp
 
-    start, stop = row_chunk(num_rows, ctx.world_size, ctx.rank)
-    local = torch.empty(stop - start, dim)
+    start, stop = row_chunk(shape[0], ctx.world_size, ctx.rank)
+    local = torch.empty(stop - start, *shape[1:])
     value = local
     group = _host_group(ctx)
     if group is not None:
@@ -116,7 +111,7 @@ def _read_row_chunk(
 
         mesh = DeviceMesh.from_group(group, "cpu")
         value = DTensor.from_local(
-            local, mesh, [Shard(0)], run_check=False, shape=(num_rows, dim), stride=(dim, 1)
+            local, mesh, [Shard(0)], run_check=False, shape=shape, stride=local.stride()
         )
     tree = {WEIGHT_KEY: value}
     try:
@@ -126,21 +121,8 @@ def _read_row_chunk(
         raise
     except Exception as exc:  # DCP reports a shape or key mismatch with many types
         raise ValueError(
-            f"{ckpt}: cannot read {WEIGHT_KEY} as [{num_rows}, {dim}] "
-            f"(num_classes x num_subcenters, embedding_size of meta.json): {exc}"
+            f"{ckpt}: cannot read {WEIGHT_KEY} as {list(shape)} "
+            f"(num_classes, num_subcenters when > 1, embedding_size of meta.json): {exc}"
         ) from exc
     got = tree[WEIGHT_KEY]
     return got.to_local() if hasattr(got, "to_local") else got
-
-
-def _rows_to_class_owners(
-    rows: torch.Tensor, num_classes: int, k: int, starts: list[int], ctx: DistContext
-) -> torch.Tensor:
-    """Move the rows of classes cut by a chunk boundary to the rank owning the class."""
-    start, stop = row_chunk(num_classes * k, ctx.world_size, ctx.rank)
-    # this chunk's rows of each rank's classes [starts[r], starts[r + 1]), in rank order
-    send = [
-        max(0, min(stop, starts[r + 1] * k) - max(start, starts[r] * k))
-        for r in range(ctx.world_size)
-    ]
-    return exchange_rows(rows, send, ctx.group)

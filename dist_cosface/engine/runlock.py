@@ -117,7 +117,8 @@ class RunLock:
         if error is not None:
             raise error
         if votes["failed"]:
-            raise RuntimeError(f"rank 0 could not lock {self.path} (see rank 0's error)")
+            # an OSError as on rank 0: the CLI prints it as a known one-line failure
+            raise OSError(f"rank 0 could not lock {self.path} (see rank 0's error)")
         if votes["held"]:
             raise RunFolderLocked(
                 f"run folder {self.path.parent} is in use by another job "

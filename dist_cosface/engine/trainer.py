@@ -378,6 +378,7 @@ class Trainer:
             "model": to_mapping(cfg.model),
             "image_size": cfg.data.image_size,
             "num_classes": classes,
+            "num_subcenters": cfg.classifier.subcenters,
             "class_layout": [class_range(classes, world, r) for r in range(world)],
         }
         blocked = self.checkpointer.save(step, self.state, meta)

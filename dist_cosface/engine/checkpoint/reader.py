@@ -116,7 +116,8 @@ def load_backbone(checkpoint_or_run_dir: str | Path) -> tuple[torch.nn.Module, i
 
 
 def merge_classifier(checkpoint: str | Path) -> dict:
-    """``{"weight": [C, D], "optim": {name: [C, ...]}, "num_classes": C}`` of a checkpoint."""
+    """``{"weight": [C, D] ([C, K, D] with K sub-centers), "optim": {name: [C, ...]},
+    "num_classes": C}`` of a checkpoint."""
     _, tree = _read_verified(checkpoint, f"{CLASSIFIER}.")
     weight = tree[f"{CLASSIFIER}.weight"]  # ClassifierState's layout
     rows = f"{CLASSIFIER}.optim."
