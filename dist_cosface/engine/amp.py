@@ -12,6 +12,8 @@ import contextlib
 
 import torch
 
+from dist_cosface.engine.grad_norm import local_grads
+
 
 def autocast(precision: str, device: torch.device):
     if precision == "fp32":
@@ -36,8 +38,7 @@ class ShardedLossScaler:
 
     def unscale_(self, params: list[torch.nn.Parameter]) -> None:
         if self.enabled:
-            grads = [p.grad for p in params if p.grad is not None]
-            torch._foreach_mul_(grads, 1.0 / self.scale)
+            torch._foreach_mul_(local_grads(params), 1.0 / self.scale)
 
     def update(self, found_inf: bool) -> None:
         """Call once per optimizer step with the group-wide overflow decision."""

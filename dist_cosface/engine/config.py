@@ -43,8 +43,29 @@ class OptimConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """``train.fsdp.*``: how ``train.engine: fsdp`` shards the backbone (docs/training.md)."""
+
+    # after a block's forward, free its gathered weights and gather them again for its backward
+    # (every rank holds one block's full weights at a time); false keeps them from the forward
+    # to the backward: one all-gather less per block and step, the weights of all blocks held
+    reshard_after_forward: bool = True
+    # dtype the weights are gathered and computed in (null: train.precision); bf16 / fp16
+    # halve the all-gather bytes. Units that hold BatchNorm keep fp32 weights, which its
+    # float32 running statistics need (docs/training.md)
+    param_dtype: Union[Literal["fp32", "bf16", "fp16"], None] = None
+    # dtype of the gradients' reduce-scatter: fp32 (exact sums), or the training precision
+    # (bf16 / fp16: half the bytes on the wire, rounded sums)
+    reduce_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+    def dtypes(self, precision: str) -> tuple[str, str]:
+        """(param_dtype, reduce_dtype) with null resolved to ``precision``."""
+        return self.param_dtype or precision, self.reduce_dtype
+
+
+@dataclass
 class TrainConfig:
-    engine: Literal["ddp", "deepspeed"] = "ddp"
+    engine: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     zero_stage: int = 0  # deepspeed only
     total_steps: int = 1000
@@ -61,6 +82,7 @@ class TrainConfig:
     compile_mode: Literal[
         "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
     ] = "default"
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # engine fsdp only
 
     def __post_init__(self) -> None:
         if self.total_steps < 1:
@@ -75,12 +97,33 @@ class TrainConfig:
             # DeepSpeed's fp16 loss scale would also scale the classifier's gradients, which
             # live outside its optimizer; use bf16 there, or fp16 with the ddp engine.
             raise ValueError("train.precision='fp16' is not supported with engine='deepspeed'")
+        self._check_fsdp()
         if self.compile_mode != "default" and self.compile_backend != "inductor":
             # torch.compile's modes are inductor settings; other backends would ignore them
             raise ValueError(
                 f"compile_mode {self.compile_mode!r} needs compile_backend 'inductor', "
                 f"got {self.compile_backend!r}"
             )
+
+    def _check_fsdp(self) -> None:
+        if self.engine == "fsdp" and self.zero_stage != 0:
+            # ZeRO stages are DeepSpeed's; FSDP always shards weights, gradients and optimizer
+            raise ValueError(
+                f"zero_stage {self.zero_stage} applies to engine 'deepspeed' only; engine "
+                "'fsdp' shards weights, gradients and optimizer state itself (zero_stage: 0)"
+            )
+        if self.engine != "fsdp" and self.fsdp != FSDPConfig():
+            raise ValueError(
+                f"fsdp.* settings apply to engine 'fsdp' only (engine is {self.engine!r}); "
+                "remove them or set train.engine: fsdp"
+            )
+        for key in ("param_dtype", "reduce_dtype"):
+            value = getattr(self.fsdp, key)
+            if value not in (None, "fp32", self.precision):
+                raise ValueError(
+                    f"fsdp.{key} {value!r} must be 'fp32' or the training precision "
+                    f"(train.precision is {self.precision!r})"
+                )
 
 
 @dataclass

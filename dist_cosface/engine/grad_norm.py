@@ -6,13 +6,20 @@ import math
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from dist_cosface.distributed import DistContext
 from dist_cosface.sharding import is_sharded
 
 
+def local_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients this rank holds: a DTensor's (FSDP) local piece, else the gradient."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+
+
 def _sq_norm(params: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    grads = [p.grad.detach() for p in params if p.grad is not None]
+    grads = [g.detach() for g in local_grads(params)]
     if not grads:
         return torch.zeros((), dtype=torch.float64, device=device)
     # one fused kernel for all per-tensor norms; the sum of squares in float64
@@ -24,7 +31,8 @@ def global_grad_norm_and_votes(
 ) -> tuple[float, list[float]]:
     """Global L2 gradient norm plus the ranks' summed votes, in ONE tiny all-reduce.
 
-    Sharded parameters contribute their squared norm from every rank (each shard once);
+    Sharded parameters (the classifier's rows, FSDP's DTensor pieces: ``mark_sharded``)
+    contribute their local squared norm from every rank (each shard once);
     replicated parameters (identical after data-parallel averaging) contribute from rank 0
     only, so every rank ends with the same, bit-identical total. ``votes`` (a cast
     ``agreement.Ballot``: "SIGTERM received", ...) ride along in the same tensor and come back
@@ -47,5 +55,4 @@ def clip_grads_(params: list[torch.nn.Parameter], norm: float, max_norm: float) 
     """Scale gradients in place so that the global norm ``norm`` becomes at most ``max_norm``."""
     coef = max_norm / (norm + 1e-6)
     if coef < 1.0:
-        grads = [p.grad for p in params if p.grad is not None]
-        torch._foreach_mul_(grads, coef)
+        torch._foreach_mul_(local_grads(params), coef)  # in place: a DTensor's piece too

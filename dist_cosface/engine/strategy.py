@@ -1,19 +1,21 @@
-"""How the backbone is data-parallel: DDP or DeepSpeed, one strategy object chosen once.
+"""How the backbone is data-parallel: DDP, DeepSpeed or FSDP2, one strategy object chosen once.
 
 The trainer never asks which engine runs; it calls the strategy for everything that differs:
 the wrapped model, input dtype and autocast, the micro-batch backward, which gradients the
 trainer norms and clips, the backbone's optimizer step, the optimizers the LR schedule sets,
-the backbone gradient norm DeepSpeed computes on its own, and what a checkpoint holds of the
-backbone (``checkpoint_state`` in the DCP tree, ``native_checkpoint`` beside it). The sharded
-classifier and its row optimizer stay outside both (their rows are never averaged or
-partitioned).
+the backbone gradient norm DeepSpeed computes on its own, what a checkpoint holds of the
+backbone (``checkpoint_state`` in the DCP tree, ``native_checkpoint`` beside it) and the
+module evaluation runs (``evaluation``). The sharded classifier and its row optimizer stay
+outside all of them (their rows are never averaged or partitioned). FSDP2 lives in
+``engine/fsdp.py``.
 
 ``train.compile`` compiles the backbone's training forward only; the classifier's autograd
 Function stays eager. The checkpointed backbone keeps its own parameter names (no
 ``_orig_mod.`` prefix), so checkpoints move freely between compiled and eager runs. With DDP
 the compiled wrapper (``torch.compile(backbone)``) goes inside DDP and ``backbone`` itself stays
 the eager module that checkpoints, evaluation and export see; DeepSpeed compiles its module in
-place (``engine.compile``), and evaluation then runs it eagerly (``eager``).
+place (``engine.compile``), and evaluation then runs it eagerly (``evaluation``); FSDP
+compiles its sharded root from outside and evaluates an eager unsharded copy.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_cosface.distributed import DistContext
-from dist_cosface.engine.amp import ShardedLossScaler, autocast
+from dist_cosface.engine.amp import ShardedLossScaler
 from dist_cosface.engine.builders import build_backbone_optimizer
 from dist_cosface.engine.checkpoint.deepspeed_native import DeepSpeedCheckpoint
 from dist_cosface.engine.checkpoint.train_state import BackboneState
@@ -35,13 +37,15 @@ from dist_cosface.engine.deepspeed_engine import (
     engine_grad_norm,
     owns_backbone_grads,
 )
+from dist_cosface.engine.fsdp import FSDPStrategy
+from dist_cosface.engine.torch_strategy import TorchOptimizerStrategy
 
 if TYPE_CHECKING:
     from dist_cosface.config import RunConfig
     from dist_cosface.engine.config import TrainConfig
 
 
-class DDPStrategy:
+class DDPStrategy(TorchOptimizerStrategy):
     """Plain torch: the backbone in ``DistributedDataParallel`` (or bare in one process).
 
     ``model`` averages backbone gradients over the group on the last micro-batch of a step
@@ -82,16 +86,6 @@ class DDPStrategy:
         """The backbone's weights and optimizer, for the DCP state tree."""
         return BackboneState(self.backbone, self._optimizer)
 
-    def native_checkpoint(self) -> None:
-        """Nothing is saved outside DCP."""
-        return None
-
-    def cast_inputs(self, images: torch.Tensor) -> torch.Tensor:
-        return images  # autocast handles bf16/fp16
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return autocast(self.precision, self._device)
-
     @contextlib.contextmanager
     def micro_batch(self, last: bool) -> Iterator[None]:
         """DDP all-reduces backbone gradients only on the last micro-batch of the step."""
@@ -101,32 +95,11 @@ class DDPStrategy:
         else:
             yield
 
-    def backward(self, loss: torch.Tensor, last: bool) -> None:
-        del last  # DDP's sync is chosen by micro_batch
-        self.scaler.scale_loss(loss / self.accum_steps).backward()
-
-    def clip_params(self, head_params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
-        """The gradients the trainer norms and clips: backbone and classifier together."""
-        return list(self.backbone.parameters()) + head_params
-
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        """The backbone's optimizers (the LR schedule sets them with the classifier's)."""
-        return [self._optimizer]
-
-    def step(self) -> None:
-        self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
-
-    def zero_grad(self) -> None:
-        self._optimizer.zero_grad(set_to_none=True)
-
-    def backbone_grad_norm(self) -> float | None:
-        """A backbone norm the trainer did not compute itself: none here."""
-        return None
-
-    def eager(self) -> contextlib.AbstractContextManager:
-        """``backbone`` is never compiled here (the compiled wrapper is ``model``'s)."""
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[torch.nn.Module]:
+        """The module evaluation runs: ``backbone``, never compiled here (the compiled wrapper
+        is ``model``'s)."""
+        yield self.backbone
 
 
 class DeepSpeedStrategy:
@@ -205,16 +178,20 @@ class DeepSpeedStrategy:
             return None
         return engine_grad_norm(self.engine)
 
-    def eager(self) -> contextlib.AbstractContextManager:
-        """Inside, the backbone compiled in place runs eagerly (evaluation): the compiled graph
-        is the training one, and eval mode under ``no_grad`` would compile another for a pass
-        run a few times per run; eager also gives the figures an eager run gives."""
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[torch.nn.Module]:
+        """The module evaluation runs, ``backbone``; compiled in place, it runs eagerly inside:
+        the compiled graph is the training one, and eval mode under ``no_grad`` would compile
+        another for a pass run a few times per run; eager also gives the figures an eager run
+        gives."""
         if not self.compiled:
-            return contextlib.nullcontext()
-        return torch.compiler.set_stance("force_eager")
+            yield self.backbone
+            return
+        with torch.compiler.set_stance("force_eager"):
+            yield self.backbone
 
 
-Strategy = DDPStrategy | DeepSpeedStrategy
+Strategy = DDPStrategy | DeepSpeedStrategy | FSDPStrategy
 
 
 def compile_options(train: TrainConfig) -> dict | None:
@@ -286,9 +263,23 @@ def _check_compiles_in_place(backbone: torch.nn.Module) -> None:
 
 def build_strategy(cfg: RunConfig, ctx: DistContext, backbone: torch.nn.Module) -> Strategy:
     """Wrap ``backbone`` (already on ``ctx.device``) per ``cfg.train.engine``; compile it per
-    ``cfg.train.compile`` (compilation itself happens at the first training forward)."""
-    optimizer = build_backbone_optimizer(backbone.parameters(), cfg.optim)
+    ``cfg.train.compile`` (compilation itself happens at the first training forward).
+
+    ``fsdp`` on one process without torch.distributed has nothing to shard: it runs DDP's
+    single-process path (the plain module), whose checkpoints have the same layout.
+    """
     options = compile_options(cfg.train)
+    if cfg.train.engine == "fsdp" and ctx.is_distributed:
+        return FSDPStrategy(
+            backbone,
+            ctx,
+            cfg.train.fsdp,
+            optim_builder=lambda params: build_backbone_optimizer(params, cfg.optim),
+            precision=cfg.train.precision,
+            accum_steps=cfg.optim.grad_accum_steps,
+            compile_options=options,
+        )
+    optimizer = build_backbone_optimizer(backbone.parameters(), cfg.optim)
     if cfg.train.engine == "deepspeed":
         if options is not None:
             _check_compiles_in_place(backbone)

@@ -401,8 +401,9 @@ class Trainer:
 
     def _evaluate(self) -> dict:
         """Every rank embeds its share of the verification images; rank 0 logs and writes."""
-        with self.strategy.eager():  # train.compile: the compiled graph is for training
-            results = evaluate_backbone(self.cfg, self.ctx, self.strategy.backbone, self.out)
+        # eager and plain (train.compile's graph is for training; FSDP: an unsharded copy)
+        with self.strategy.evaluation() as backbone:
+            results = evaluate_backbone(self.cfg, self.ctx, backbone, self.out)
         if self.ctx.is_main:
             for target, res in results.items():
                 if "error" in res:
