@@ -40,7 +40,7 @@ from dist_cosface.configtools import ConfigError
 from dist_cosface.data import cli as data_cli
 from dist_cosface.data.synth_shards import write_synthetic_image_folder
 from dist_cosface.distributed import init_distributed, shutdown
-from dist_cosface.engine import train
+from dist_cosface.engine import progress, train
 from dist_cosface.engine.checkpoint import reader as checkpoint_reader
 from dist_cosface.engine.runlock import RunFolderLocked
 from dist_cosface.engine.signals import watch_launcher
@@ -77,7 +77,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         summary = train(cfg, ctx)
     finally:
         shutdown(ctx)
-    if summary["launcher_lost"]:  # not done: a surviving agent must not count this a success
+    if summary.launcher_lost:  # not done: a surviving agent must not count this a success
         print(
             f"dist-cosface train{_rank_suffix()}: error: stopped because a launcher died; the "
             "checkpoint of this step is written: resume from it",
@@ -235,10 +235,30 @@ def _add_command(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+class _StdoutLines(logging.Handler):
+    """Each record as a bare line on the current ``sys.stdout`` (flushed, as ``print`` does)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), flush=True)
+        except Exception:  # logging's rule: a failing handler reports, never raises
+            self.handleError(record)
+
+
+def _configure_logging() -> None:
+    """Diagnostics on stderr with time and source; rank 0's run output (the progress and
+    ``eval`` result lines, ``engine.progress``) bare on stdout, and only there."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    run_output = logging.getLogger(progress.__name__)
+    if not any(isinstance(h, _StdoutLines) for h in run_output.handlers):  # main() may rerun
+        run_output.addHandler(_StdoutLines())
+    run_output.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    _configure_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")

@@ -397,5 +397,5 @@ def test_engine_resume_of_curricularface_with_subcenters_is_exact(tmp_path):
     interrupted = tmp_path / "interrupted"
     train(tiny_config(interrupted, *overrides, "train.total_steps=1"), DistContext())
     resumed = train(tiny_config(interrupted, *overrides), DistContext())
-    assert resumed["resumed_from"].endswith("step_1") and resumed["step"] == 2
-    assert resumed["loss"] == straight["loss"]
+    assert resumed.resumed_from.endswith("step_1") and resumed.step == 2
+    assert resumed.loss == straight.loss

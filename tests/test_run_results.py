@@ -17,7 +17,7 @@ from PIL import Image
 
 from dist_cosface.config import load_config
 from dist_cosface.distributed import DistContext
-from dist_cosface.engine import train
+from dist_cosface.engine import RunSummary, train
 from dist_cosface.eval import EvalConfig, write_bin
 from dist_cosface.eval.targets import check_targets
 from tests.tiny import TINY_OVERRIDES
@@ -150,8 +150,8 @@ def test_torchrun_job_with_a_bad_target_fails_at_start_naming_it(tmp_path):
 # ------------------------------------------------------------- failures after training
 
 
-def _assert_training_results_kept(run: Path, summary: dict) -> None:
-    assert summary["step"] == 2 and summary["checkpoint"] is not None
+def _assert_training_results_kept(run: Path, summary: RunSummary) -> None:
+    assert summary.step == 2 and summary.checkpoint is not None
     assert (run / "checkpoints" / "step_2" / "meta.json").is_file()
     assert [
         json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
@@ -170,7 +170,7 @@ def test_missing_matplotlib_keeps_the_metrics_and_records_the_plot_error(tmp_pat
     result = json.loads((run / "eval.json").read_text())["lfw"]
     assert 0.0 <= result["accuracy"] <= 1.0 and result["num_pairs"] == 4
     assert "ModuleNotFoundError" in result["roc_png_error"] and "roc_png" not in result
-    assert json.loads(json.dumps(summary["eval"]))["lfw"] == result  # JSON keys are strings
+    assert json.loads(json.dumps(summary.eval))["lfw"] == result  # JSON keys are strings
     assert not list(run.glob("*.png"))
 
 
@@ -187,7 +187,7 @@ def test_a_target_that_breaks_during_eval_is_recorded_and_the_others_evaluated(t
     assert 0.0 <= results["lfw"]["accuracy"] <= 1.0 and Path(results["lfw"]["roc_png"]).is_file()
     assert "accuracy" not in results["cfp"]
     assert "cannot decode image" in results["cfp"]["error"] and "3.jpg" in results["cfp"]["error"]
-    assert json.loads(json.dumps(summary["eval"])) == results
+    assert json.loads(json.dumps(summary.eval)) == results
 
 
 def test_dist_cosface_train_exits_zero_when_its_final_evaluation_fails(tmp_path):

@@ -249,7 +249,7 @@ def train_teacher(shards: Path, num_classes: int, num_samples: int, run: Path, a
     )
     started = time.perf_counter()
     summary = train(cfg, DistContext())
-    return {"steps": steps, "seconds": time.perf_counter() - started, "loss": summary["loss"]}
+    return {"steps": steps, "seconds": time.perf_counter() - started, "loss": summary.loss}
 
 
 def run_clean(run: Path, shards: Path, evals: Path, out: Path, thresholds: dict | None) -> dict:

@@ -8,6 +8,6 @@ them.
 from __future__ import annotations
 
 from dist_cosface.engine.checkpoint.reader import load_backbone
-from dist_cosface.engine.trainer import train
+from dist_cosface.engine.trainer import RunSummary, train
 
-__all__ = ["load_backbone", "train"]
+__all__ = ["RunSummary", "load_backbone", "train"]

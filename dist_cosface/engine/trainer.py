@@ -1,4 +1,4 @@
-"""The training loop: ``train(cfg, ctx) -> summary`` runs one :class:`Trainer`.
+"""The training loop: ``train(cfg, ctx) -> RunSummary`` runs one :class:`Trainer`.
 
 One optimizer step = ``optim.grad_accum_steps`` micro-batches. Per step the trainer issues, in
 addition to the model's own collectives, ONE all-reduce of a 5-element tensor that carries
@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from dist_cosface.agreement import Ballot
-from dist_cosface.classifier import class_range
+from dist_cosface.classifier import HeadStepReport, class_range
 from dist_cosface.classifier.state import ClassifierState
 from dist_cosface.configtools import to_mapping, to_yaml
 from dist_cosface.data.integrity import raise_data_failure
@@ -44,7 +45,7 @@ from dist_cosface.engine.signals import StopRequest
 from dist_cosface.engine.strategy import build_strategy, check_compiler
 from dist_cosface.engine.training_eval import evaluate_backbone
 from dist_cosface.eval.targets import check_targets
-from dist_cosface.metrics import build_metrics
+from dist_cosface.metrics import LogValues, MetricsSink, StepRecord, build_metrics
 from dist_cosface.models import build_backbone
 
 if TYPE_CHECKING:  # the run config imports the engine's sections, so the engine, at its top
@@ -57,20 +58,33 @@ log = logging.getLogger(__name__)
 _STEP_VOTES = Ballot("sigterm", "launcher_lost", "bad_data", "save_failed")
 
 
+@dataclass
+class RunSummary:
+    """What :func:`train` returns on every rank: where the run ended and its last log line."""
+
+    step: int = 0  # optimizer steps done (resumed ones included)
+    loss: float | None = None  # at the last log step (None before the first)
+    samples_per_s: float | None = None  # global rate over the last log interval
+    grad_norm: float | None = None  # at the last log step; None when it was not finite
+    preempted: bool = False  # stopped early by an agreed stop (SIGTERM, a launcher died)
+    launcher_lost: bool = False  # the stop was a dead launcher: the CLI exits non-zero
+    checkpoint: str | None = None  # folder of the last checkpoint this run saved
+    eval: dict[str, dict] = field(default_factory=dict)  # per target (an "error" entry if failed)
+    resumed_from: str | None = None  # the checkpoint folder the run resumed from
+
+
 def train(
     cfg: RunConfig,
     ctx: DistContext,
     *,
     backbone: torch.nn.Module | None = None,
     loader: TrainLoader | None = None,
-) -> dict:
+) -> RunSummary:
     """Train per ``cfg``; every rank calls this. ``backbone``/``loader`` override the builders.
 
-    Returns a summary: ``step``, ``loss``, ``samples_per_s``, ``grad_norm`` (last log line),
-    ``preempted``, ``launcher_lost`` (stopped because a rank's launcher died), ``resumed_from``,
-    ``checkpoint``, ``eval``. An exception is re-raised, so the launcher sees a non-zero exit
-    and stops the other ranks; the CLI prints it as one line naming the rank (its traceback is
-    logged here at DEBUG, which ``dist-cosface --debug`` turns on).
+    Returns this rank's :class:`RunSummary`. An exception is re-raised, so the launcher sees a
+    non-zero exit and stops the other ranks; the CLI prints it as one line naming the rank (its
+    traceback is logged here at DEBUG, which ``dist-cosface --debug`` turns on).
     """
     try:
         check_inputs(cfg, ctx)  # before the lock: a bad config leaves no run folder behind
@@ -104,6 +118,7 @@ class Trainer:
     stream: EpochStream
     metrics: RunMetrics
     progress: ProgressLog
+    sinks: list[MetricsSink]  # every step's record goes to each: metrics, progress
 
     def __init__(
         self,
@@ -129,11 +144,11 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.skipped = 0  # consecutive fp16 overflow skips
         self.last_saved = -1  # step of the last checkpoint written or resumed from
-        self.summary: dict = {}
+        self.summary = RunSummary()
 
     # ---- the run ---------------------------------------------------------------------------
 
-    def run(self) -> dict:
+    def run(self) -> RunSummary:
         """Train to ``train.total_steps`` (or an agreed stop); returns the summary.
 
         On every way out, success or error, the checkpoint writer thread is joined and its
@@ -144,10 +159,11 @@ class Trainer:
             try:
                 self._loop()
             finally:
-                self.metrics.close()
+                for sink in self.sinks:
+                    sink.close()
         finally:
             self.checkpointer.close()
-        self.summary["step"] = self.step
+        self.summary.step = self.step
         return self.summary
 
     def _loop(self) -> None:
@@ -158,8 +174,8 @@ class Trainer:
                     self._preempt(reason)
                     break
         self.checkpointer.wait()  # the last checkpoint is published before evaluating
-        if self.cfg.eval.targets and not self.summary["preempted"]:
-            self.summary["eval"] = self._evaluate()
+        if self.cfg.eval.targets and not self.summary.preempted:
+            self.summary.eval = self._evaluate()
 
     def train_step(self, stop: StopRequest) -> str | None:
         """One optimizer step; returns why every rank stops now ("sigterm", ...) or None.
@@ -284,35 +300,39 @@ class Trainer:
     def _record_metrics(
         self, seconds: float, wait: float, loss: torch.Tensor, lr: float, norm: float
     ) -> None:
-        """Metrics of every step; the log line (and margin health) on log steps."""
+        """One record of the step to every sink; log steps add the loss, LR, norm, health."""
         cfg, report = self.cfg, self.head.step_report()
-        rank_samples = cfg.data.batch_size * cfg.optim.grad_accum_steps
-        self.metrics.on_step(
+        logged = self._log_values(loss, lr, norm, report) if self._is_log_step(self.step) else None
+        record = StepRecord(
             step=self.step,
-            samples=rank_samples,  # per rank: Prometheus sums ranks for the global rate
+            samples=cfg.data.batch_size * cfg.optim.grad_accum_steps,  # this rank's
+            world_size=self.ctx.world_size,
             step_seconds=seconds,
             data_wait_seconds=wait,
             comm_seconds=report.comm_seconds,
+            logged=logged,
         )
-        self.progress.add(seconds, rank_samples * self.ctx.world_size)
-        if not self._is_log_step(self.step):
-            return
-        loss_value = float(loss.item())
-        grad_norm = norm if math.isfinite(norm) else None
-        self.metrics.on_log(step=self.step, loss=loss_value, lr=lr, grad_norm=grad_norm)
+        for sink in self.sinks:
+            sink.write(record)
+        if logged is not None:
+            self.summary.loss, self.summary.grad_norm = logged.loss, logged.grad_norm
+            self.summary.samples_per_s = self.progress.rate
+
+    def _log_values(
+        self, loss: torch.Tensor, lr: float, norm: float, report: HeadStepReport
+    ) -> LogValues:
+        """The host values of a log step (one small copy each: the step's grad-norm read has
+        already synchronised the device)."""
         stats = self.loader.stats
-        if "skipped_samples" in stats:
-            self.metrics.on_bad_samples(int(stats["skipped_samples"]))
-        if "bad_shards" in stats:
-            self.metrics.on_bad_shards(int(stats["bad_shards"]))
-        # one small host copy: the step's grad-norm read has already synchronised the device
-        health = report.health.to_floats() if report.health is not None else {}
-        if health:
-            self.metrics.on_margin_health(health)
-        rate = self.progress.log(
-            step=self.step, loss=loss_value, lr=lr, grad_norm=grad_norm, extra=health
+        skipped, bad_shards = stats.get("skipped_samples"), stats.get("bad_shards")
+        return LogValues(
+            loss=float(loss.item()),
+            lr=lr,
+            grad_norm=norm if math.isfinite(norm) else None,
+            skipped_samples=int(skipped) if skipped is not None else None,
+            bad_shards=int(bad_shards) if bad_shards is not None else None,
+            health=report.health.to_floats() if report.health is not None else {},
         )
-        self.summary.update(loss=loss_value, samples_per_s=rate, grad_norm=grad_norm)
 
     def _checkpoint_if_due(self) -> None:
         every = self.cfg.checkpoint.every_steps
@@ -323,7 +343,7 @@ class Trainer:
         cfg, every = self.cfg, self.cfg.eval.every_steps
         if cfg.eval.targets and every and self.step % every == 0:
             if self.step < cfg.train.total_steps:  # the last step is evaluated by run()
-                self.summary["eval"] = self._evaluate()
+                self.summary.eval = self._evaluate()
 
     def _is_log_step(self, step: int) -> bool:
         return step % self.cfg.train.log_every == 0 or step == self.cfg.train.total_steps
@@ -340,20 +360,13 @@ class Trainer:
         resumed = self.checkpointer.resume(self.state)
         self.step = resumed.step
         self.last_saved = self.step if resumed.source else -1
-        self.summary = {
-            "step": self.step,
-            "loss": None,
-            "samples_per_s": None,
-            "grad_norm": None,
-            "preempted": False,
-            "launcher_lost": False,
-            "checkpoint": None,
-            "eval": {},
-            "resumed_from": str(resumed.source) if resumed.source else None,
-        }
+        self.summary = RunSummary(
+            step=self.step, resumed_from=str(resumed.source) if resumed.source else None
+        )
         self.stream = EpochStream(self.loader, resumed.epoch, resumed.position)
         self.metrics = build_metrics(cfg.metrics, ctx, self._run_info())
         self.progress = ProgressLog(self.out / "metrics.jsonl", ctx.is_main, cfg.train.total_steps)
+        self.sinks = [self.metrics, self.progress]
         self.strategy.backbone.train()
         self.head.train()
 
@@ -362,8 +375,8 @@ class Trainer:
         if self.last_saved != self.step:
             self._save_checkpoint(self.step)
         self.checkpointer.wait()  # published before this process exits
-        self.summary["preempted"] = True
-        self.summary["launcher_lost"] = reason == "launcher_lost"  # the CLI exits non-zero
+        self.summary.preempted = True
+        self.summary.launcher_lost = reason == "launcher_lost"  # the CLI exits non-zero
         if self.ctx.is_main:
             what = "a launcher died" if reason == "launcher_lost" else "SIGTERM"
             log.info("%s: stopped at step %d, checkpoint written", what, self.step)
@@ -383,7 +396,7 @@ class Trainer:
         }
         blocked = self.checkpointer.save(step, self.state, meta)
         self.metrics.on_checkpoint(blocked)
-        self.summary["checkpoint"] = str(self.checkpointer.root / f"step_{step}")
+        self.summary.checkpoint = str(self.checkpointer.root / f"step_{step}")
         self.last_saved = step
 
     def _train_state(self) -> TrainState:
@@ -406,14 +419,9 @@ class Trainer:
             results = evaluate_backbone(self.cfg, self.ctx, backbone, self.out)
         if self.ctx.is_main:
             for target, res in results.items():
-                if "error" in res:
-                    print(
-                        f"eval {target}: FAILED ({res['error']}); training results are kept",
-                        flush=True,
-                    )
-                    continue
-                self.metrics.on_eval(target, float(res["accuracy"]))
-                print(f"eval {target}: accuracy {res['accuracy']:.4f}", flush=True)
+                if "error" not in res:
+                    self.metrics.on_eval(target, float(res["accuracy"]))
+                self.progress.log_eval(target, res)
         return results
 
     def _run_info(self) -> dict:

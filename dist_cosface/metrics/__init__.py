@@ -7,5 +7,15 @@ from dist_cosface.metrics.exporter import (
     RunMetrics,
     build_metrics,
 )
+from dist_cosface.metrics.sink import LogValues, MetricsSink, StepRecord
 
-__all__ = ["EXPORTED_NAMES", "MetricsConfig", "PrometheusMetrics", "RunMetrics", "build_metrics"]
+__all__ = [
+    "EXPORTED_NAMES",
+    "LogValues",
+    "MetricsConfig",
+    "MetricsSink",
+    "PrometheusMetrics",
+    "RunMetrics",
+    "StepRecord",
+    "build_metrics",
+]

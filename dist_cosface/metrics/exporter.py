@@ -25,6 +25,7 @@ import time
 from typing import TYPE_CHECKING
 
 from dist_cosface.metrics.margin import MARGIN_HEALTH_NAMES, MarginHealthGauges
+from dist_cosface.metrics.sink import StepRecord
 
 if TYPE_CHECKING:
     from dist_cosface.distributed import DistContext
@@ -68,9 +69,35 @@ EXPORTED_NAMES += MARGIN_HEALTH_NAMES
 
 
 class RunMetrics:
-    """The exporter interface the engine calls; this base class does nothing (metrics off)."""
+    """The exporter interface the engine calls; this base class does nothing (metrics off).
+
+    A :class:`~dist_cosface.metrics.sink.MetricsSink`: :meth:`write` hands each step's record
+    to the hooks below (``on_step`` every step; ``on_log``, ``on_bad_samples``,
+    ``on_bad_shards``, ``on_margin_health`` on log steps). ``on_checkpoint`` and ``on_eval``
+    are called by the trainer when it saves or evaluates.
+    """
 
     port: int | None = None  # bound /metrics port, None when not serving
+
+    def write(self, record: StepRecord) -> None:
+        """One step's record, spread over the hooks (the subclasses implement the hooks)."""
+        self.on_step(
+            step=record.step,
+            samples=record.samples,
+            step_seconds=record.step_seconds,
+            data_wait_seconds=record.data_wait_seconds,
+            comm_seconds=record.comm_seconds,
+        )
+        logged = record.logged
+        if logged is None:
+            return
+        self.on_log(step=record.step, loss=logged.loss, lr=logged.lr, grad_norm=logged.grad_norm)
+        if logged.skipped_samples is not None:
+            self.on_bad_samples(logged.skipped_samples)
+        if logged.bad_shards is not None:
+            self.on_bad_shards(logged.bad_shards)
+        if logged.health:
+            self.on_margin_health(logged.health)
 
     def on_step(
         self,

@@ -61,9 +61,9 @@ def test_checkpoint_layout_atomicity_and_exact_resume(tmp_path):
     (ckpts / "step_5" / "meta.json").unlink()  # all data written, never published
     assert find_latest_checkpoint(run) == ckpts / "step_2"
     second = _run(run, "train.total_steps=4", "checkpoint.keep_last=2")
-    assert second["resumed_from"] == str(ckpts / "step_2") and second["step"] == 4
+    assert second.resumed_from == str(ckpts / "step_2") and second.step == 4
     assert not (ckpts / "step_6.tmp-write").exists()  # stale partial writes are cleaned up
-    assert second["loss"] == pytest.approx(first["loss"], rel=1e-6)
+    assert second.loss == pytest.approx(first.loss, rel=1e-6)
     _assert_same_tree(read_tree(step4, "backbone."), final_backbone, rtol=1e-6, atol=1e-7)
     _assert_same_tree(read_tree(step4, "classifier."), final_head, rtol=1e-6, atol=1e-7)
 
@@ -159,8 +159,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
         second = _run(run, "train.total_steps=4", "checkpoint.keep_last=2")
     damaged = str(ckpts / "step_4" / RANK0_FILE)
     assert any(damaged in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
-    assert second["resumed_from"] == str(ckpts / "step_2") and second["step"] == 4
-    assert second["loss"] == pytest.approx(first["loss"], rel=1e-6)  # exact resume from step 2
+    assert second.resumed_from == str(ckpts / "step_2") and second.step == 4
+    assert second.loss == pytest.approx(first.loss, rel=1e-6)  # exact resume from step 2
     resumed = read_tree(ckpts / "step_4", "backbone.")  # rewritten
     _assert_same_tree(resumed, final_backbone, rtol=1e-6, atol=1e-7)
 

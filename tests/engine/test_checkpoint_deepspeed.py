@@ -62,7 +62,7 @@ def _deepspeed_cases(rank, world, disk, marker):
     archive = tiny_config(
         run, *steps, "train.total_steps=2", lower, "checkpoint.later_steps=archive"
     )
-    results["archived"] = train(archive, ctx)["loss"], first["loss"]
+    results["archived"] = train(archive, ctx).loss, first.loss
     # a full disk inside DeepSpeed's own save: no room check, so that it is met there
     full = disk / "full"
     train(tiny_config(full, *steps, "train.total_steps=1"), ctx)

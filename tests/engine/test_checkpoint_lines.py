@@ -45,8 +45,8 @@ def test_resume_below_later_checkpoints_refuses_or_archives(tmp_path):
     second = train(
         tiny_config(run, *_STEPS, lower, "checkpoint.later_steps=archive"), DistContext()
     )
-    assert second["resumed_from"] == str(ckpts / "step_4") and second["step"] == 6
-    assert second["loss"] == pytest.approx(first["loss"], rel=1e-6)  # the same line, exactly
+    assert second.resumed_from == str(ckpts / "step_4") and second.step == 6
+    assert second.loss == pytest.approx(first.loss, rel=1e-6)  # the same line, exactly
     assert _names(ckpts) == ["step_4", "step_6", "superseded-4"]  # the new step_6 is kept
     kept = ckpts / "superseded-4" / "step_6"
     assert (kept / "meta.json").read_text() == step6

@@ -157,8 +157,8 @@ def test_format_3_checkpoints_resume_exactly(tmp_path, monkeypatch):
     assert read_tree(step2, "rank0.loader.")["rank0.loader.batches_consumed"] == 2
     shutil.rmtree(run / "checkpoints" / "step_4")
     second = train(tiny_config(run, *steps), DistContext())
-    assert second["resumed_from"] == str(step2)
-    assert second["loss"] == pytest.approx(first["loss"], rel=1e-6)
+    assert second.resumed_from == str(step2)
+    assert second.loss == pytest.approx(first.loss, rel=1e-6)
     assert (
         json.loads((run / "checkpoints" / "step_4" / "meta.json").read_text())["format_version"]
         == 4

@@ -51,7 +51,7 @@ def _train_two(rank, world, out):
     ctx = context_from_group(dist.group.WORLD, torch.device("cpu"))
     cfg = tiny_config(out, *_OVERRIDES)
     summary = train(cfg, ctx)
-    return _score_checkpoint(cfg, ctx, summary["checkpoint"])
+    return _score_checkpoint(cfg, ctx, summary.checkpoint)
 
 
 def _resume_three(rank, world, out):
@@ -76,8 +76,8 @@ def test_resume_two_ranks_on_three_ranks(tmp_path):
     for s in scores:
         assert s["loss"] == pytest.approx(two[0]["loss"], rel=1e-5)
     summary = three[0][1]
-    assert summary["resumed_from"].endswith("step_2") and summary["step"] == 3
-    assert np.isfinite(summary["loss"])
+    assert summary.resumed_from.endswith("step_2") and summary.step == 3
+    assert np.isfinite(summary.loss)
 
 
 @pytest.mark.multiproc
@@ -92,14 +92,14 @@ def test_resume_two_ranks_on_one_process(tmp_path):
         np.testing.assert_array_equal(one[key], np.concatenate([s[key] for s in two]))
     assert one["loss"] == pytest.approx(two[0]["loss"], rel=1e-5)
     summary = train(cfg, DistContext())
-    assert summary["resumed_from"].endswith("step_2") and summary["step"] == 3
+    assert summary.resumed_from.endswith("step_2") and summary.step == 3
 
 
 def _train_with_saves(rank, world, out, async_save):
     ctx = context_from_group(dist.group.WORLD, torch.device("cpu"))
     overrides = ("train.total_steps=4", "checkpoint.every_steps=1", "checkpoint.keep_last=4")
     cfg = tiny_config(out, *_OVERRIDES, *overrides, f"checkpoint.async_save={async_save}")
-    return train(cfg, ctx)["loss"]
+    return train(cfg, ctx).loss
 
 
 @pytest.mark.multiproc

@@ -56,9 +56,9 @@ def _run(engine: str, zero_stage: int, out: str, precision="fp32", steps=2, keep
     )
     start, count = class_range(cfg.classifier.num_classes, dist.get_world_size(), dist.get_rank())
     rows = slice(start, start + count)
-    head = read_value(Path(summary["checkpoint"]), "classifier.weight")[rows]
+    head = read_value(Path(summary.checkpoint), "classifier.weight")[rows]
     weights = {k: v.detach().float().numpy().copy() for k, v in backbone.named_parameters()}
-    result = {"final": _state(weights, head, summary["loss"], summary["grad_norm"])}
+    result = {"final": _state(weights, head, summary.loss, summary.grad_norm)}
     if keep_step_1:
         step_1 = Path(out) / "checkpoints" / "step_1"
         saved = {k: read_value(step_1, f"backbone.model.{k}") for k in weights}
@@ -122,7 +122,7 @@ def _ds_resume(rank, world, out, steps):
     )
     ctx = context_from_group(dist.group.WORLD, torch.device("cpu"))
     try:
-        return train(cfg, ctx)["resumed_from"]
+        return train(cfg, ctx).resumed_from
     except ValueError as exc:
         return f"ValueError: {exc}"
 

@@ -53,8 +53,8 @@ def test_cuda_mixed_precision_training_and_resume(tmp_path, precision):
     out = tmp_path / precision
     first = gpu_train(out, precision, 40)
     losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    print(precision, "losses", losses, "samples/s", first["samples_per_s"])
+    print(precision, "losses", losses, "samples/s", first.samples_per_s)
     assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.7 * losses[0]
     resumed = gpu_train(out, precision, 60)
-    assert resumed["resumed_from"].endswith("step_40") and resumed["step"] == 60
-    assert math.isfinite(resumed["loss"])
+    assert resumed.resumed_from.endswith("step_40") and resumed.step == 60
+    assert math.isfinite(resumed.loss)

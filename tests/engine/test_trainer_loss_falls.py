@@ -22,7 +22,7 @@ def _train_ranks(rank, world, out, overrides):
     summary = train(
         tiny_config(out, *overrides), context_from_group(dist.group.WORLD, torch.device("cpu"))
     )
-    return summary["loss"]
+    return summary.loss
 
 
 def _logged_losses(out: Path) -> list[float]:

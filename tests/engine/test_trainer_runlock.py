@@ -55,7 +55,7 @@ def test_second_job_fails_at_once_naming_the_holder(tmp_path):
         holder.kill()  # SIGKILL: the kernel releases the lock of a crashed holder
         holder.wait()
     summary = train(tiny_config(out), DistContext())
-    assert summary["step"] == 3
+    assert summary.step == 3
     with RunLock(out, DistContext()):  # released after the run
         with pytest.raises(RunFolderLocked):  # one process cannot take it twice either
             RunLock(out, DistContext()).__enter__()

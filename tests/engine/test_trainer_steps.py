@@ -91,7 +91,7 @@ def _train_fixed(tmp, batches, *overrides):
     cfg = tiny_config(tmp, "optim.grad_clip=0.5", *overrides)
     backbone = linear_backbone(cfg)
     out = train(cfg, DistContext(), backbone=backbone, loader=FixedLoader(batches, 8))
-    ckpt = Path(out["checkpoint"])
+    ckpt = Path(out.checkpoint)
     return out, backbone, read_value(ckpt, "classifier.weight")
 
 
@@ -100,7 +100,7 @@ def test_grad_accumulation_equals_larger_batch(tmp_path):
     halves = [(x[i : i + 4], y[i : i + 4]) for x, y in big for i in (0, 4)]
     out1, bb1, head1 = _train_fixed(tmp_path / "a", big, "data.batch_size=8")
     out2, bb2, head2 = _train_fixed(tmp_path / "b", halves, "optim.grad_accum_steps=2")
-    assert out1["loss"] == pytest.approx(out2["loss"], rel=1e-5)
+    assert out1.loss == pytest.approx(out2.loss, rel=1e-5)
     for p1, p2 in zip(bb1.parameters(), bb2.parameters()):
         torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(head1, head2, rtol=1e-5, atol=1e-6)
@@ -124,8 +124,8 @@ def test_fp16_overflow_skips_step_and_lowers_scale(tmp_path):
     batches = fixed_batches(10, 4)
     batches[0][0][0, 0, 0, 0] = float("inf")  # overflowing steps are skipped, not fatal
     out, _, _ = _train_fixed(tmp_path, batches, "train.precision=fp16")
-    assert out["step"] == 3 and math.isfinite(out["loss"])
-    ckpt = Path(out["checkpoint"])
+    assert out.step == 3 and math.isfinite(out.loss)
+    ckpt = Path(out.checkpoint)
     scale = read_value(ckpt, "scaler.scale")
     skips = read_value(ckpt, "rank0.loader.batches_consumed") - 3  # a skip consumed one batch
     assert skips >= 1 and scale == 2.0**16 / 2**skips
@@ -137,7 +137,7 @@ def test_bf16_autocast_trains(tmp_path):
     out, _, head = _train_fixed(
         tmp_path, fixed_batches(3, 4), "train.precision=bf16", "optim.name=adamw"
     )
-    assert out["step"] == 3 and math.isfinite(out["loss"]) and head.dtype == torch.float32
+    assert out.step == 3 and math.isfinite(out.loss) and head.dtype == torch.float32
 
 
 def test_mismatched_sizes_are_config_errors(tmp_path):
@@ -246,15 +246,15 @@ def test_two_ranks_match_float64_reference(tmp_path):
     for name in w0:
         assert torch.equal(w0[name], w1[name]), f"backbone {name} differs between ranks"
         _assert_tracks_reference(w0[name], ref_backbone[name].detach(), init[name], name)
-    ckpt = Path(sum0["checkpoint"])
+    ckpt = Path(sum0.checkpoint)
     assert json.loads((ckpt / "meta.json").read_text())["class_layout"] == [[0, 4], [4, 4]]
     full = read_value(ckpt, "classifier.weight")  # both ranks' rows, as one [8, D] tensor
     assert not torch.equal(full[:4], full[4:])
     head = ShardedClassifier(cfg.classifier, cfg.model.embedding_size, None)
     head.reset_parameters(seed=cfg.train.seed)
     _assert_tracks_reference(full, ref_weight, head.weight.detach().double(), "classifier")
-    assert sum0["loss"] == pytest.approx(ref_losses[-1], rel=1e-3)
-    assert sum1["loss"] == sum0["loss"]
+    assert sum0.loss == pytest.approx(ref_losses[-1], rel=1e-3)
+    assert sum1.loss == sum0.loss
 
 
 def test_evaluation_during_and_after_training(tmp_path):
@@ -280,5 +280,5 @@ def test_evaluation_during_and_after_training(tmp_path):
         "eval.batch_size=4",
         "eval.n_folds=2",
     )
-    assert set(out["eval"]) == {"tiny"} and 0.0 <= out["eval"]["tiny"]["accuracy"] <= 1.0
+    assert set(out.eval) == {"tiny"} and 0.0 <= out.eval["tiny"]["accuracy"] <= 1.0
     assert (tmp_path / "run" / "eval.json").is_file()
