@@ -245,9 +245,10 @@ class _StdoutLines(logging.Handler):
             self.handleError(record)
 
 
-def _configure_logging() -> None:
-    """Diagnostics on stderr with time and source; rank 0's run output (the progress and
-    ``eval`` result lines, ``engine.progress``) bare on stdout, and only there."""
+def configure_logging() -> None:
+    """The CLI's logging (also for tools that call ``engine.train``): diagnostics on stderr
+    with time and source; rank 0's run output (the progress and ``eval`` result lines,
+    ``engine.progress``) bare on stdout, and only there."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -258,7 +259,7 @@ def _configure_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _configure_logging()
+    configure_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")

@@ -51,6 +51,7 @@ if str(REPO) not in sys.path:  # runnable as a plain script from a checkout
 
 from dist_cosface.clean.config import CleanConfig  # noqa: E402
 from dist_cosface.clean.run import CleanJob, clean  # noqa: E402
+from dist_cosface.cli import configure_logging  # noqa: E402
 from dist_cosface.config import load_config  # noqa: E402
 from dist_cosface.configtools import from_mapping, load_yaml  # noqa: E402
 from dist_cosface.data.shards import (  # noqa: E402
@@ -512,6 +513,7 @@ def _thresholds(line: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    configure_logging()  # the teachers' progress lines, as `dist-cosface train` shows them
     if args.cmd == "table":
         print(table(args.results))
         return
