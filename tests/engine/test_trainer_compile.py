@@ -113,15 +113,17 @@ def test_compile_keys_are_validated():
         tiny_config("x", "train.compile_mode=fast")
 
 
-def test_missing_cxx_compiler_fails_at_start_in_one_line(tmp_path, monkeypatch):
+def test_missing_cxx_compiler_fails_at_start_in_one_line(tmp_path):
     from torch._inductor import config as inductor_config
     from torch._inductor.cpp_builder import cpp_compiler_search
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
+    # torch's own config patch, not pytest's monkeypatch: undoing a monkeypatch of a torch
+    # config entry deletes it under some pytest versions (seen with 9.2), breaking later tests
+    missing = {"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}
     cpp_compiler_search.cache_clear()  # inductor remembers the compiler it found
     out = tmp_path / "run"
     try:
-        with pytest.raises(CompilerUnavailable) as err:
+        with inductor_config.patch(missing), pytest.raises(CompilerUnavailable) as err:
             train(tiny_config(out, "train.compile=true"), DistContext())
     finally:
         cpp_compiler_search.cache_clear()
