@@ -176,7 +176,9 @@ def test_folder_bad_inputs_stop(tmp_path, remove, message):
 
 
 def test_cli_and_tool(tmp_path, capsys):
+    from dist_cosface.cliargs import UsageError
     from dist_cosface.data.cli import add_shards_arguments, run_shards
+    from tools import make_shards
 
     parser = argparse.ArgumentParser()
     add_shards_arguments(parser)
@@ -185,8 +187,11 @@ def test_cli_and_tool(tmp_path, capsys):
     assert run_shards(args) == 0
     assert "3 samples, 2 classes, 2 shards" in capsys.readouterr().out
     args = parser.parse_args([str(tmp_path / "missing"), str(tmp_path / "o2")])
-    assert run_shards(args) == 2
-    assert "missing: not an image folder or a .rec file" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="missing: not an image folder or a .rec file"):
+        run_shards(args)
+    with pytest.raises(SystemExit) as exit_info:  # the tool is the command: same exit status
+        make_shards.main([str(tmp_path / "missing"), str(tmp_path / "o2")])
+    assert exit_info.value.code == 2 and "missing: not an" in capsys.readouterr().err
     tool = subprocess.run(
         [sys.executable, "tools/make_shards.py", str(tmp_path / "p.rec"), str(tmp_path / "o3")],
         capture_output=True,
@@ -196,6 +201,76 @@ def test_cli_and_tool(tmp_path, capsys):
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert tool.returncode == 0 and "3 samples" in tool.stdout
+
+
+def _shards_case(root, case):
+    """Builds what ``case`` needs under ``root``; returns the arguments after ``shards``."""
+    rec, out = root / "p.rec", root / "o"
+    write_rec(rec, [0.0, 1.0, 1.0])
+    if case in ("out is a file", "out not ours", "--overwrite not ours"):
+        (root / "taken").mkdir()
+        (root / "taken" / "README").write_text("mine")
+        (root / "file").write_text("mine")
+        out = root / ("file" if case == "out is a file" else "taken")
+        return [str(rec), str(out)] + (["--overwrite"] if case.startswith("--") else [])
+    if case == "other conversion":
+        convert(rec, out, ConvertOptions(shard_size=2))
+        return [str(rec), str(out), "--shard-size", "3"]
+    if case == "plan unreadable":
+        out.mkdir()
+        (out / "_plan.json").write_text("{not json")
+    if case == "no index":
+        rec.with_suffix(".idx").unlink()
+    if case in ("every sample bad", "stop at a bad image"):
+        (root / "src" / "a").mkdir(parents=True)
+        (root / "src" / "a" / "0.jpg").write_bytes(b"not a jpeg")
+        good = [] if case == "every sample bad" else [("1.jpg", 0), ("2.jpg", 1)]
+        for name, seed in good:
+            (root / "src" / "a" / name).write_bytes(jpeg_bytes(seed, 16))
+        stop = ["--on-bad", "stop"] if case == "stop at a bad image" else []
+        return [str(root / "src"), str(out), *stop]
+    if case == "no usable records":
+        write_rec(rec, [-1.0, -2.0])  # labels out of range: skipped, nothing left
+    args = {
+        "src missing": [str(root / "missing"), str(out)],
+        "landmarks with .rec": [str(rec), str(out), "--landmarks", str(root / "lm.txt")],
+        "out is src": [str(root), str(root)],
+        "shard size 0": [str(rec), str(out), "--shard-size", "0"],
+        "jpeg quality 101": [str(rec), str(out), "--jpeg-quality", "101"],
+    }
+    return args.get(case, [str(rec), str(out)])
+
+
+@pytest.mark.parametrize(
+    "case, status, needle",
+    [
+        ("src missing", 2, "missing: not an image folder or a .rec file"),
+        ("landmarks with .rec", 2, "p.rec: --landmarks needs an image folder source"),
+        ("out is src", 2, "the output folder is the source"),
+        ("out is a file", 2, "file: exists and is not a folder"),
+        ("out not ours", 2, "taken: not empty (README) and not an output of"),
+        ("--overwrite not ours", 2, "--overwrite only clears a previous output"),
+        ("other conversion", 2, "holds shards of a different conversion (differs in ['num_"),
+        ("shard size 0", 2, "shard_size must be >= 1, got 0"),
+        ("jpeg quality 101", 2, "jpeg_quality must be in [1, 100], got 101"),
+        ("no usable records", 1, "p.rec: no usable image records"),
+        ("no index", 1, "p.rec: index file"),
+        ("every sample bad", 1, "every sample of this shard was bad"),
+        ("stop at a bad image", 1, "0.jpg: corrupt image"),
+        ("plan unreadable", 1, "_plan.json: unreadable"),
+    ],
+)
+def test_shards_exit_status(tmp_path, capsys, case, status, needle):
+    """2 and one line for an argument that cannot be used; 1 for a failure while converting."""
+    from dist_cosface.cli import main
+
+    argv = ["shards", *_shards_case(tmp_path, case), "--no-progress"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == status, err
+    assert err.startswith("dist-cosface shards: error: ") and err.count("\n") == 1, err
+    assert needle in err
 
 
 # ---------------------------------------------------------------- nothing destroyed

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from dist_cosface.data.cli import add_shards_arguments, run_shards
+from dist_cosface import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_shards_arguments(parser)
-    return run_shards(parser.parse_args(argv))
+    """``dist-cosface shards`` itself: the same options, messages and exit statuses."""
+    return cli.main(["shards", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
+from dist_cosface.cliargs import UsageError
 from dist_cosface.data.convert import MAX_IMAGE_BYTES, ConvertOptions, convert
 
 
@@ -58,6 +58,14 @@ def add_shards_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:
+    """The options; a value out of range is a ``UsageError`` naming it."""
+    try:
+        return _options(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _options(args: argparse.Namespace) -> ConvertOptions:
     return ConvertOptions(
         shard_size=args.shard_size,
         max_shard_bytes=args.max_shard_bytes,
@@ -76,11 +84,12 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
 
 
 def run_shards(args: argparse.Namespace) -> int:
-    """Run the conversion; prints the summary. Returns 0, or 2 on bad input (message printed)."""
-    try:
-        result = convert(args.src, args.out_dir, options_from_args(args))
-    except ValueError as exc:
-        print(f"dist-cosface shards: error: {exc}", file=sys.stderr)
-        return 2
+    """Run the conversion and print the summary; returns 0.
+
+    An argument that cannot be used raises ``UsageError`` (exit status 2), a failure while
+    converting ``ValueError`` or ``OSError`` (status 1): ``dist_cosface.cli.main`` turns
+    either into one ``dist-cosface shards: error: ...`` line.
+    """
+    result = convert(args.src, args.out_dir, options_from_args(args))
     print(result.summary())
     return 0

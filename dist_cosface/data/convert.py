@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 from dist_cosface.align import align_encoded, read_landmarks_file
+from dist_cosface.cliargs import UsageError
 from dist_cosface.configtools import check_minimums
 from dist_cosface.data import recordio
 from dist_cosface.data.shards import (
@@ -376,7 +377,7 @@ def _load_done(path: Path) -> tuple[ShardInfo, Problems, list[str]]:
 
 
 def check_apart(src: Path, out_dir: Path) -> None:
-    """ValueError when the output folder is, holds or lies inside the source (links resolved)."""
+    """UsageError when the output folder is, holds or lies inside the source (links resolved)."""
     source, out = src.resolve(), out_dir.resolve()
     if out == source:
         where = "is the source"
@@ -386,7 +387,7 @@ def check_apart(src: Path, out_dir: Path) -> None:
         where = "holds the source"
     else:
         return
-    raise ValueError(f"{out_dir}: the output folder {where} {src}; choose a folder outside it")
+    raise UsageError(f"{out_dir}: the output folder {where} {src}; choose a folder outside it")
 
 
 def _is_output_file(entry: Path) -> bool:
@@ -399,7 +400,7 @@ def _clear_previous_output(out_dir: Path, entries: list[Path]) -> None:
     foreign = [e.name for e in entries if not _is_output_file(e)]
     if not (out_dir / PLAN_NAME).is_file() or foreign:
         what = f"holds {', '.join(foreign[:3])}" if foreign else f"has no {PLAN_NAME}"
-        raise ValueError(
+        raise UsageError(
             f"{out_dir}: --overwrite only clears a previous output of dist-cosface shards, "
             f"and this folder {what}; choose a new or empty output folder"
         )
@@ -409,7 +410,7 @@ def _clear_previous_output(out_dir: Path, entries: list[Path]) -> None:
 
 def _prepare_out_dir(out_dir: Path, plan: dict, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{out_dir}: exists and is not a folder")
+        raise UsageError(f"{out_dir}: exists and is not a folder")
     entries = sorted(out_dir.iterdir()) if out_dir.is_dir() else []
     if overwrite and entries:
         _clear_previous_output(out_dir, entries)
@@ -426,13 +427,13 @@ def _prepare_out_dir(out_dir: Path, plan: dict, overwrite: bool) -> None:
             # suggest --overwrite only where it would work (nothing but our own files)
             ours = all(_is_output_file(e) for e in entries)
             advice = "pass --overwrite to start clean or " if ours else ""
-            raise ValueError(
+            raise UsageError(
                 f"{out_dir}: holds shards of a different conversion (differs in {changed}); "
                 f"{advice}choose another output folder"
             )
     elif entries:
         names = ", ".join(e.name for e in entries[:3]) + (" ..." if len(entries) > 3 else "")
-        raise ValueError(
+        raise UsageError(
             f"{out_dir}: not empty ({names}) and not an output of dist-cosface shards; "
             "choose a new or empty output folder"
         )
@@ -443,23 +444,32 @@ def _prepare_out_dir(out_dir: Path, plan: dict, overwrite: bool) -> None:
 
 
 def convert(src: str | Path, out_dir: str | Path, opts: ConvertOptions) -> ConvertResult:
-    """Convert an image folder or a ``.rec`` file into shards under ``out_dir``."""
+    """Convert an image folder or a ``.rec`` file into shards under ``out_dir``.
+
+    Arguments that cannot be used (``src`` neither an image folder nor a ``.rec``,
+    ``landmarks`` with a ``.rec``, an output folder that overlaps the source, is not a folder,
+    holds something else or a different conversion) raise ``UsageError``; failures while
+    converting (no usable samples, a missing index, an unreadable plan, a bad input under
+    ``on_bad="stop"``, a shard whose every sample is bad) raise ``ValueError``.
+    """
     src, out_dir = Path(src), Path(out_dir)
     check_apart(src, out_dir)
-    problems = Problems(opts.on_bad)
-    rec_offsets: dict[int, int] = {}
     if src.is_dir():
         kind = "folder"
-        samples, label_map = scan_folder(src, problems, opts.max_image_bytes)
     elif src.is_file() and src.suffix == ".rec":
         kind = "recordio"
+    else:
+        raise UsageError(f"{src}: not an image folder or a .rec file")
+    if opts.landmarks and kind != "folder":
+        raise UsageError(f"{src}: --landmarks needs an image folder source")
+    problems = Problems(opts.on_bad)
+    rec_offsets: dict[int, int] = {}
+    if kind == "folder":
+        samples, label_map = scan_folder(src, problems, opts.max_image_bytes)
+    else:
         samples, label_map, rec_offsets = scan_recordio(
             src, opts.num_classes, problems, opts.max_image_bytes
         )
-    else:
-        raise ValueError(f"{src}: not an image folder or a .rec file")
-    if opts.landmarks and kind != "folder":
-        raise ValueError(f"{src}: --landmarks needs an image folder source")
     landmarks = _landmarks_by_ref(src, samples, opts)
     num_classes = opts.num_classes or (max(label_map.values()) + 1)
     groups = plan_shards(samples, opts)
