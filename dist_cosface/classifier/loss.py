@@ -43,52 +43,82 @@ from dist_cosface.classifier.margins import (
 def _chunk_weight(
     weight: torch.Tensor, rows: torch.Tensor | None, c0: int, c1: int, plan: LossPlan
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Weight rows of the classes in columns [c0, c1) (K per class, class-major): raw (stat
-    dtype), matmul operand (normalized, compute dtype) and 1/norm (None without
-    normalization)."""
+    """Weight rows of the classes in columns [c0, c1): raw (stat dtype), matmul operand
+    (normalized, compute dtype) and 1/norm (None without normalization).
+
+    With K sub-centers the raw rows are ``[K, c, D]`` (a view of the weight without Partial FC,
+    c = c1 - c0) and the operand's rows are sub-center-major: row ``j * c + i`` is sub-center j
+    of the chunk's class i, so that each sub-center's logits are one contiguous column block
+    (:func:`_class_logits`); :func:`_store_weight_grad` writes them back class-major."""
     if plan.subcenters == 1:
         w = weight[c0:c1] if rows is None else weight[rows[c0:c1]]
     else:
-        per_class = class_rows(weight, plan.subcenters)
-        w = per_class[c0:c1] if rows is None else per_class[rows[c0:c1]]
-        w = w.reshape(-1, weight.shape[1])
+        by_subcenter = class_rows(weight, plan.subcenters).transpose(0, 1)  # [K, classes, D]
+        w = by_subcenter[:, c0:c1] if rows is None else by_subcenter[:, rows[c0:c1]]
     w = w.to(plan.stat_dtype)
+    dim = weight.shape[1]
     if not plan.spec.normalized:
-        return w, w.to(plan.compute_dtype), None
-    inv_norm = w.norm(dim=1).clamp_min(1e-12).reciprocal()
-    w_hat = w.to(plan.compute_dtype, copy=True).mul_(inv_norm.to(plan.compute_dtype)[:, None])
+        return w, w.to(plan.compute_dtype).reshape(-1, dim), None
+    inv_norm = w.norm(dim=-1).clamp_min(1e-12).reciprocal()
+    w_hat = w.to(plan.compute_dtype, copy=True, memory_format=torch.contiguous_format)
+    w_hat = w_hat.mul_(inv_norm.to(plan.compute_dtype)[..., None]).view(-1, dim)
     return w, w_hat, inv_norm
 
 
 def _class_logits(
-    x_scaled: torch.Tensor,
-    w_hat: torch.Tensor,
-    plan: LossPlan,
-    target_col: torch.Tensor,
-    target_nearest: torch.Tensor | None,
-    c0: int,
+    x_scaled: torch.Tensor, w_hat: torch.Tensor, plan: LossPlan
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``s * cos`` (or ``W x`` for softmax) of one chunk's classes, [N, c] in the stat dtype,
-    and with sub-centers the index of the nearest one per entry ([N, c], None for K = 1).
-
-    A target's nearest sub-center is the one :func:`loss_common.target_cosines` chose (the
-    two computations may break a near-tie differently in half precision)."""
+    """``s * cos`` (or ``W x`` for softmax) of one chunk's classes, [N, c] in the stat dtype
+    (with sub-centers the max over each class's K), and with sub-centers the row logits
+    ``[N, K * c]`` (sub-center-major, see :func:`_chunk_weight`; None for K = 1)."""
     logits = stat_matmul(x_scaled, w_hat.t(), plan)
     k = plan.subcenters
     if k == 1:
         return logits, None
-    values, nearest = logits.view(logits.shape[0], -1, k).max(dim=2)
-    _put_targets(nearest, target_col, target_nearest, c0)
-    return values, nearest
+    parts = logits.chunk(k, dim=1)
+    values = torch.maximum(parts[0], parts[1])
+    for part in parts[2:]:
+        torch.maximum(values, part, out=values)
+    return values, logits
 
 
-def _spread_to_subcenters(g: torch.Tensor, nearest: torch.Tensor | None, k: int) -> torch.Tensor:
-    """[N, c] class gradient -> [N, c * K] row gradient, on each entry's nearest sub-center."""
-    if nearest is None:
+def _nearest_subcenters(row_logits: torch.Tensor, values: torch.Tensor) -> list[torch.Tensor]:
+    """K boolean [N, c] masks: where sub-center j is the entry's nearest (the first one on a
+    tie), from the row logits and their per-class max given by :func:`_class_logits`."""
+    parts = row_logits.chunk(row_logits.shape[1] // values.shape[1], dim=1)
+    hits = [parts[0] == values]
+    taken = hits[0]
+    for part in parts[1:-1]:
+        hit = (part == values).logical_and_(~taken)
+        hits.append(hit)
+        taken = taken | hit
+    hits.append(~taken)  # the max is one of the sub-centers: the last one where none before
+    return hits
+
+
+def _spread_to_subcenters(
+    g: torch.Tensor,
+    hits: list[torch.Tensor] | None,
+    target_col: torch.Tensor,
+    target_nearest: torch.Tensor,
+    c0: int,
+) -> torch.Tensor:
+    """[N, c] class gradient -> [N, K * c] row gradient (sub-center-major, see
+    :func:`_chunk_weight`), on each entry's nearest sub-center (``hits``).
+
+    A target's nearest sub-center is the one :func:`loss_common.target_cosines` chose (the
+    two computations may break a near-tie differently in half precision)."""
+    if hits is None:
         return g
-    rows = g.new_zeros(g.shape[0], g.shape[1], k)
-    rows.scatter_(2, nearest[:, :, None], g[:, :, None])
-    return rows.view(g.shape[0], -1)
+    c = g.shape[1]
+    rows = g.new_empty(g.shape[0], len(hits) * c)
+    target = g.gather(1, (target_col - c0).clamp(0, c - 1)[:, None]).squeeze(1)
+    zero = torch.zeros_like(target)
+    for j, hit in enumerate(hits):
+        block = rows[:, j * c : (j + 1) * c]
+        torch.mul(g, hit.view(torch.uint8), out=block)  # a uint8 factor is cheaper than bool
+        _put_targets(block, target_col, torch.where(target_nearest == j, target, zero), c0)
+    return rows
 
 
 def _put_targets(
@@ -184,9 +214,10 @@ class ShardedMarginLoss(torch.autograd.Function):
         kept = None
         for c0, c1 in column_chunks(num_cols, plan, x):
             _, w_hat, _ = _chunk_weight(weight, rows, c0, c1, plan)
-            logits, nearest = _class_logits(x_scaled, w_hat, plan, target_col, tgt_nearest, c0)
-            if plan.materialize:
-                kept = (logits, nearest)  # reused by backward; edits go to a copy
+            logits, row_logits = _class_logits(x_scaled, w_hat, plan)
+            if plan.materialize:  # backward reuses them (K masks, not row logits); edits: a copy
+                hits = None if row_logits is None else _nearest_subcenters(row_logits, logits)
+                kept = (logits, hits)
                 logits = logits.clone()
             _put_targets(logits, target_col, neg_inf, c0)
             chunk_neg = logits.amax(dim=1)  # hardest negative by cosine (margin health)
@@ -222,12 +253,14 @@ class ShardedMarginLoss(torch.autograd.Function):
         for c0, c1 in column_chunks(num_cols, plan, x_scaled):
             w, w_hat, inv_norm = _chunk_weight(weight, rows, c0, c1, plan)
             if plan.materialize:
-                logits, nearest = ctx.kept
+                logits, hits = ctx.kept
             else:
-                logits, nearest = _class_logits(x_scaled, w_hat, plan, target_col, tgt_nearest, c0)
+                logits, row_logits = _class_logits(x_scaled, w_hat, plan)
+                hits = None if row_logits is None else _nearest_subcenters(row_logits, logits)
             probs = _probabilities(logits, lse, params, plan.spec.logit_scale)
             _put_targets(probs, target_col, tgt_grad, c0)
-            g = _spread_to_subcenters(probs.to(plan.compute_dtype), nearest, k)
+            g = probs.to(plan.compute_dtype)
+            g = _spread_to_subcenters(g, hits, target_col, tgt_nearest, c0)
             grad_x += stat_matmul(g, w_hat, plan)
             if grad_w is not None:
                 grad_w_hat = stat_matmul(g.t(), x_scaled, plan)  # d(N loss / factor)/d(w_hat)
@@ -278,18 +311,26 @@ def _store_weight_grad(
     factor: torch.Tensor,
     subcenters: int,
 ) -> None:
-    """Write ``factor * d/dw`` of one chunk's rows, given ``A = d/dw_hat`` (overwritten)."""
+    """Write ``factor * d/dw`` of one chunk's rows, given ``A = d/dw_hat`` (overwritten), the
+    raw rows ``w`` and ``inv_norm`` as :func:`_chunk_weight` returned them."""
+    grad_w_hat = grad_w_hat.view(w.shape)
     if inv_norm is None:
         grad = grad_w_hat.mul_(factor)
     else:
         # backward of w_hat = w / |w|: (A - w_hat (w_hat . A)) / |w|, computed from the raw
         # rows as inv * A - w * (inv^3 (w . A)) to avoid materializing w_hat in fp32
-        dots = (w * grad_w_hat).sum(dim=1)
-        grad = grad_w_hat.addcmul_(w, (dots * inv_norm * inv_norm)[:, None], value=-1.0)
-        grad.mul_((inv_norm * factor)[:, None])
+        dots = (w * grad_w_hat).sum(dim=-1)
+        grad = grad_w_hat.addcmul_(w, (dots * inv_norm * inv_norm)[..., None], value=-1.0)
+        grad.mul_((inv_norm * factor)[..., None])
     grad = grad.to(grad_w.dtype)
+    if subcenters == 1:
+        if rows is None:
+            grad_w[c0:c1] = grad
+        else:
+            grad_w.index_copy_(0, rows[c0:c1], grad)
+        return
+    by_subcenter = class_rows(grad_w, subcenters).transpose(0, 1)  # [K, classes, D]
     if rows is None:
-        grad_w[c0 * subcenters : c1 * subcenters] = grad
+        by_subcenter[:, c0:c1] = grad
     else:
-        per_class = class_rows(grad_w, subcenters)
-        per_class.index_copy_(0, rows[c0:c1], grad.view(-1, subcenters, grad.shape[1]))
+        by_subcenter.index_copy_(1, rows[c0:c1], grad)
