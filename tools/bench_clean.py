@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as a plain script from a checkout (tools.spawn)
     sys.path.insert(0, str(REPO))
 
-from dist_cosface.clean.centers import class_starts, row_chunk  # noqa: E402
+from dist_cosface.classifier.head import shard_chunk  # noqa: E402
+from dist_cosface.clean.centers import class_starts  # noqa: E402
 from dist_cosface.clean.search import center_neighbours  # noqa: E402
 from tools.bench_eval import BLOCK, draw_rows, peak_bytes, reset_peak  # noqa: E402
 
@@ -62,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def slices(args) -> list[tuple[int, int]]:
-    return [row_chunk(args.classes, args.ranks, r) for r in range(args.ranks)]
+    return [shard_chunk(args.classes, args.ranks, r) for r in range(args.ranks)]
 
 
 def query_rows(args) -> list[int]:

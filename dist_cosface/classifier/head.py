@@ -83,16 +83,23 @@ def class_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]
     so a checkpoint's rows are a DTensor that torch.distributed.checkpoint re-shards for any
     other world size. Raises ValueError when that layout leaves a rank without rows.
     """
+    start, stop = shard_chunk(num_classes, world_size, rank)
     per_rank = -(-num_classes // world_size)
-    start = min(rank * per_rank, num_classes)
-    count = min(per_rank, num_classes - start)
     if (world_size - 1) * per_rank >= num_classes:
         raise ValueError(
             f"num_classes={num_classes} on {world_size} ranks: rows are split in chunks of "
             f"ceil({num_classes}/{world_size})={per_rank}, which leaves rank {world_size - 1} "
             "without classes; use more classes or fewer ranks"
         )
-    return start, count
+    return start, stop - start
+
+
+def shard_chunk(num_rows: int, world_size: int, rank: int) -> tuple[int, int]:
+    """``[start, stop)`` of ``rank``'s piece of ``num_rows`` in DTensor's ``Shard(0)`` layout
+    (torch.chunk: ``ceil(num_rows / world_size)`` each; the last ranks may be short or empty)."""
+    per_rank = -(-num_rows // world_size)
+    start = min(rank * per_rank, num_rows)
+    return start, min(start + per_rank, num_rows)
 
 
 def _check_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:

@@ -1,10 +1,9 @@
 """The trained head's class centers, read in the run's own sharded layout, K sub-centers each.
 
-Rows: the checkpoint's ``classifier.weight`` is a global ``[C * K, D]`` tensor saved as a DTensor
-``Shard(0)`` (``classifier/state.py``). Every rank reads only its own chunk of rows through
-torch.distributed.checkpoint, exactly the chunks the head uses (``ceil(rows / world)``), so no
-rank ever holds all centers. ``K`` (sub-centers per class) is ``meta.json``'s
-``num_subcenters`` when present, else 1.
+Rows: the checkpoint's ``classifier.weight`` is saved as a DTensor ``Shard(0)`` over classes
+(``classifier/state.py``). Every rank reads only its own classes through
+torch.distributed.checkpoint, exactly the chunks the head uses (``ceil(C / world)``,
+``classifier.head.shard_chunk``), so no rank ever holds all centers.
 
 Sub-centers: with ``K > 1`` the head saves its rows as ``[C, K, D]`` (a class's K rows together,
 ``Shard(0)`` over classes; ``classifier/state.py``), so every rank reads whole classes, the
@@ -22,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from dist_cosface.classifier.head import shard_chunk
 from dist_cosface.distributed import DistContext, build_checkpoint_group
 from dist_cosface.engine.checkpoint.manager import run_dcp, safe_reader
 from dist_cosface.engine.checkpoint.safe import CheckpointRefused, SafeLoadPlanner
@@ -29,16 +29,9 @@ from dist_cosface.engine.checkpoint.safe import CheckpointRefused, SafeLoadPlann
 WEIGHT_KEY = "classifier.weight"
 
 
-def row_chunk(num_rows: int, world_size: int, rank: int) -> tuple[int, int]:
-    """``[start, stop)`` of DTensor ``Shard(0)``'s chunk of ``rank`` (chunks of ceil(n / world))."""
-    per_rank = -(-num_rows // world_size)
-    start = min(rank * per_rank, num_rows)
-    return start, min(start + per_rank, num_rows)
-
-
 def class_starts(num_classes: int, world_size: int) -> list[int]:
     """First class of every rank plus ``num_classes`` (the head's ``class_range`` layout)."""
-    return [row_chunk(num_classes, world_size, r)[0] for r in range(world_size)] + [num_classes]
+    return [shard_chunk(num_classes, world_size, r)[0] for r in range(world_size)] + [num_classes]
 
 
 @dataclass
@@ -101,7 +94,7 @@ def _read_class_chunk(
     unpickler, tensors weights-only): a crafted checkpoint is refused, not run."""
     import torch.distributed.checkpoint as dcp
 
-    start, stop = row_chunk(shape[0], ctx.world_size, ctx.rank)
+    start, stop = shard_chunk(shape[0], ctx.world_size, ctx.rank)
     local = torch.empty(stop - start, *shape[1:])
     value = local
     group = _host_group(ctx)
