@@ -130,6 +130,35 @@ def findings_tables(source, sets, f, plan) -> list[Finding]:
     ]
 
 
+# name -> (title, unit, value range, the threshold drawn on it: a CleanConfig key)
+_HISTOGRAMS = {
+    "angles": (
+        "samples: angle to their class's dominant sub-center",
+        "degrees",
+        (0, 180),
+        "max_angle",
+    ),
+    "nearest_center": (
+        "classes: cosine to the nearest other class center",
+        "cosine",
+        (-1, 1),
+        "duplicate_cos",
+    ),
+    "overlap": (
+        "evaluation identities: cosine to the best training class",
+        "cosine",
+        (-1, 1),
+        "overlap_cos",
+    ),
+    "dominant_share": (
+        "classes: share of samples at the dominant sub-center",
+        "share",
+        (0, 1),
+        "min_dominant_share",
+    ),
+}
+
+
 def _histograms(cfg, f) -> list[Histogram]:
     def edges(lo, hi, n):
         return [_round(e) for e in np.linspace(lo, hi, n + 1)]
@@ -137,37 +166,14 @@ def _histograms(cfg, f) -> list[Histogram]:
     h = f.histograms
     return [
         Histogram(
-            "angles",
-            "samples: angle to their class's dominant sub-center",
-            "degrees",
-            edges(0, 180, len(h["angles"])),
-            h["angles"].tolist(),
-            {"max_angle": cfg.max_angle},
-        ),
-        Histogram(
-            "nearest_center",
-            "classes: cosine to the nearest other class center",
-            "cosine",
-            edges(-1, 1, len(h["nearest_center"])),
-            h["nearest_center"].tolist(),
-            {"duplicate_cos": cfg.duplicate_cos},
-        ),
-        Histogram(
-            "overlap",
-            "evaluation identities: cosine to the best training class",
-            "cosine",
-            edges(-1, 1, len(h["overlap"])),
-            h["overlap"].tolist(),
-            {"overlap_cos": cfg.overlap_cos},
-        ),
-        Histogram(
-            "dominant_share",
-            "classes: share of samples at the dominant sub-center",
-            "share",
-            edges(0, 1, len(h["dominant_share"])),
-            h["dominant_share"].tolist(),
-            {"min_dominant_share": cfg.min_dominant_share},
-        ),
+            name,
+            title,
+            unit,
+            edges(lo, hi, len(h[name])),
+            h[name].tolist(),
+            {threshold: getattr(cfg, threshold)},
+        )
+        for name, (title, unit, (lo, hi), threshold) in _HISTOGRAMS.items()
     ]
 
 
